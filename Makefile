@@ -1,0 +1,40 @@
+# Every target does its own set-up on a fresh Debian 12 machine (apt-get when root, a venv, pip).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# keep it short: unix socket paths under it are limited to 107 bytes
+DEMO_DIR ?= /tmp/qfwupd-demo
+
+.PHONY: all deps venv lint typecheck unit test demo bench clean
+
+all: test
+
+deps:
+	@tools/system-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check broker tests qrexec bench
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+test: lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+demo: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH tools/demo.sh $(DEMO_DIR)
+
+bench: venv
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""qubes-fwupd broker: LVFS firmware updates carried across Qubes OS qube boundaries."""

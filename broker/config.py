@@ -1,0 +1,199 @@
+"""Where things live and how big they may be.
+
+:class:`Paths` is the only place that builds a filesystem path. It is rooted at ``/`` in a
+real qube and at ``$SANDBOX/vm/<qube>`` in the sandbox (the launcher sets
+``QUBES_FWUPD_ROOT``); the logic never asks which.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from broker.errors import ConfigError
+
+MiB = 1024 * 1024
+
+ROOT_ENV = "QUBES_FWUPD_ROOT"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every cap on input from another qube or a mirror, in one place."""
+
+    metadata_max_bytes: int = 64 * MiB  # compressed catalog (LVFS 2022: ~1 MB zst)
+    metadata_xml_max_bytes: int = 512 * MiB  # decompressed catalog (LVFS 2022: 7.4 MB)
+    metadata_max_ratio: int = 200  # decompressed / compressed
+    jcat_max_bytes: int = 1 * MiB
+    jcat_json_max_bytes: int = 4 * MiB
+    cab_max_bytes: int = 512 * MiB
+    header_max_bytes: int = 64 * 1024  # JSON request/header lines between qubes
+    reply_max_bytes: int = 4 * MiB  # sys-usb JSON replies
+    transfer_seconds: float = 900.0  # whole download or transfer, not per read
+    min_rate_bytes_per_s: int = 1024  # slow-retrieval floor, after the first seconds
+    session_seconds: float = 1800.0  # a dom0 session (nonce) expires after this
+    max_devices: int = 1024
+    max_string_chars: int = 4096
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> Paths:
+        return cls(Path(os.environ.get(ROOT_ENV, "/")))
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "etc/qubes-fwupd"
+
+    @property
+    def config_file(self) -> Path:
+        return self.config_dir / "qubes-fwupd.conf"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "var/lib/qubes-fwupd"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.state_dir / "sessions"
+
+    @property
+    def metadata_state_file(self) -> Path:
+        """Signing time of the metadata accepted per remote (rollback protection)."""
+        return self.state_dir / "metadata-state.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "var/cache/qubes-fwupd"
+
+    @property
+    def metadata_dir(self) -> Path:
+        """Trusted: only complete, verified metadata and its jcat."""
+        return self.cache_dir / "metadata"
+
+    @property
+    def cabs_dir(self) -> Path:
+        """Trusted: only complete cabs whose sha256 verified metadata binds."""
+        return self.cache_dir / "cabs"
+
+    @property
+    def untrusted_dir(self) -> Path:
+        """Bytes from other qubes land here first; same filesystem as the cache for rename."""
+        return self.cache_dir / "untrusted"
+
+    @property
+    def download_dir(self) -> Path:
+        """UpdateVM side: where downloads are kept until pushed."""
+        return self.root / "var/cache/qubes-fwupd/download"
+
+    @property
+    def pki_dirs(self) -> tuple[Path, ...]:
+        """fwupd's own trust store: firmware CAs and metadata CAs, as fwupd reads them."""
+        return (self.root / "etc/pki/fwupd", self.root / "etc/pki/fwupd-metadata")
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "var/log/qubes-fwupd/qubes-fwupd.log"
+
+
+_QUBE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
+_REMOTE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+def check_qube_name(name: str, what: str) -> str:
+    if not _QUBE_NAME.match(name) or name.endswith((".", "-")):
+        raise ConfigError(f"{what}: {name!r} is not a valid qube name")
+    return name
+
+
+def check_url(url: str, what: str) -> str:
+    """A URL we may hand to the UpdateVM: http(s), a host, no credentials, no fragment."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"{what}: {url!r} is not an http(s) URL with a host")
+    if parts.username or parts.password or parts.fragment:
+        raise ConfigError(f"{what}: {url!r} must not carry credentials or a fragment")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise ConfigError(f"{what}: URL contains spaces or control characters")
+    return url
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A metadata source. ``id`` is also the fwupd remote that the metadata is loaded into."""
+
+    id: str
+    metadata_url: str
+    # mirrors: cab locations in metadata are rebased onto this (FirmwareBaseURI in fwupd)
+    firmware_base_uri: str | None = None
+
+    @property
+    def metadata_name(self) -> str:
+        return self.metadata_url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def jcat_name(self) -> str:
+        return self.metadata_name + ".jcat"
+
+
+@dataclass(frozen=True)
+class Config:
+    updatevm: str = "sys-firewall"
+    usbvm: str | None = "sys-usb"
+    remotes: tuple[Remote, ...] = (
+        Remote("lvfs", "https://cdn.fwupd.org/downloads/firmware.xml.zst"),
+    )
+    limits: Limits = field(default_factory=Limits)
+    # metadata signed longer ago than this is "stale": flagged, blocks unattended installs
+    metadata_max_age_days: int = 30
+
+    def remote(self, remote_id: str) -> Remote:
+        for r in self.remotes:
+            if r.id == remote_id:
+                return r
+        raise ConfigError(f"no remote {remote_id!r} configured")
+
+    @classmethod
+    def load(cls, paths: Paths) -> Config:
+        """Read ``qubes-fwupd.conf``; a missing file means the defaults."""
+        if not paths.config_file.exists():
+            return cls()
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(paths.config_file, encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError) as e:
+            raise ConfigError(f"{paths.config_file}: {e}") from e
+        main = parser["qubes-fwupd"] if parser.has_section("qubes-fwupd") else {}
+        updatevm = check_qube_name(main.get("updatevm", cls.updatevm), "updatevm")
+        usbvm_raw = main.get("usbvm", "sys-usb").strip()
+        usbvm = check_qube_name(usbvm_raw, "usbvm") if usbvm_raw else None
+        remotes = []
+        for section in parser.sections():
+            if not section.startswith("remote "):
+                continue
+            rid = section.removeprefix("remote ").strip()
+            if not _REMOTE_ID.match(rid):
+                raise ConfigError(f"remote id {rid!r} is not valid")
+            sec = parser[section]
+            url = check_url(sec.get("metadata_url", ""), f"remote {rid} metadata_url")
+            base = sec.get("firmware_base_uri", "").strip() or None
+            if base:
+                check_url(base, f"remote {rid} firmware_base_uri")
+            remotes.append(Remote(rid, url, base))
+        try:
+            max_age = int(main.get("metadata_max_age_days", "30"))
+        except ValueError as e:
+            raise ConfigError("metadata_max_age_days must be a whole number") from e
+        return cls(
+            updatevm=updatevm,
+            usbvm=usbvm,
+            remotes=tuple(remotes) or cls.remotes,
+            metadata_max_age_days=max_age,
+        )

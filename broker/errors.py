@@ -1,0 +1,75 @@
+"""One error hierarchy. ``str(error)`` is the single line the user reads.
+
+Every refusal of hostile input raises a subclass of :class:`BrokerError`; any other
+exception is a bug and is allowed to show a traceback (``--verbose``) or reach the log.
+Exit codes are mapped here and nowhere else.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_NOTHING_TO_DO = 2  # as fwupdmgr: nothing to update / already current
+# qrexec's own codes, as real qrexec reports them to a caller (shared/QUBES.md)
+EXIT_QREXEC_PROBLEM = 125
+EXIT_QREXEC_REFUSED = 126
+EXIT_QREXEC_NO_SERVICE = 127
+
+
+class BrokerError(Exception):
+    """Base of every error the user is meant to read."""
+
+    exit_code = EXIT_FAILURE
+
+    def __str__(self) -> str:
+        # one line, whatever a message was built from
+        return " ".join(super().__str__().split())
+
+
+class ConfigError(BrokerError):
+    """Configuration missing or invalid."""
+
+
+class FormatError(BrokerError):
+    """Input does not have the expected structure."""
+
+
+class LimitExceeded(BrokerError):
+    """Input is larger (or deeper, or more numerous) than a configured cap."""
+
+
+class VerificationError(BrokerError):
+    """A checksum or signature did not verify against the trust store."""
+
+
+class RollbackError(VerificationError):
+    """Verified input is older than what was already accepted."""
+
+
+class TransferError(BrokerError):
+    """A transfer between qubes was refused (caller, nonce, framing)."""
+
+
+class QrexecError(BrokerError):
+    """A qrexec call failed: refused by policy, no such service, or the service failed."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DaemonError(BrokerError):
+    """A fwupd daemon was absent or refused an operation."""
+
+
+class NothingToDo(BrokerError):
+    """Nothing to update, or metadata already current."""
+
+    exit_code = EXIT_NOTHING_TO_DO
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The process exit status for an error that reached the top of a command."""
+    if isinstance(error, BrokerError):
+        return error.exit_code
+    return EXIT_FAILURE

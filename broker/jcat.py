@@ -1,0 +1,142 @@
+"""JCat: the signature container of fwupd and the LVFS (gzip'd JSON).
+
+Parsing is bounded framing only: a capped gunzip (real LVFS files carry 8 bytes,
+``IHATECDN``, after the gzip stream) and a capped JSON decode into typed records.
+A jcat decides nothing by itself: :mod:`broker.signatures` checks its blobs against
+the bytes that are about to be used.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+
+from broker.errors import FormatError, LimitExceeded
+
+# trailing bytes after the gzip stream that we tolerate (and ignore)
+_MAX_TRAILER = 64
+
+
+class BlobKind(IntEnum):
+    """libjcat's JcatBlobKind values that matter here; others are ignored."""
+
+    SHA256 = 1
+    GPG = 2
+    PKCS7 = 3
+    SHA1 = 4
+    SHA512 = 10
+
+
+@dataclass(frozen=True)
+class JcatBlob:
+    kind: int  # a BlobKind value, or an unknown kind kept only to be ignored
+    data: str
+    timestamp: int = 0
+
+
+@dataclass(frozen=True)
+class JcatItem:
+    id: str
+    blobs: tuple[JcatBlob, ...]
+
+    def of_kind(self, kind: BlobKind) -> tuple[JcatBlob, ...]:
+        return tuple(b for b in self.blobs if b.kind == kind)
+
+
+@dataclass(frozen=True)
+class Jcat:
+    items: tuple[JcatItem, ...]
+
+    def item_for(self, name: str) -> JcatItem:
+        """The item that speaks for the file we call ``name``.
+
+        The name is ours (the file we are about to store), never taken from the jcat.
+        An item with that id wins; a jcat with a single item may use another id (mirrors
+        rename files), since its checksum and signature must still bind our bytes."""
+        for item in self.items:
+            if item.id == name:
+                return item
+        if len(self.items) == 1:
+            return self.items[0]
+        if not self.items:
+            raise FormatError("jcat holds no items")
+        raise FormatError(f"jcat has {len(self.items)} items and none for {name}")
+
+
+def _gunzip_capped(data: bytes, max_out: int) -> bytes:
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, max_out + 1)
+    except zlib.error as e:
+        raise FormatError(f"jcat is not valid gzip: {e}") from e
+    if len(out) > max_out or d.unconsumed_tail:
+        raise LimitExceeded(f"jcat decompresses to more than {max_out} bytes")
+    if not d.eof:
+        raise FormatError("jcat gzip stream is truncated")
+    if len(d.unused_data) > _MAX_TRAILER:
+        raise FormatError(f"jcat has {len(d.unused_data)} bytes after the gzip stream")
+    return out
+
+
+def parse_jcat(data: bytes, max_bytes: int, max_json_bytes: int) -> Jcat:
+    """Typed records from untrusted jcat bytes; raises FormatError/LimitExceeded only."""
+    if len(data) > max_bytes:
+        raise LimitExceeded(f"jcat is {len(data)} bytes, more than {max_bytes}")
+    raw = _gunzip_capped(data, max_json_bytes)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError("jcat does not hold valid JSON") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("Items", []), list):
+        raise FormatError("jcat JSON is not an object with an Items list")
+    if doc.get("JcatVersionMajor", 0) != 0:
+        raise FormatError(f"jcat version {doc.get('JcatVersionMajor')!r} is not supported")
+    items = []
+    for untrusted_item in doc.get("Items", []):
+        if not isinstance(untrusted_item, dict):
+            raise FormatError("jcat item is not an object")
+        item_id = untrusted_item.get("Id")
+        blobs_raw = untrusted_item.get("Blobs", [])
+        if not isinstance(item_id, str) or not isinstance(blobs_raw, list):
+            raise FormatError("jcat item lacks an Id string or a Blobs list")
+        blobs = []
+        for untrusted_blob in blobs_raw:
+            if not isinstance(untrusted_blob, dict):
+                raise FormatError("jcat blob is not an object")
+            kind = untrusted_blob.get("Kind")
+            blob_data = untrusted_blob.get("Data", "")
+            stamp = untrusted_blob.get("Timestamp", 0)
+            if (
+                not isinstance(kind, int)
+                or isinstance(kind, bool)
+                or not isinstance(blob_data, str)
+                or not isinstance(stamp, int)
+            ):
+                raise FormatError("jcat blob has a malformed Kind, Data or Timestamp")
+            blobs.append(JcatBlob(kind=kind, data=blob_data, timestamp=stamp))
+        items.append(JcatItem(id=item_id, blobs=tuple(blobs)))
+    return Jcat(items=tuple(items))
+
+
+def build_jcat(items: dict[str, list[tuple[BlobKind, str]]]) -> bytes:
+    """Serialise a jcat (used by the sandbox's LVFS and by tests that forge them)."""
+    now = int(time.time())
+    doc = {
+        "JcatVersionMajor": 0,
+        "JcatVersionMinor": 1,
+        "Items": [
+            {
+                "Id": item_id,
+                "Blobs": [
+                    {"Kind": int(kind), "Flags": 1, "Timestamp": now, "Data": data}
+                    for kind, data in blobs
+                ],
+            }
+            for item_id, blobs in items.items()
+        ],
+    }
+    return gzip.compress(json.dumps(doc).encode("utf-8"), mtime=0)

@@ -1,0 +1,22 @@
+"""Make strings from other qubes or from metadata safe to print on a terminal."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# C0, DEL and C1 controls (ESC starts terminal escape sequences; C1 0x9b is a CSI on its own)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, max_chars: int = 512) -> str:
+    """Text with every control, format (bidi overrides, zero-width) and unassigned
+    character replaced by '?', and cut to ``max_chars``."""
+    text = _CONTROL.sub("?", text)
+    text = "".join(
+        "?" if unicodedata.category(ch) in ("Cf", "Cs", "Co", "Cn", "Zl", "Zp") else ch
+        for ch in text
+    )
+    if len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    return text

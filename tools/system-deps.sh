@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the Debian packages that `make test` and `make demo` need.
+# As root: apt-get installs what is missing. Otherwise: one line naming what is missing, exit 1.
+set -euo pipefail
+pkgs=(fwupd fwupd-tests gnupg openssl dbus-daemon dbus-bin iproute2 util-linux ca-certificates)
+# a pyenv or other python may bring its own venv/ensurepip; Debian's python3 needs python3-venv
+python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "missing Debian packages (run as root, or: sudo apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+echo "installing Debian packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q >/dev/null
+apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,252 @@
+"""The sandbox's LVFS: signed AppStream metadata and .cab archives in a directory that
+:mod:`broker.sandbox.mirror` serves over HTTP.
+
+The catalog is built from the cabs themselves, as the LVFS builds it from uploads:
+each cab's metainfo, plus the container checksums, sizes and location that only the
+publisher knows. The sandbox is the trusted side here, so cabs are read whole with
+cabarchive; the bounded, streaming reader belongs to the qubes that receive them.
+"""
+
+from __future__ import annotations
+
+import calendar
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import zstandard
+from cabarchive import CabArchive
+from lxml import etree
+
+from broker.jcat import BlobKind, build_jcat
+from broker.sandbox.pki import SandboxPki, sign_gpg, sign_pkcs7
+
+# gzip for remotes whose id lacks "lvfs", zstd for the others: fwupd rewrites the
+# MetadataURI of an "lvfs" remote to .xml.zst and silently ignores gzip pushed to it
+METADATA_NAMES = ("firmware.xml.gz", "firmware.xml.zst")
+
+# trusted input, but nothing in a metainfo needs a DTD, entities or the network
+_PARSER = etree.XMLParser(
+    resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
+    remove_blank_text=True,
+)  # fmt: skip
+
+# coarse kernel clocks (file mtimes, openssl's time()) may lag time.time() by a tick
+_CLOCK_MARGIN = 0.05
+
+
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Orders "1.2.10" after "1.2.9"; numeric parts sort before textual ones."""
+    parts = [p for p in re.split(r"[.\-+~_]", version) if p]
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def _release_timestamp(release: etree._Element, cab: Path) -> int:
+    # derived, not "now", so that the same cabs always give the same catalog bytes
+    stamp = release.get("timestamp")
+    if stamp is not None and stamp.isdigit():
+        return int(stamp)
+    date = release.get("date")
+    if date:
+        try:
+            return calendar.timegm(time.strptime(date[:10], "%Y-%m-%d"))
+        except ValueError:
+            pass
+    return int(cab.stat().st_mtime)
+
+
+def _components_of(cab: Path, base_url: str) -> list[etree._Element]:
+    """Each metainfo component of one cab, reduced to the release this cab ships and
+    annotated as the LVFS annotates it."""
+    data = cab.read_bytes()
+    archive = CabArchive()
+    archive.parse(data)
+    members = {name: len(f.buf or b"") for name, f in archive.items()}
+    metainfos = sorted(n for n in members if n.lower().endswith(".metainfo.xml"))
+    if not metainfos:
+        raise ValueError(f"{cab.name} holds no *.metainfo.xml")
+    location = f"{base_url.rstrip('/')}/{urllib.parse.quote(cab.name)}"
+    components = []
+    for name in metainfos:
+        component = etree.fromstring(archive[name].buf, _PARSER)
+        if component.tag != "component" or not component.findtext("id"):
+            raise ValueError(f"{cab.name}:{name} is not a <component> with an <id>")
+        releases = component.find("releases")
+        release = releases.find("release") if releases is not None else None
+        if releases is None or release is None:
+            raise ValueError(f"{cab.name}:{name} has no <release>")
+        # a metainfo may list older releases as history: the cab ships only the first
+        for other in releases.findall("release")[1:]:
+            releases.remove(other)
+        # whatever a metainfo claims about the container is the publisher's to state
+        for child in list(release):
+            if child.tag in ("size", "location") or (
+                child.tag == "checksum" and child.get("target") == "container"
+            ):
+                release.remove(child)
+        # sha1 is what older fwupd and the LVFS still list; it is not what fwupd trusts
+        sha1 = hashlib.sha1(data, usedforsecurity=False)
+        for kind, digest in (("sha1", sha1), ("sha256", hashlib.sha256(data))):
+            checksum = etree.SubElement(
+                release, "checksum", type=kind, filename=cab.name, target="container"
+            )
+            checksum.text = digest.hexdigest()
+        etree.SubElement(release, "size", type="download").text = str(len(data))
+        payloads = [
+            c.get("filename") for c in release.findall("checksum") if c.get("target") == "content"
+        ]
+        payload = next((p for p in payloads if p in members), None)
+        if payload is not None:
+            etree.SubElement(release, "size", type="installed").text = str(members[payload])
+        etree.SubElement(release, "location").text = location
+        release.set("timestamp", str(_release_timestamp(release, cab)))
+        components.append(component)
+    return components
+
+
+def _newest_first(component: etree._Element) -> tuple[tuple[tuple[int, int | str], ...], int]:
+    release = component.find("releases/release")
+    if release is None:
+        return (), 0
+    return _version_key(release.get("version", "")), int(release.get("timestamp", "0"))
+
+
+def catalog_xml(lvfs_dir: Path, base_url: str) -> bytes:
+    """The unsigned AppStream catalog for every *.cab in ``lvfs_dir``."""
+    by_id: dict[str, list[etree._Element]] = {}
+    for cab in sorted(lvfs_dir.glob("*.cab")):
+        if not cab.is_file():
+            continue
+        for component in _components_of(cab, base_url):
+            by_id.setdefault(component.findtext("id") or "", []).append(component)
+    root = etree.Element("components", origin="lvfs", version="0.9")
+    for cid in sorted(by_id):
+        # the newest release's metainfo describes the device; older ones add releases only
+        ordered = sorted(by_id[cid], key=_newest_first, reverse=True)
+        merged = ordered[0]
+        releases = merged.find("releases")
+        for older in ordered[1:]:
+            if releases is not None:
+                releases.extend(older.findall("releases/release"))
+        root.append(merged)
+    return bytes(etree.tostring(root, encoding="UTF-8", xml_declaration=True, pretty_print=True))
+
+
+def _jcat_for(pki: SandboxPki, content: Path, item_id: str) -> bytes:
+    # fwupd wants exactly one item, a sha256 (sha1 does not count) and a signature
+    sha256 = hashlib.sha256(content.read_bytes()).hexdigest()
+    return build_jcat(
+        {
+            item_id: [
+                (BlobKind.SHA256, sha256),
+                (BlobKind.PKCS7, sign_pkcs7(pki.signer_pem, pki.signer_key, content)),
+                (BlobKind.GPG, sign_gpg(pki, content)),
+            ]
+        }
+    )
+
+
+def sign_file(pki: SandboxPki, path: Path) -> bytes:
+    """The .jcat bytes for ``path``, its one item named after the file."""
+    return _jcat_for(pki, path, path.name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _temp_beside(final: Path) -> Iterator[tuple[IO[bytes], Path]]:
+    """A temp file in the destination's directory (so os.replace is atomic), removed
+    unless the caller renamed it."""
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # mkstemp makes 0600; what the LVFS publishes is public, and the mirror may
+            # run as another user than the publisher
+            os.fchmod(f.fileno(), 0o644)
+            yield f, tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_atomic(final: Path, data: bytes) -> None:
+    with _temp_beside(final) as (f, tmp):
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+
+def _copy_atomic(src: Path, final: Path) -> None:
+    with _temp_beside(final) as (f, tmp), src.open("rb") as s:
+        shutil.copyfileobj(s, f)
+        f.flush()
+        os.fsync(f.fileno())
+        os.replace(tmp, final)
+
+
+def _wait_past_previous_signing(lvfs_dir: Path) -> None:
+    """fwupd drops metadata whose PKCS#7 signingTime (1 s resolution) is not strictly
+    newer than the one it holds; a jcat is written after its signature is made, so its
+    mtime bounds the previous signing time."""
+    stamps = [p.stat().st_mtime for p in lvfs_dir.glob("firmware.xml.*.jcat") if p.is_file()]
+    if not stamps:
+        return
+    not_before = int(max(stamps)) + 1 + _CLOCK_MARGIN
+    delay = not_before - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _compress(name: str, xml: bytes) -> bytes:
+    if name.endswith(".gz"):
+        return gzip.compress(xml, compresslevel=9, mtime=0)
+    if name.endswith(".zst"):
+        return bytes(zstandard.ZstdCompressor(level=19).compress(xml))
+    raise ValueError(f"no compression known for {name}")
+
+
+def publish(lvfs_dir: Path, cabs: Sequence[Path], pki: SandboxPki, base_url: str) -> list[Path]:
+    """Add ``cabs`` to ``lvfs_dir`` and re-sign the catalog of every cab there.
+
+    Returns the paths written: the copied cabs, then each metadata file and its jcat."""
+    lvfs_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for cab in cabs:
+        if not cab.name.endswith(".cab"):
+            raise ValueError(f"{cab} is not named *.cab; the catalog would not list it")
+        dest = lvfs_dir / cab.name
+        if not (dest.exists() and dest.samefile(cab)):
+            _copy_atomic(cab, dest)
+        written.append(dest)
+    xml = catalog_xml(lvfs_dir, base_url)
+    _wait_past_previous_signing(lvfs_dir)
+    for name in METADATA_NAMES:
+        final, jcat = lvfs_dir / name, lvfs_dir / f"{name}.jcat"
+        # sign the temp file and rename both at the end: a reader meets a mismatched
+        # pair only in the instant between the two renames, not for the whole signing
+        with _temp_beside(final) as (f, tmp):
+            f.write(_compress(name, xml))
+            f.flush()
+            os.fsync(f.fileno())
+            signature = _jcat_for(pki, tmp, name)
+            os.replace(tmp, final)
+        _write_atomic(jcat, signature)
+        written += [final, jcat]
+    _fsync_dir(lvfs_dir)
+    return written

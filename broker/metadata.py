@@ -1,0 +1,289 @@
+"""Verified LVFS metadata: accepting it, storing it, and reading releases from it.
+
+Rules, each enforced in one place below:
+- verify before parse: the catalog is decompressed and parsed only after its jcat
+  signature and checksum verified over the very fd that is stored (:func:`accept`);
+- rollback: a remote's metadata must be signed later than what dom0 accepted before;
+  the same file again is "nothing new" (:func:`check_rollback`);
+- stale ("freeze"): metadata signed longer ago than the max age is flagged;
+- decompression is capped in size and ratio while streaming (:func:`open_catalog`);
+- no DOCTYPE, no entities, no network, no huge trees (:func:`parse_catalog`);
+- download URLs come only from this verified catalog, rebased onto a configured mirror.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import lzma
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, cast
+
+import zstandard
+from lxml import etree
+
+from broker.config import Limits, Paths, Remote, check_url
+from broker.errors import ConfigError, FormatError, LimitExceeded, NothingToDo, RollbackError
+from broker.jcat import parse_jcat
+from broker.signatures import TrustPolicy, TrustStore, Verified, verify_file
+from broker.transfer import install_file
+
+
+@dataclass(frozen=True)
+class Release:
+    remote_id: str
+    component_id: str
+    name: str
+    summary: str
+    version: str
+    guids: tuple[str, ...]
+    url: str
+    filename: str
+    sha256: str
+    size: int
+    urgency: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Catalog:
+    remote_id: str
+    releases: tuple[Release, ...]
+
+    def releases_for(self, guids: tuple[str, ...]) -> list[Release]:
+        """Releases for any of these GUIDs, newest version first."""
+        wanted = {g.lower() for g in guids}
+        found = [r for r in self.releases if wanted & {g.lower() for g in r.guids}]
+        return sorted(found, key=lambda r: version_key(r.version), reverse=True)
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order dotted versions numerically where they are numbers (1.2.10 > 1.2.9)."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.split("."))
+
+
+# --------------------------------------------------------------------------- decompression
+class _CappedReader(io.RawIOBase):
+    """Counts decompressed bytes and refuses past the size or ratio cap, while streaming."""
+
+    def __init__(self, inner: IO[bytes], compressed_size: int, limits: Limits) -> None:
+        self.inner = inner
+        self.total = 0
+        self.cap = min(
+            limits.metadata_xml_max_bytes, max(compressed_size, 4096) * limits.metadata_max_ratio
+        )
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        try:
+            data = self.inner.read(len(b))
+        except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:
+            raise FormatError(f"metadata does not decompress: {e}") from e
+        self.total += len(data)
+        if self.total > self.cap:
+            raise LimitExceeded(f"metadata decompresses to more than {self.cap} bytes")
+        b[: len(data)] = data
+        return len(data)
+
+
+def open_catalog(fd: int, name: str, limits: Limits) -> IO[bytes]:
+    """A capped, decompressing reader over a verified metadata fd (dup'd; caller closes)."""
+    size = os.fstat(fd).st_size
+    raw = os.fdopen(os.dup(fd), "rb")
+    raw.seek(0)
+    inner: IO[bytes]
+    if name.endswith(".zst"):
+        inner = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    elif name.endswith(".gz"):
+        inner = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
+    elif name.endswith(".xz"):
+        inner = lzma.LZMAFile(raw, mode="rb")  # noqa: SIM115  handed to the caller
+    elif name.endswith(".xml"):
+        inner = raw
+    else:
+        raw.close()
+        raise ConfigError(f"{name}: unknown metadata compression")
+    return io.BufferedReader(_CappedReader(inner, size, limits), buffer_size=256 * 1024)
+
+
+# --------------------------------------------------------------------------- parsing
+def _text(el: etree._Element | None) -> str:
+    return "".join(str(t) for t in el.itertext()).strip() if el is not None else ""
+
+
+def _release_from(remote: Remote, comp: etree._Element, rel: etree._Element) -> Release | None:
+    location = rel.findtext("location")
+    sha256 = rel.findtext("checksum[@type='sha256'][@target='container']")
+    size = rel.findtext("size[@type='download']")
+    version = rel.get("version")
+    if not (location and sha256 and size and version):
+        return None  # not installable through us: no location or no container checksum
+    location = location.strip()
+    filename = location.rsplit("/", 1)[-1]
+    url = location
+    if remote.firmware_base_uri:
+        url = remote.firmware_base_uri.rstrip("/") + "/" + filename
+    check_url(url, f"release {version} location")
+    sha256 = sha256.strip().lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise FormatError(f"release {version}: malformed sha256")
+    try:
+        size_i = int(size)
+    except ValueError as e:
+        raise FormatError(f"release {version}: malformed download size") from e
+    guids = tuple(_text(g) for g in comp.iterfind("provides/firmware[@type='flashed']") if _text(g))
+    return Release(
+        remote_id=remote.id,
+        component_id=comp.findtext("id", "").strip(),
+        name=comp.findtext("name", "").strip(),
+        summary=comp.findtext("summary", "").strip(),
+        version=version,
+        guids=guids,
+        url=url,
+        filename=filename,
+        sha256=sha256,
+        size=size_i,
+        urgency=rel.get("urgency", ""),
+        description=_text(rel.find("description")),
+    )
+
+
+def parse_catalog(stream: IO[bytes], remote: Remote) -> Catalog:
+    """Releases from an AppStream catalog. Only ever call on verified bytes."""
+    releases: list[Release] = []
+    context = etree.iterparse(
+        stream,
+        events=("start", "end"),
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
+    seen_root = False
+    try:
+        for event, el in context:
+            if not seen_root:
+                seen_root = True
+                if el.getroottree().docinfo.doctype or el.tag != "components":
+                    raise FormatError("metadata has a DOCTYPE or is not a components document")
+            if event == "end" and el.tag == "component":
+                for rel in el.iterfind("releases/release"):
+                    r = _release_from(remote, el, rel)
+                    if r is not None:
+                        releases.append(r)
+                el.clear()
+                parent = el.getparent()
+                if parent is not None:
+                    parent.remove(el)
+    except etree.XMLSyntaxError as e:
+        raise FormatError(f"metadata is not well-formed XML: {e}") from e
+    return Catalog(remote.id, tuple(releases))
+
+
+# --------------------------------------------------------------------------- acceptance
+def verify_metadata(
+    data_fd: int, jcat_bytes: bytes, remote: Remote, trust: TrustStore, limits: Limits
+) -> Verified:
+    jcat = parse_jcat(jcat_bytes, limits.jcat_max_bytes, limits.jcat_json_max_bytes)
+    item = jcat.item_for(remote.metadata_name)
+    return verify_file(data_fd, item, trust, TrustPolicy(), name=remote.metadata_name)
+
+
+def check_rollback(verified: Verified, previous: dict[str, str] | None) -> None:
+    if verified.signed_at is None:
+        raise RollbackError("metadata signature carries no signing time")
+    if previous is None:
+        return
+    if previous.get("sha256") == verified.sha256:
+        raise NothingToDo("metadata is already current")
+    before = datetime.fromisoformat(previous["signed_at"])
+    if verified.signed_at <= before:
+        raise RollbackError(
+            f"metadata signed {verified.signed_at:%Y-%m-%d %H:%M:%S} is not newer than the "
+            f"accepted {before:%Y-%m-%d %H:%M:%S} (rollback refused)"
+        )
+
+
+def is_stale(signed_at: datetime, max_age_days: int, now: datetime) -> bool:
+    return now - signed_at > timedelta(days=max_age_days)
+
+
+class MetadataStore:
+    """The trusted metadata cache: per remote, a generation directory holding the data and
+    its jcat, published by an atomic symlink swap (old or new, never half)."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+
+    def _state(self) -> dict[str, dict[str, str]]:
+        try:
+            doc = json.loads(self.paths.metadata_state_file.read_text())
+        except FileNotFoundError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def accepted(self, remote_id: str) -> dict[str, str] | None:
+        return self._state().get(remote_id)
+
+    def current(self, remote: Remote) -> tuple[Path, Path] | None:
+        link = self.paths.metadata_dir / remote.id
+        data, jcat = link / remote.metadata_name, link / remote.jcat_name
+        return (data, jcat) if data.exists() and jcat.exists() else None
+
+    def store(self, remote: Remote, files: dict[str, tuple[int, Path]], verified: Verified) -> Path:
+        """Rename the verified untrusted files into a new generation and switch to it."""
+        base = self.paths.metadata_dir
+        base.mkdir(parents=True, exist_ok=True)
+        gen = base / f"{remote.id}.{secrets.token_hex(6)}"
+        gen.mkdir(mode=0o755)
+        for name, (fd, untrusted_path) in files.items():
+            install_file(fd, untrusted_path, gen / name)
+        link, tmp_link = base / remote.id, base / f".{remote.id}.{secrets.token_hex(4)}"
+        old = os.readlink(link) if link.is_symlink() else None
+        os.symlink(gen.name, tmp_link)
+        os.replace(tmp_link, link)
+        state = self._state()
+        assert verified.signed_at is not None  # noqa: S101  check_rollback refused None
+        state[remote.id] = {
+            "signed_at": verified.signed_at.isoformat(),
+            "sha256": verified.sha256,
+            "accepted_at": datetime.now(UTC).isoformat(),
+        }
+        tmp_state = self.paths.metadata_state_file.with_suffix(".tmp")
+        tmp_state.parent.mkdir(parents=True, exist_ok=True)
+        tmp_state.write_text(json.dumps(state, indent=1))
+        os.replace(tmp_state, self.paths.metadata_state_file)
+        if old and old != gen.name:
+            shutil.rmtree(base / old, ignore_errors=True)
+        return link
+
+    def catalog(self, remote: Remote, limits: Limits) -> Catalog | None:
+        current = self.current(remote)
+        if current is None:
+            return None
+        fd = os.open(current[0], os.O_RDONLY)
+        try:
+            with open_catalog(fd, remote.metadata_name, limits) as stream:
+                return parse_catalog(stream, remote)
+        finally:
+            os.close(fd)
+
+
+def iter_catalogs(
+    store: MetadataStore, remotes: tuple[Remote, ...], limits: Limits
+) -> Iterator[Catalog]:
+    for remote in remotes:
+        cat = store.catalog(remote, limits)
+        if cat is not None:
+            yield cat

@@ -1,0 +1,137 @@
+"""dom0's qubes.FwupdReceiveUpdates: the second, authoritative check.
+
+1. the caller (from qrexec) must be the configured UpdateVM;
+2. the header is read under a cap and must carry the nonce of a pending dom0 session;
+3. the files must be exactly the ones that session expects, within its caps;
+4. bytes stream into the untrusted dir (O_EXCL, 0600) under a whole-transfer deadline;
+5. metadata: jcat signature + checksum over the received fd, rollback check, then parse;
+   cab: sha256 and size against dom0's verified metadata;
+6. only then an atomic rename into the trusted cache; anything else leaves nothing behind.
+The verdict is written to the session for the manager, and is the exit status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+from broker.errors import LimitExceeded, NothingToDo, TransferError, VerificationError
+from broker.metadata import (
+    MetadataStore,
+    check_rollback,
+    open_catalog,
+    parse_catalog,
+    verify_metadata,
+)
+from broker.sanitize import printable
+from broker.service import ServiceContext, log, run_service
+from broker.session import Outcome, Session, Sessions, check_nonce
+from broker.signatures import TrustStore
+from broker.transfer import FrameFile, StreamReader, UntrustedFiles, install_file, parse_header
+
+
+def _check_files(session: Session, files: tuple[FrameFile, ...]) -> None:
+    expected = {f.name: f for f in session.files}
+    if sorted(f.name for f in files) != sorted(expected):
+        raise TransferError(
+            "pushed files do not match what dom0 asked for "
+            f"(expected {', '.join(sorted(expected))})"
+        )
+    for f in files:
+        exp = expected[f.name]
+        if f.size > exp.max_size:
+            raise LimitExceeded(f"{f.name} is {f.size} bytes, more than the cap {exp.max_size}")
+        if exp.size is not None and f.size != exp.size:
+            raise VerificationError(
+                f"{f.name} is {f.size} bytes, verified metadata says {exp.size}"
+            )
+
+
+def receive(ctx: ServiceContext) -> int:
+    config, paths, limits = ctx.config, ctx.paths, ctx.config.limits
+    if ctx.caller != config.updatevm:
+        raise TransferError(
+            f"qube {printable(ctx.caller, 64)} is not the configured UpdateVM "
+            f"({config.updatevm}); refused"
+        )
+    reader = StreamReader(ctx.stdin_fd, time.monotonic() + limits.transfer_seconds)
+    untrusted_header, files = parse_header(reader.readline(limits.header_max_bytes))
+    nonce = check_nonce(untrusted_header.get("nonce"))
+    sessions = Sessions(paths.sessions_dir)
+    session = sessions.take(nonce)
+    try:
+        outcome = _receive_for(ctx, session, reader, files)
+    except NothingToDo as e:
+        sessions.finish(nonce, Outcome(True, str(e), nothing_new=True))
+        log(paths, f"receive {session.kind}: {e}")
+        return 0
+    except Exception as e:
+        sessions.finish(nonce, Outcome(False, printable(str(e))))
+        raise
+    sessions.finish(nonce, outcome)
+    log(paths, f"receive {session.kind}: {outcome.message}")
+    return 0
+
+
+def _receive_for(
+    ctx: ServiceContext, session: Session, reader: StreamReader, files: tuple[FrameFile, ...]
+) -> Outcome:
+    paths, limits = ctx.paths, ctx.config.limits
+    _check_files(session, files)
+    with UntrustedFiles(paths.untrusted_dir, session.nonce) as untrusted:
+        digests = {}
+        for f in files:
+            h = hashlib.sha256()
+            reader.copy_exact(untrusted.create(f.name), f.size, h)
+            digests[f.name] = h.hexdigest()
+        reader.expect_eof()
+
+        if session.kind == "metadata":
+            remote = ctx.config.remote(session.remote_id)
+            data_fd = untrusted.fds[remote.metadata_name]
+            jcat_fd = untrusted.fds[remote.jcat_name]
+            os.lseek(jcat_fd, 0, os.SEEK_SET)
+            jcat_bytes = os.read(jcat_fd, limits.jcat_max_bytes + 1)
+            trust = TrustStore.from_dirs(paths.pki_dirs)
+            verified = verify_metadata(data_fd, jcat_bytes, remote, trust, limits)
+            store = MetadataStore(paths)
+            check_rollback(verified, store.accepted(remote.id))
+            # verified: now, and only now, the decompressor and libxml2 may see it
+            with open_catalog(data_fd, remote.metadata_name, limits) as stream:
+                catalog = parse_catalog(stream, remote)
+            store.store(
+                remote,
+                {
+                    n: (untrusted.fds[n], untrusted.paths[n])
+                    for n in (remote.metadata_name, remote.jcat_name)
+                },
+                verified,
+            )
+            kinds = ", ".join(sorted({s.kind for s in verified.signatures}))
+            return Outcome(
+                True,
+                f"metadata for {remote.id} accepted: signed {verified.signed_at:%Y-%m-%d %H:%M}"
+                f" ({kinds}), {len(catalog.releases)} releases",
+                stored=(str(paths.metadata_dir / remote.id),),
+            )
+
+        if session.kind == "cab":
+            (expected,) = session.files
+            if digests[expected.name] != expected.sha256:
+                raise VerificationError(
+                    f"{expected.name}: sha256 does not match dom0's verified metadata"
+                )
+            dest = paths.cabs_dir / f"{expected.sha256}.cab"
+            install_file(untrusted.fds[expected.name], untrusted.paths[expected.name], dest)
+            return Outcome(True, f"{expected.name} accepted (sha256 verified)", (str(dest),))
+    raise TransferError(f"unknown session kind {session.kind!r}")
+
+
+def main() -> int:
+    return run_service("qubes.FwupdReceiveUpdates", receive)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""dom0 sessions: what dom0 has asked the UpdateVM for, keyed by a random nonce.
+
+The manager opens a session before it calls the UpdateVM; the receive service accepts a
+push only for a pending, unexpired session, takes it once (atomic rename), and writes its
+verdict back for the manager. Names, sizes and checksums that dom0 expects come from here
+(i.e. from dom0's config and verified metadata), never from the pushed stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from broker.errors import FormatError, TransferError
+
+_NONCE = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class ExpectedFile:
+    name: str
+    max_size: int
+    sha256: str | None = None  # set for cabs: from dom0's verified metadata
+    size: int | None = None  # exact size when known from verified metadata
+
+
+@dataclass(frozen=True)
+class Session:
+    nonce: str
+    kind: str  # "metadata" | "cab"
+    remote_id: str
+    files: tuple[ExpectedFile, ...]
+    expires: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """dom0's own verdict on a push, written by the receive service for the manager."""
+
+    ok: bool
+    message: str
+    stored: tuple[str, ...] = ()
+    nothing_new: bool = False
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def check_nonce(untrusted_nonce: object) -> str:
+    if not isinstance(untrusted_nonce, str) or not _NONCE.match(untrusted_nonce):
+        raise TransferError("malformed session nonce")
+    return untrusted_nonce
+
+
+class Sessions:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def open(
+        self, kind: str, remote_id: str, files: tuple[ExpectedFile, ...], ttl: float
+    ) -> Session:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        session = Session(secrets.token_hex(16), kind, remote_id, files, time.time() + ttl)
+        doc = asdict(session)
+        _write_atomic(self.dir / f"{session.nonce}.pending", json.dumps(doc).encode())
+        return session
+
+    def take(self, untrusted_nonce: object) -> Session:
+        """Claim a pending session exactly once; refuses unknown, used or expired nonces."""
+        nonce = check_nonce(untrusted_nonce)
+        pending, taken = self.dir / f"{nonce}.pending", self.dir / f"{nonce}.taken"
+        try:
+            os.rename(pending, taken)  # atomic: a second push with the same nonce fails here
+        except FileNotFoundError:
+            raise TransferError("no pending dom0 session for this nonce") from None
+        doc = json.loads(taken.read_text())
+        session = Session(
+            nonce=doc["nonce"],
+            kind=doc["kind"],
+            remote_id=doc["remote_id"],
+            files=tuple(ExpectedFile(**f) for f in doc["files"]),
+            expires=doc["expires"],
+        )
+        if time.time() > session.expires:
+            raise TransferError("dom0 session expired")
+        return session
+
+    def finish(self, nonce: str, outcome: Outcome) -> None:
+        _write_atomic(self.dir / f"{nonce}.outcome", json.dumps(asdict(outcome)).encode())
+
+    def outcome(self, nonce: str) -> Outcome | None:
+        path = self.dir / f"{nonce}.outcome"
+        if not path.exists():
+            return None
+        doc = json.loads(path.read_text())
+        try:
+            return Outcome(
+                ok=bool(doc["ok"]),
+                message=str(doc["message"]),
+                stored=tuple(doc["stored"]),
+                nothing_new=bool(doc.get("nothing_new", False)),
+            )
+        except (KeyError, TypeError) as e:
+            raise FormatError("corrupt session outcome") from e
+
+    def close(self, nonce: str) -> None:
+        for suffix in ("pending", "taken", "outcome"):
+            (self.dir / f"{nonce}.{suffix}").unlink(missing_ok=True)

@@ -1,0 +1,207 @@
+"""Framed streams between qubes, and dom0's receiving end (qubes.FwupdReceiveUpdates).
+
+Wire format (UpdateVM -> dom0, dom0 -> sys-usb), everything bounded before it is parsed:
+    one JSON object on one line (at most Limits.header_max_bytes), with a "files" list of
+    {"name", "size"}; then the bytes of each file in that order, exactly "size" each; then EOF.
+
+dom0's receiver trusts none of it: the caller must be the configured UpdateVM, the nonce
+must name a pending session, the names and caps come from that session, bytes land in the
+untrusted dir, and only verified files are renamed into the trusted cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import select
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.errors import FormatError, LimitExceeded, TransferError
+
+CHUNK = 256 * 1024
+FRAME_VERSION = 1
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class FrameFile:
+    name: str
+    size: int
+
+
+class StreamReader:
+    """Reads a pipe or socket with a deadline for the whole stream and exact lengths.
+
+    A sender that stalls, dribbles or stops early gets a TransferError, never a hang."""
+
+    def __init__(self, fd: int, deadline: float) -> None:
+        self.fd = fd
+        self.deadline = deadline
+        self._buf = b""
+
+    def _read_some(self, n: int) -> bytes:
+        if self._buf:
+            out, self._buf = self._buf[:n], self._buf[n:]
+            return out
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransferError("transfer took too long (deadline reached)")
+        ready, _, _ = select.select([self.fd], [], [], remaining)
+        if not ready:
+            raise TransferError("transfer took too long (deadline reached)")
+        return os.read(self.fd, n)
+
+    def readline(self, max_bytes: int) -> bytes:
+        """One line without its newline; refuses a line longer than max_bytes."""
+        line = b""
+        while True:
+            chunk = self._read_some(min(CHUNK, max_bytes + 1 - len(line)))
+            if not chunk:
+                raise TransferError("stream ended before the header line was complete")
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                self._buf = chunk[nl + 1 :] + self._buf
+                line += chunk[:nl]
+                if len(line) > max_bytes:
+                    break
+                return line
+            line += chunk
+            if len(line) > max_bytes:
+                break
+        raise LimitExceeded(f"header line longer than {max_bytes} bytes")
+
+    def copy_exact(self, out_fd: int, size: int, hasher: Any = None) -> None:
+        """Copy exactly ``size`` bytes to ``out_fd`` (hashing as it goes)."""
+        left = size
+        while left:
+            chunk = self._read_some(min(CHUNK, left))
+            if not chunk:
+                raise TransferError(f"stream ended after {size - left} of {size} bytes")
+            if hasher is not None:
+                hasher.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out_fd, view) :]
+            left -= len(chunk)
+
+    def read_exact(self, size: int) -> bytes:
+        parts, left = [], size
+        while left:
+            chunk = self._read_some(min(CHUNK, left))
+            if not chunk:
+                raise TransferError(f"stream ended after {size - left} of {size} bytes")
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+    def expect_eof(self) -> None:
+        if self._read_some(1):
+            raise TransferError("unexpected bytes after the last file")
+
+
+def parse_header(line: bytes, max_files: int = 8) -> tuple[dict[str, Any], tuple[FrameFile, ...]]:
+    """The header object and its file list; names are plain file names, sizes whole numbers."""
+    try:
+        untrusted = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError("header is not valid JSON") from e
+    if not isinstance(untrusted, dict) or untrusted.get("version") != FRAME_VERSION:
+        raise FormatError(f"header is not a version {FRAME_VERSION} object")
+    untrusted_files = untrusted.get("files")
+    if not isinstance(untrusted_files, list) or len(untrusted_files) > max_files:
+        raise FormatError(f"header needs a list of at most {max_files} files")
+    files: list[FrameFile] = []
+    for untrusted_f in untrusted_files:
+        if not isinstance(untrusted_f, dict):
+            raise FormatError("header file entry is not an object")
+        untrusted_name, untrusted_size = untrusted_f.get("name"), untrusted_f.get("size")
+        if not isinstance(untrusted_name, str) or not _FILE_NAME.match(untrusted_name):
+            raise FormatError("header names a file with a path, control or invalid characters")
+        if (
+            not isinstance(untrusted_size, int)
+            or isinstance(untrusted_size, bool)
+            or untrusted_size < 0
+        ):
+            raise FormatError(f"header gives {untrusted_name} an invalid size")
+        if any(f.name == untrusted_name for f in files):
+            raise FormatError(f"header names {untrusted_name} twice")
+        files.append(FrameFile(untrusted_name, untrusted_size))
+    return untrusted, tuple(files)
+
+
+def write_frame(out_fd: int, header: dict[str, Any], files: Sequence[tuple[str, int]]) -> None:
+    """Send a header and the files (name, open fd); sizes come from fstat of the fds."""
+    sizes = [os.fstat(fd).st_size for _, fd in files]
+    entries = [{"name": name, "size": size} for (name, _), size in zip(files, sizes, strict=True)]
+    line = json.dumps({**header, "version": FRAME_VERSION, "files": entries}).encode() + b"\n"
+    _write_all(out_fd, line)
+    for (name, fd), size in zip(files, sizes, strict=True):
+        os.lseek(fd, 0, os.SEEK_SET)
+        left = size
+        while left:
+            chunk = os.read(fd, min(CHUNK, left))
+            if not chunk:
+                raise TransferError(f"{name} shrank while being sent")
+            _write_all(out_fd, chunk)
+            left -= len(chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def sha256_of_fd(fd: int) -> tuple[str, int]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    h, size = hashlib.sha256(), 0
+    while chunk := os.read(fd, CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return h.hexdigest(), size
+
+
+class UntrustedFiles:
+    """Files received from another qube, in the untrusted dir; removed on exit unless
+    handed over. O_EXCL + 0600: never follows or reuses something already there."""
+
+    def __init__(self, directory: Path, prefix: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir = directory
+        self.prefix = prefix
+        self.paths: dict[str, Path] = {}
+        self.fds: dict[str, int] = {}
+
+    def create(self, name: str) -> int:
+        path = self.dir / f"{self.prefix}.{name}.UNTRUSTED"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self.paths[name], self.fds[name] = path, fd
+        return fd
+
+    def __enter__(self) -> UntrustedFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        for path in self.paths.values():
+            path.unlink(missing_ok=True)
+
+
+def install_file(fd: int, untrusted_path: Path, dest: Path) -> None:
+    """Move a verified file into the trusted cache: fsync, atomic rename, fsync the dir."""
+    os.fsync(fd)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(untrusted_path, dest)
+    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

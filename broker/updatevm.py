@@ -1,0 +1,157 @@
+"""The UpdateVM side: qubes.FwupdDownload.
+
+dom0 sends one JSON line naming what to fetch (URLs, caps and, for cabs, the sha256 from
+dom0's verified metadata). We download under a byte cap, a whole-download deadline and a
+minimum rate (requests' timeout only bounds each read), check what we can (the first
+validation: it saves dom0 work, it never replaces dom0's check), and push the files to
+dom0's qubes.FwupdReceiveUpdates with the session nonce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from broker.config import Limits, Remote, check_url
+from broker.errors import FormatError, LimitExceeded, TransferError, VerificationError
+from broker.metadata import verify_metadata
+from broker.qrexec import call, check, transport_from_env
+from broker.service import ServiceContext, run_service
+from broker.session import check_nonce
+from broker.signatures import TrustStore
+from broker.transfer import CHUNK, FRAME_VERSION, StreamReader, write_frame
+
+PUSH_SERVICE = "qubes.FwupdReceiveUpdates"
+_GRACE_SECONDS = 10.0  # before the minimum-rate rule applies (TLS set-up, slow start)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    name: str
+    url: str
+    max_size: int
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    nonce: str
+    kind: str
+    remote: str
+    files: tuple[Wanted, ...]
+
+    def to_json(self) -> bytes:
+        doc = {
+            "version": FRAME_VERSION,
+            "nonce": self.nonce,
+            "kind": self.kind,
+            "remote": self.remote,
+            "files": [w.__dict__ for w in self.files],
+        }
+        return json.dumps(doc).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, line: bytes) -> DownloadRequest:
+        try:
+            doc = json.loads(line)
+            files = tuple(
+                Wanted(
+                    name=str(f["name"]),
+                    url=check_url(str(f["url"]), "download URL"),
+                    max_size=int(f["max_size"]),
+                    sha256=f.get("sha256"),
+                    size=f.get("size"),
+                )
+                for f in doc["files"]
+            )
+            return cls(check_nonce(doc["nonce"]), str(doc["kind"]), str(doc["remote"]), files)
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError("malformed download request") from e
+
+
+def download(url: str, out_fd: int, max_size: int, limits: Limits) -> str:
+    """Stream url into out_fd; returns the sha256. Caps bytes, total time and rate."""
+    start = time.monotonic()
+    h, total = hashlib.sha256(), 0
+    try:
+        with requests.get(url, stream=True, timeout=(15, 30), allow_redirects=True) as resp:
+            if resp.status_code != 200:
+                raise TransferError(f"{url}: HTTP {resp.status_code}")
+            declared = resp.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_size:
+                raise LimitExceeded(f"{url}: {declared} bytes announced, cap is {max_size}")
+            for chunk in resp.iter_content(CHUNK):
+                total += len(chunk)
+                if total > max_size:
+                    raise LimitExceeded(f"{url}: more than {max_size} bytes")
+                h.update(chunk)
+                os.write(out_fd, chunk)
+                elapsed = time.monotonic() - start
+                if elapsed > limits.transfer_seconds:
+                    raise TransferError(f"{url}: download took longer than the deadline")
+                if elapsed > _GRACE_SECONDS and total / elapsed < limits.min_rate_bytes_per_s:
+                    raise TransferError(f"{url}: download slower than the minimum rate")
+    except requests.RequestException as e:
+        raise TransferError(f"{url}: {type(e).__name__}") from e
+    return h.hexdigest()
+
+
+def fetch_and_push(ctx: ServiceContext) -> int:
+    limits = ctx.config.limits
+    if ctx.caller != "dom0":
+        raise TransferError("only dom0 may ask for downloads")
+    reader = StreamReader(ctx.stdin_fd, time.monotonic() + 60)
+    request = DownloadRequest.from_json(reader.readline(limits.header_max_bytes))
+    ctx.paths.download_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ctx.paths.download_dir) as tmp:
+        fds: list[tuple[str, int]] = []
+        try:
+            for w in request.files:
+                fd = os.open(Path(tmp) / w.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                fds.append((w.name, fd))
+                digest = download(w.url, fd, w.max_size, limits)
+                if w.sha256 is not None and digest != w.sha256:
+                    raise VerificationError(f"{w.name}: sha256 differs from dom0's metadata")
+            if request.kind == "metadata":
+                _first_check_metadata(ctx, request, dict(fds))
+            frame_header = {"nonce": request.nonce}
+            result = call(
+                transport_from_env(),
+                "dom0",
+                PUSH_SERVICE,
+                feed=lambda out: write_frame(out, frame_header, fds),
+            )
+            check(result, "dom0", PUSH_SERVICE)
+        finally:
+            for _, fd in fds:
+                os.close(fd)
+    return 0
+
+
+def _first_check_metadata(
+    ctx: ServiceContext, request: DownloadRequest, fds: dict[str, int]
+) -> None:
+    data_name = next(n for n in fds if not n.endswith(".jcat"))
+    remote = Remote(request.remote, f"https://updatevm.invalid/{data_name}")
+    jcat_fd = fds[remote.jcat_name]
+    os.lseek(jcat_fd, 0, os.SEEK_SET)
+    jcat_bytes = os.read(jcat_fd, ctx.config.limits.jcat_max_bytes + 1)
+    trust = TrustStore.from_dirs(ctx.paths.pki_dirs)
+    verify_metadata(fds[data_name], jcat_bytes, remote, trust, ctx.config.limits)
+
+
+def main() -> int:
+    return run_service("qubes.FwupdDownload", fetch_and_push)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""qubes-fwupdmgr: fwupdmgr's verbs across dom0's and sys-usb's fwupd, fed by the UpdateVM.
+
+Exit codes (as fwupdmgr): 0 done, 1 failure, 2 nothing to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from broker.config import Config, Paths, Remote
+from broker.errors import BrokerError, NothingToDo, TransferError, VerificationError, exit_code_for
+from broker.fwupd import FwupdClient
+from broker.metadata import MetadataStore, Release, iter_catalogs, version_key
+from broker.qrexec import Transport, call, check, transport_from_env
+from broker.routing import DOM0, QubeDevice, route
+from broker.sanitize import printable
+from broker.session import ExpectedFile, Outcome, Sessions
+from broker.transfer import sha256_of_fd
+from broker.updatevm import DownloadRequest, Wanted
+from broker.usbvm import UsbvmClient
+
+DOWNLOAD_SERVICE = "qubes.FwupdDownload"
+
+
+@dataclass
+class App:
+    paths: Paths
+    config: Config
+    transport: Transport
+    verbose: bool = False
+
+    @property
+    def limits(self) -> Any:
+        return self.config.limits
+
+    def usbvm(self) -> UsbvmClient | None:
+        if not self.config.usbvm:
+            return None
+        return UsbvmClient(self.transport, self.config.usbvm, self.limits)
+
+    # ------------------------------------------------------------------ UpdateVM round trip
+    def fetch(self, kind: str, remote_id: str, wanted: list[Wanted]) -> Outcome:
+        """Ask the UpdateVM for files; return dom0's own verdict on what it pushed."""
+        sessions = Sessions(self.paths.sessions_dir)
+        expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
+        session = sessions.open(kind, remote_id, expected, self.limits.session_seconds)
+        try:
+            request = DownloadRequest(session.nonce, kind, remote_id, tuple(wanted)).to_json()
+            updatevm = self.config.updatevm
+            result = call(
+                self.transport,
+                updatevm,
+                DOWNLOAD_SERVICE,
+                feed=lambda fd: _write_all(fd, request),
+                max_stdout=4096,
+                timeout=self.limits.transfer_seconds + 60,
+            )
+            outcome = sessions.outcome(session.nonce)
+            if outcome is None:
+                check(result, updatevm, DOWNLOAD_SERVICE)
+                raise TransferError(f"{updatevm} reported success but pushed nothing to dom0")
+            if not outcome.ok:
+                raise VerificationError(f"dom0 refused what {updatevm} sent: {outcome.message}")
+            return outcome
+        finally:
+            sessions.close(session.nonce)
+
+    # ------------------------------------------------------------------ views
+    def devices(self) -> list[QubeDevice]:
+        dom0 = FwupdClient().get_devices()
+        usbvm = self.usbvm()
+        usb = usbvm.get_devices() if usbvm else []
+        return route(dom0, usb, self.config.usbvm)
+
+    def updates(self, devices: list[QubeDevice]) -> list[tuple[QubeDevice, list[Release]]]:
+        catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
+        out = []
+        for qd in devices:
+            if not qd.device.updatable:
+                continue
+            current = version_key(qd.device.version)
+            newer = [
+                r
+                for cat in catalogs
+                for r in cat.releases_for(qd.device.guids)
+                if version_key(r.version) > current
+            ]
+            newer.sort(key=lambda r: version_key(r.version), reverse=True)
+            if newer:
+                out.append((qd, newer))
+        return out
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _p(text: str) -> str:
+    return printable(text, 200)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_refresh(app: App, args: argparse.Namespace) -> int:
+    any_new = False
+    for remote in app.config.remotes:
+        outcome = app.fetch(
+            "metadata",
+            remote.id,
+            [
+                Wanted(remote.metadata_name, remote.metadata_url, app.limits.metadata_max_bytes),
+                Wanted(remote.jcat_name, remote.metadata_url + ".jcat", app.limits.jcat_max_bytes),
+            ],
+        )
+        print(f"{remote.id}: {outcome.message}")
+        any_new |= not outcome.nothing_new
+        any_new |= _load_into_daemons(app, remote)
+    return 0 if any_new else NothingToDo.exit_code
+
+
+def _load_into_daemons(app: App, remote: Remote) -> bool:
+    current = MetadataStore(app.paths).current(remote)
+    if current is None:
+        return False
+    data_fd, jcat_fd = os.open(current[0], os.O_RDONLY), os.open(current[1], os.O_RDONLY)
+    try:
+        loaded = FwupdClient().update_metadata(remote.id, data_fd, jcat_fd)
+        print(f"{remote.id}: dom0 fwupd {'loaded' if loaded else 'already had'} the metadata")
+        usbvm = app.usbvm()
+        if usbvm:
+            usb_loaded = usbvm.refresh(remote, data_fd, jcat_fd)
+            loaded |= usb_loaded
+            state = "loaded" if usb_loaded else "already had"
+            print(f"{remote.id}: {usbvm.qube} fwupd {state} the metadata")
+        return loaded
+    finally:
+        os.close(data_fd)
+        os.close(jcat_fd)
+
+
+def cmd_get_devices(app: App, args: argparse.Namespace) -> int:
+    devices = app.devices()
+    if args.json:
+        print(json.dumps({"Devices": [{"Qube": d.qube, **d.device.to_json()} for d in devices]}))
+        return 0
+    for qd in devices:
+        d = qd.device
+        print(f"{_p(d.name)}  [{qd.qube}]")
+        print(f"  DeviceId: {d.device_id}")
+        print(f"  Version:  {_p(d.version)}")
+        print(f"  Vendor:   {_p(d.vendor)} ({_p(','.join(d.vendor_ids))})")
+        print(f"  GUIDs:    {', '.join(d.guids)}")
+    return 0
+
+
+def _release_json(r: Release) -> dict[str, Any]:
+    return {
+        "Version": r.version,
+        "AppstreamId": r.component_id,
+        "RemoteId": r.remote_id,
+        "Uri": r.url,
+        "Checksum": r.sha256,
+        "Size": r.size,
+        "Urgency": r.urgency,
+        "Summary": r.summary,
+    }
+
+
+def cmd_get_updates(app: App, args: argparse.Namespace) -> int:
+    found = app.updates(app.devices())
+    if args.json:
+        doc = {
+            "Devices": [
+                {"Qube": qd.qube, **qd.device.to_json(), "Releases": [_release_json(r) for r in rs]}
+                for qd, rs in found
+            ]
+        }
+        print(json.dumps(doc))
+    else:
+        for qd, rs in found:
+            print(f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)}")
+            for r in rs:
+                print(
+                    f"  -> {_p(r.version)} ({_p(r.urgency) or 'unknown urgency'}) {_p(r.summary)}"
+                )
+        if not found:
+            print("No updates available")
+    return 0 if found else NothingToDo.exit_code
+
+
+def _matches(qd: QubeDevice, selector: str) -> bool:
+    s = selector.lower()
+    d = qd.device
+    return d.device_id.startswith(s) or s in (g.lower() for g in d.guids)
+
+
+def cmd_update(app: App, args: argparse.Namespace) -> int:
+    found = app.updates(app.devices())
+    if args.device:
+        found = [(qd, rs) for qd, rs in found if _matches(qd, args.device)]
+    if not found:
+        raise NothingToDo("no updates available" + (f" for {args.device}" if args.device else ""))
+    for qd, releases in found:
+        release = releases[0]
+        desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> {_p(release.version)}"
+        if not args.assume_yes:
+            if not sys.stdin.isatty():
+                raise BrokerError("not a terminal: pass -y to update without asking")
+            if input(f"Update {desc}? [y/N] ").strip().lower() not in ("y", "yes"):
+                print("skipped")
+                continue
+        print(f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
+        app.fetch(
+            "cab",
+            release.remote_id,
+            [Wanted(release.filename, release.url, release.size, release.sha256, release.size)],
+        )
+        _install(app, qd, release)
+        after = _version_now(app, qd)
+        print(f"Updated {desc}: now {_p(after)}")
+    return 0
+
+
+def _install(app: App, qd: QubeDevice, release: Release) -> None:
+    cab = app.paths.cabs_dir / f"{release.sha256}.cab"
+    fd = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        # the fd we hash is the fd we hand over: nothing can be swapped in between
+        if sha256_of_fd(fd)[0] != release.sha256:
+            raise VerificationError(f"{cab.name}: cached cab no longer matches its sha256")
+        print(f"Installing on {qd.qube}…")
+        if qd.qube == DOM0:
+            FwupdClient().install(qd.device.device_id, fd, release.filename)
+        else:
+            usbvm = app.usbvm()
+            assert usbvm is not None  # noqa: S101  routing only names the usbvm when configured
+            usbvm.install(qd.device.device_id, fd, release.filename, release.sha256)
+    finally:
+        os.close(fd)
+
+
+def _version_now(app: App, qd: QubeDevice) -> str:
+    for d in app.devices():
+        if d.key == qd.key:
+            return d.device.version
+    return "unknown"
+
+
+# ---------------------------------------------------------------------- entry
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qubes-fwupdmgr", description="Firmware updates for Qubes OS (dom0 and sys-usb)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("refresh", help="fetch metadata through the UpdateVM and load it")
+    p.set_defaults(func=cmd_refresh)
+    p = sub.add_parser("get-devices", help="devices of dom0 and sys-usb")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_get_devices)
+    p = sub.add_parser("get-updates", help="available updates per device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_get_updates)
+    p = sub.add_parser("update", help="update one device or all")
+    p.add_argument("device", nargs="?", help="device id (or prefix) or GUID")
+    p.add_argument("-y", "--assume-yes", action="store_true")
+    p.set_defaults(func=cmd_update)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    from broker.sandbox.launcher import QUBE_ENV, Sandbox  # the seam: only read at entry
+
+    sandbox = Sandbox.from_env()
+    if sandbox is not None and not os.environ.get(QUBE_ENV):
+        # acting as dom0 of a sandbox: start ourselves in its dom0, as the launcher does
+        from broker.sandbox.launcher import Launcher
+
+        return Launcher(sandbox).run("dom0", [sys.executable, "-m", "broker.cli", *args_list])
+    args = build_parser().parse_args(args_list)
+    paths = Paths.from_env()
+    try:
+        app = App(paths, Config.load(paths), transport_from_env(), args.verbose)
+        code: int = args.func(app, args)
+        return code
+    except BrokerError as e:
+        if args.verbose:
+            traceback.print_exc()
+        if isinstance(e, NothingToDo):
+            print(printable(str(e)).capitalize())
+        else:
+            print(f"qubes-fwupdmgr: {printable(str(e))}", file=sys.stderr)
+        return exit_code_for(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

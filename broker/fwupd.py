@@ -1,0 +1,172 @@
+"""Client for one fwupd daemon over D-Bus (dbus-next). All D-Bus code lives here, so a
+swap to dbus-fast stays one file.
+
+The bus is the system bus of the qube we run in: in the sandbox the launcher points
+DBUS_SYSTEM_BUS_ADDRESS at that qube's private bus, and nothing here knows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import BusType
+from dbus_next.errors import DBusError
+from dbus_next.signature import Variant
+
+from broker.errors import DaemonError, NothingToDo
+from broker.sanitize import printable
+
+BUS_NAME = IFACE = "org.freedesktop.fwupd"
+T = TypeVar("T")
+
+# FwupdDeviceFlags (libfwupd/fwupd-enums.h)
+FLAG_INTERNAL = 1 << 0
+FLAG_UPDATABLE = 1 << 1
+FLAG_NEEDS_REBOOT = 1 << 8
+# FwupdInstallFlags
+INSTALL_ALLOW_REINSTALL = 1 << 1
+INSTALL_ALLOW_OLDER = 1 << 2
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    name: str
+    version: str
+    guids: tuple[str, ...]
+    vendor: str
+    vendor_ids: tuple[str, ...]
+    plugin: str
+    protocols: tuple[str, ...]
+    flags: int
+
+    @property
+    def updatable(self) -> bool:
+        return bool(self.flags & FLAG_UPDATABLE)
+
+    @property
+    def needs_reboot(self) -> bool:
+        return bool(self.flags & FLAG_NEEDS_REBOOT)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "DeviceId": self.device_id,
+            "Name": self.name,
+            "Version": self.version,
+            "Guid": list(self.guids),
+            "Vendor": self.vendor,
+            "VendorId": ",".join(self.vendor_ids),
+            "Plugin": self.plugin,
+            "Protocol": ",".join(self.protocols),
+            "Flags": self.flags,
+        }
+
+
+def device_from_dbus(raw: dict[str, Any]) -> Device:
+    """From fwupd's a{sv} (values already unwrapped) or from our JSON, which uses the same
+    keys. Only called on data from a daemon we trust or already validated JSON."""
+    return Device(
+        device_id=str(raw.get("DeviceId", "")),
+        name=str(raw.get("Name", "")),
+        version=str(raw.get("Version", "")),
+        guids=tuple(str(g) for g in raw.get("Guid", [])),
+        vendor=str(raw.get("Vendor", "")),
+        vendor_ids=tuple(v for v in str(raw.get("VendorId", "")).split(",") if v),
+        plugin=str(raw.get("Plugin", "")),
+        protocols=tuple(p for p in str(raw.get("Protocol", "")).split(",") if p),
+        flags=int(raw.get("Flags", 0)),
+    )
+
+
+def _unwrap(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.value if isinstance(v, Variant) else v) for k, v in d.items()}
+
+
+class FwupdClient:
+    """Synchronous facade: each call opens the bus, does one thing, closes it."""
+
+    def __init__(self, bus_address: str | None = None) -> None:
+        self.bus_address = bus_address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+
+    async def _with_fwupd(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        try:
+            if self.bus_address:
+                bus = MessageBus(bus_address=self.bus_address, negotiate_unix_fd=True)
+            else:
+                bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+            await bus.connect()
+        except (OSError, DBusError) as e:
+            raise DaemonError(f"cannot reach the system bus: {e}") from e
+        try:
+            try:
+                intro = await bus.introspect(BUS_NAME, "/")
+            except DBusError as e:
+                raise DaemonError(f"fwupd is not running: {printable(e.text or '')}") from e
+            fw = bus.get_proxy_object(BUS_NAME, "/", intro).get_interface(IFACE)
+            try:
+                return await op(fw)
+            except DBusError as e:
+                text = printable(e.text or e.type, 300)
+                if e.type.endswith(".NothingToDo"):
+                    raise NothingToDo(text) from e
+                raise DaemonError(f"fwupd refused: {text}") from e
+        finally:
+            bus.disconnect()  # type: ignore[no-untyped-call]
+
+    def _run(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        return asyncio.run(self._with_fwupd(op))
+
+    def daemon_version(self) -> str:
+        async def op(fw: Any) -> str:
+            return str(await fw.get_daemon_version())
+
+        return self._run(op)
+
+    def get_devices(self) -> list[Device]:
+        async def op(fw: Any) -> list[Device]:
+            return [device_from_dbus(_unwrap(d)) for d in await fw.call_get_devices()]
+
+        return self._run(op)
+
+    def update_metadata(self, remote_id: str, data_fd: int, sig_fd: int) -> bool:
+        """Load verified metadata; False when fwupd already has it (NothingToDo)."""
+        os.lseek(data_fd, 0, os.SEEK_SET)
+        os.lseek(sig_fd, 0, os.SEEK_SET)
+
+        async def op(fw: Any) -> None:
+            await fw.call_update_metadata(remote_id, data_fd, sig_fd)
+
+        try:
+            self._run(op)
+        except NothingToDo:
+            return False
+        return True
+
+    def install(
+        self,
+        device_id: str,
+        cab_fd: int,
+        filename: str,
+        allow_reinstall: bool = False,
+        allow_older: bool = False,
+    ) -> None:
+        """Install the cab behind cab_fd (the fd that was verified, not a path)."""
+        os.lseek(cab_fd, 0, os.SEEK_SET)
+        flags = (INSTALL_ALLOW_REINSTALL if allow_reinstall else 0) | (
+            INSTALL_ALLOW_OLDER if allow_older else 0
+        )
+        options = {
+            "reason": Variant("s", "user-action"),
+            "filename": Variant("s", filename),
+            "install-flags": Variant("t", flags),
+        }
+
+        async def op(fw: Any) -> None:
+            await fw.call_install(device_id, cab_fd, options)
+
+        self._run(op)

@@ -1,0 +1,199 @@
+"""sys-usb: the qubes.FwupdUsbvm agent (+GetDevices, +Refresh, +Install) and dom0's side
+of it.
+
+sys-usb faces malicious USB devices, so dom0 treats every reply as hostile: bounded in
+size, schema-checked field by field, strings made printable. sys-usb in turn checks what
+dom0 sends (metadata signatures against its own trust store, the cab's sha256) before its
+fwupd sees it, and fwupd checks the cab's payload signature a third time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from broker.config import Limits, Remote
+from broker.errors import FormatError, LimitExceeded, TransferError, VerificationError
+from broker.fwupd import Device, FwupdClient, device_from_dbus
+from broker.metadata import verify_metadata
+from broker.qrexec import Transport, call, check
+from broker.sanitize import printable
+from broker.service import ServiceContext, run_service
+from broker.signatures import TrustStore
+from broker.transfer import StreamReader, UntrustedFiles, parse_header, sha256_of_fd, write_frame
+
+SERVICE = "qubes.FwupdUsbvm"
+_DEVICE_ID = re.compile(r"^[0-9a-f]{40}$")
+_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_VERSION = re.compile(r"^[A-Za-z0-9._+~-]{1,64}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9._:-]{0,128}$")
+_REMOTE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# --------------------------------------------------------------------------- dom0 side
+def _string(untrusted: object, field: str, limit: int) -> str:
+    if not isinstance(untrusted, str) or len(untrusted) > limit:
+        raise FormatError(f"sys-usb reply: {field} is not a string of at most {limit} chars")
+    return printable(untrusted, limit)
+
+
+def _match(untrusted: object, pattern: re.Pattern[str], field: str) -> str:
+    if not isinstance(untrusted, str) or not pattern.match(untrusted):
+        raise FormatError(f"sys-usb reply: malformed {field}")
+    return untrusted
+
+
+def parse_devices_reply(untrusted_reply: bytes, limits: Limits) -> list[Device]:
+    """Devices from sys-usb's JSON, or FormatError; never trusts a field unchecked."""
+    if len(untrusted_reply) > limits.reply_max_bytes:
+        raise LimitExceeded("sys-usb reply is too large")
+    try:
+        untrusted_doc = json.loads(untrusted_reply.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError("sys-usb reply is not valid JSON") from e
+    if not isinstance(untrusted_doc, dict) or not isinstance(untrusted_doc.get("devices"), list):
+        raise FormatError("sys-usb reply is not an object with a devices list")
+    untrusted_devices = untrusted_doc["devices"]
+    if len(untrusted_devices) > limits.max_devices:
+        raise LimitExceeded(f"sys-usb reports more than {limits.max_devices} devices")
+    devices = []
+    for untrusted_d in untrusted_devices:
+        if not isinstance(untrusted_d, dict):
+            raise FormatError("sys-usb reply: a device is not an object")
+        untrusted_guids = untrusted_d.get("Guid", [])
+        if not isinstance(untrusted_guids, list) or len(untrusted_guids) > 64:
+            raise FormatError("sys-usb reply: Guid is not a short list")
+        untrusted_flags = untrusted_d.get("Flags", 0)
+        if (
+            not isinstance(untrusted_flags, int)
+            or isinstance(untrusted_flags, bool)
+            or not 0 <= untrusted_flags < 2**64
+        ):
+            raise FormatError("sys-usb reply: Flags is not a 64-bit unsigned integer")
+        checked: dict[str, Any] = {
+            "DeviceId": _match(untrusted_d.get("DeviceId"), _DEVICE_ID, "DeviceId"),
+            "Name": _string(untrusted_d.get("Name", ""), "Name", 256),
+            "Version": _match(untrusted_d.get("Version"), _VERSION, "Version"),
+            "Guid": [_match(g, _GUID, "Guid") for g in untrusted_guids],
+            "Vendor": _string(untrusted_d.get("Vendor", ""), "Vendor", 256),
+            "VendorId": ",".join(
+                _match(v, _TOKEN, "VendorId")
+                for v in _string(untrusted_d.get("VendorId", ""), "VendorId", 512).split(",")
+            ),
+            "Plugin": _match(untrusted_d.get("Plugin", ""), _TOKEN, "Plugin"),
+            "Protocol": ",".join(
+                _match(p, _TOKEN, "Protocol")
+                for p in _string(untrusted_d.get("Protocol", ""), "Protocol", 512).split(",")
+            ),
+            "Flags": untrusted_flags,
+        }
+        devices.append(device_from_dbus(checked))
+    return devices
+
+
+@dataclass(frozen=True)
+class UsbvmClient:
+    """dom0's handle on the sys-usb agent."""
+
+    transport: Transport
+    qube: str
+    limits: Limits
+
+    def get_devices(self) -> list[Device]:
+        result = check(
+            call(self.transport, self.qube, f"{SERVICE}+GetDevices",
+                 max_stdout=self.limits.reply_max_bytes),
+            self.qube, f"{SERVICE}+GetDevices",
+        )  # fmt: skip
+        return parse_devices_reply(result.stdout, self.limits)
+
+    def refresh(self, remote: Remote, data_fd: int, jcat_fd: int) -> bool:
+        """Push verified metadata; False when sys-usb's fwupd already had it."""
+        header = {"remote": remote.id}
+        files = [(remote.metadata_name, data_fd), (remote.jcat_name, jcat_fd)]
+        result = check(
+            call(self.transport, self.qube, f"{SERVICE}+Refresh",
+                 feed=lambda out: write_frame(out, header, files), max_stdout=4096),
+            self.qube, f"{SERVICE}+Refresh",
+        )  # fmt: skip
+        return b'"nothing-to-do"' not in result.stdout
+
+    def install(self, device_id: str, cab_fd: int, filename: str, sha256: str) -> None:
+        header = {"device_id": device_id, "sha256": sha256}
+        check(
+            call(self.transport, self.qube, f"{SERVICE}+Install",
+                 feed=lambda out: write_frame(out, header, [(filename, cab_fd)]),
+                 max_stdout=4096),
+            self.qube, f"{SERVICE}+Install",
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- sys-usb side
+def _reply(ctx: ServiceContext, doc: dict[str, Any]) -> None:
+    data = json.dumps(doc).encode() + b"\n"
+    view = memoryview(data)
+    while view:
+        view = view[os.write(ctx.stdout_fd, view) :]
+
+
+def agent(ctx: ServiceContext) -> int:
+    if ctx.caller != "dom0":
+        raise TransferError("only dom0 may drive the sys-usb agent")
+    limits = ctx.config.limits
+    client = FwupdClient()
+    if ctx.argument == "GetDevices":
+        _reply(ctx, {"devices": [d.to_json() for d in client.get_devices()]})
+        return 0
+    reader = StreamReader(ctx.stdin_fd, time.monotonic() + limits.transfer_seconds)
+    header, files = parse_header(reader.readline(limits.header_max_bytes))
+    with UntrustedFiles(ctx.paths.untrusted_dir, f"usbvm{os.getpid()}") as untrusted:
+        if ctx.argument == "Refresh":
+            remote_id = _match(header.get("remote"), _REMOTE_ID, "remote id")
+            if len(files) != 2 or not files[1].name == files[0].name + ".jcat":
+                raise FormatError("Refresh needs a metadata file and its .jcat")
+            data, jcat = files
+            if data.size > limits.metadata_max_bytes or jcat.size > limits.jcat_max_bytes:
+                raise LimitExceeded("metadata or jcat larger than the caps")
+            for f in files:
+                reader.copy_exact(untrusted.create(f.name), f.size)
+            reader.expect_eof()
+            remote = Remote(remote_id, f"https://dom0.invalid/{data.name}")
+            jcat_fd = untrusted.fds[jcat.name]
+            os.lseek(jcat_fd, 0, os.SEEK_SET)
+            jcat_bytes = os.read(jcat_fd, limits.jcat_max_bytes + 1)
+            trust = TrustStore.from_dirs(ctx.paths.pki_dirs)
+            verify_metadata(untrusted.fds[data.name], jcat_bytes, remote, trust, limits)
+            loaded = client.update_metadata(remote_id, untrusted.fds[data.name], jcat_fd)
+            _reply(ctx, {"status": "loaded" if loaded else "nothing-to-do"})
+            return 0
+        if ctx.argument == "Install":
+            device_id = _match(header.get("device_id"), _DEVICE_ID, "device id")
+            sha256 = _match(header.get("sha256"), _SHA256, "sha256")
+            if len(files) != 1 or files[0].size > limits.cab_max_bytes:
+                raise FormatError("Install needs exactly one cab within the size cap")
+            (cab,) = files
+            h = hashlib.sha256()
+            fd = untrusted.create(cab.name)
+            reader.copy_exact(fd, cab.size, h)
+            reader.expect_eof()
+            if h.hexdigest() != sha256 or sha256_of_fd(fd)[0] != sha256:
+                raise VerificationError(f"{cab.name}: sha256 does not match what dom0 verified")
+            client.install(device_id, fd, cab.name)
+            _reply(ctx, {"status": "installed"})
+            return 0
+    raise FormatError(f"unknown argument {printable(ctx.argument, 64)!r}")
+
+
+def main() -> int:
+    return run_service(SERVICE, agent)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

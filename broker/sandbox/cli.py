@@ -1,0 +1,204 @@
+"""qubes-fwupd-sandbox: a local Qubes stand-in on real parts.
+
+up      --dir DIR     PKI, qube trees, LVFS mirror, two fwupd daemons, qrexec daemon
+status  --dir DIR     recorded processes and whether they are alive
+publish --dir DIR CAB...   add cabs to the mirror and re-sign its metadata
+down    --dir DIR     stop exactly what `up` started
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from broker.sandbox import daemons, lvfs, mirror
+from broker.sandbox.launcher import (
+    FWUPD_QUBES,
+    QUBES,
+    SERVICES,
+    UPDATEVM,
+    USBVM,
+    Launcher,
+    Sandbox,
+)
+from broker.sandbox.pki import create_pki
+from broker.sandbox.processes import ProcessTable
+
+REPO = Path(__file__).resolve().parents[2]
+FWUPD_TESTS = Path("/usr/share/installed-tests/fwupd")
+DEFAULT_CABS = (FWUPD_TESTS / "fakedevice123.cab", FWUPD_TESTS / "fakedevice124.cab")
+MAX_DIR_CHARS = 40  # unix socket paths under DIR/vm/<qube>/run/... must stay < 107 bytes
+
+
+class SandboxError(Exception):
+    pass
+
+
+def _clean_env() -> dict[str, str]:
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8"}  # fmt: skip
+
+
+def _port(sandbox: Sandbox) -> int:
+    return int((sandbox.dir / "lvfs.port").read_text())
+
+
+def base_url(sandbox: Sandbox) -> str:
+    return f"http://127.0.0.1:{_port(sandbox)}"
+
+
+def write_qube_config(sandbox: Sandbox, qube: str) -> None:
+    conf = sandbox.root(qube) / "etc/qubes-fwupd/qubes-fwupd.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(
+        "[qubes-fwupd]\n"
+        f"updatevm = {UPDATEVM}\n"
+        f"usbvm = {USBVM}\n\n"
+        f"[remote {daemons.REMOTE_ID}]\n"
+        f"metadata_url = {base_url(sandbox)}/firmware.xml.zst\n"
+    )
+
+
+def install_services(sandbox: Sandbox, qube: str) -> None:
+    """The same entry points as in Qubes (qrexec/), linked into the qube's qubes-rpc dir."""
+    rpc = sandbox.rpc_dir(qube)
+    rpc.mkdir(parents=True, exist_ok=True)
+    for service in SERVICES[qube]:
+        link = rpc / service
+        link.unlink(missing_ok=True)
+        link.symlink_to(REPO / "qrexec" / service)
+
+
+def up(sandbox: Sandbox) -> None:
+    if len(str(sandbox.dir)) > MAX_DIR_CHARS:
+        raise SandboxError(f"--dir must be at most {MAX_DIR_CHARS} characters (socket paths)")
+    table = ProcessTable(sandbox.pids_file)
+    if any(table.alive(e) for e in table.entries()):
+        raise SandboxError(f"a sandbox is already running in {sandbox.dir}; run down first")
+    t0 = time.monotonic()
+    sandbox.log_dir.mkdir(parents=True, exist_ok=True)
+    pki = create_pki(sandbox.pki_dir)
+    sandbox.policy_dir.mkdir(parents=True, exist_ok=True)
+    for policy in sorted((REPO / "policies").glob("*.policy")):
+        shutil.copy(policy, sandbox.policy_dir / policy.name)
+
+    # the LVFS and its CDN: outside every qube, on 127.0.0.1
+    sandbox.lvfs_dir.mkdir(parents=True, exist_ok=True)
+    port_file = sandbox.dir / "lvfs.port"
+    port_file.unlink(missing_ok=True)
+    with (sandbox.log_dir / "mirror.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker.sandbox.mirror", "--root", str(sandbox.lvfs_dir),
+             "--port-file", str(port_file)],
+            env=_clean_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    table.record("mirror", "-", proc.pid)
+    mirror.wait_for_port(port_file, 10.0, proc)
+    lvfs.publish(sandbox.lvfs_dir, [c for c in DEFAULT_CABS if c.exists()], pki, base_url(sandbox))
+
+    launcher = Launcher(sandbox)
+    for qube in QUBES:
+        root = sandbox.root(qube)
+        root.mkdir(parents=True, exist_ok=True)
+        daemons.install_trust_store(root, pki)
+        write_qube_config(sandbox, qube)
+        install_services(sandbox, qube)
+    for qube in FWUPD_QUBES:
+        daemons.write_fwupd_tree(sandbox, qube)
+        daemons.start_fwupd(sandbox, launcher, table, qube)
+
+    ready = sandbox.dir / "qrexecd.ready"
+    ready.unlink(missing_ok=True)
+    with (sandbox.log_dir / "qrexecd.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker.sandbox.qrexecd", "--dir", str(sandbox.dir)],
+            env=_clean_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    table.record("qrexecd", "-", proc.pid)
+    deadline = time.monotonic() + 10
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SandboxError(f"qrexec daemon did not start; see {sandbox.log_dir}/qrexecd.log")
+        time.sleep(0.05)
+    print(f"sandbox up in {time.monotonic() - t0:.1f} s: {sandbox.dir}")
+    print(f"  LVFS mirror  {base_url(sandbox)}/  (serving {sandbox.lvfs_dir})")
+    for qube in QUBES:
+        extra = " fwupd" if qube in FWUPD_QUBES else ""
+        print(f"  qube {qube:<13} {sandbox.root(qube)}{extra}")
+    print("  isolation: off (processes share the host's network and filesystem view)")
+    print(f"use: QUBES_FWUPD_SANDBOX={sandbox.dir} qubes-fwupdmgr refresh")
+
+
+def status(sandbox: Sandbox) -> int:
+    table = ProcessTable(sandbox.pids_file)
+    entries = table.entries()
+    if not entries:
+        print(f"no sandbox processes recorded in {sandbox.dir}")
+        return 1
+    dead = 0
+    for e in entries:
+        alive = table.alive(e)
+        dead += not alive
+        print(f"  {e.role:<10} {e.qube:<13} pid {e.pid:<8} {'running' if alive else 'DEAD'}")
+    print("isolation: off")
+    return 1 if dead else 0
+
+
+def down(sandbox: Sandbox) -> None:
+    table = ProcessTable(sandbox.pids_file)
+    for qube in FWUPD_QUBES:
+        daemons.stop_gpg_agents(sandbox, table, qube)
+    for line in table.stop_all():
+        print(line)
+    for qube in QUBES:
+        sandbox.qrexec_socket(qube).unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="qubes-fwupd-sandbox",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("up", "status", "down", "publish"):
+        p = sub.add_parser(name)
+        p.add_argument("--dir", type=Path, default=os.environ.get("QUBES_FWUPD_SANDBOX"))
+        if name == "publish":
+            p.add_argument("cabs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    if args.dir is None:
+        parser.error("--dir is required (or set QUBES_FWUPD_SANDBOX)")
+    sandbox = Sandbox(Path(args.dir).resolve())
+    try:
+        if args.command == "up":
+            sandbox.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                up(sandbox)
+            except BaseException:
+                down(sandbox)  # a half-started sandbox leaves nothing running
+                raise
+        elif args.command == "status":
+            return status(sandbox)
+        elif args.command == "down":
+            down(sandbox)
+        elif args.command == "publish":
+            pki = create_pki(sandbox.pki_dir)
+            for path in lvfs.publish(sandbox.lvfs_dir, args.cabs, pki, base_url(sandbox)):
+                print(f"published {path}")
+    except (SandboxError, OSError, subprocess.CalledProcessError) as e:
+        print(f"qubes-fwupd-sandbox: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Driving a running sandbox from tests: as dom0's admin, or as a (hostile) qube."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from broker.config import Paths
+from broker.fwupd import FwupdClient
+from broker.sandbox.launcher import SANDBOX_ENV, Launcher, Sandbox
+
+WEBCAM_GUID = "b585990a-003e-5270-89d5-3705a17f9a43"
+
+
+def sandbox_prerequisites() -> str | None:
+    """Why the sandbox cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the sandbox runs fwupd daemons and needs root"
+    if not Path("/usr/libexec/fwupd/fwupd").exists():
+        return "Debian's fwupd is not installed"
+    if not Path("/usr/share/installed-tests/fwupd/fakedevice124.cab").exists():
+        return "fwupd-tests is not installed"
+    return None
+
+
+def short_tmpdir(prefix: str) -> Path:
+    # unix socket paths under it are limited to 107 bytes
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def sandbox_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker.sandbox.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def up(directory: Path) -> Sandbox:
+    r = sandbox_cli("up", "--dir", str(directory))
+    if r.returncode != 0:
+        pytest.fail(f"sandbox up failed:\n{r.stdout}\n{r.stderr}")
+    return Sandbox(directory)
+
+
+def manager(sandbox: Sandbox, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """qubes-fwupdmgr as the admin types it, acting as the sandbox's dom0."""
+    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", SANDBOX_ENV: str(sandbox.dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def call_from(
+    sandbox: Sandbox, qube: str, target: str, service: str, data: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    """A qrexec call made from inside `qube`, as its own (possibly compromised) code would."""
+    proc = Launcher(sandbox).popen(
+        qube,
+        [sys.executable, "-m", "broker.sandbox.qrexec_client", target, service],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = proc.communicate(data, timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def webcam_version(sandbox: Sandbox, qube: str) -> str:
+    devices = FwupdClient(sandbox.bus_address(qube)).get_devices()
+    versions = [d.version for d in devices if WEBCAM_GUID in d.guids]
+    assert len(versions) == 1, devices
+    return versions[0]
+
+
+def qube_paths(sandbox: Sandbox, qube: str) -> Paths:
+    return Paths(sandbox.root(qube))
+
+
+def tree_snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under a directory with its bytes: to prove nothing changed there."""
+    if not directory.exists():
+        return {}
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(directory))] = b"->" + os.readlink(p).encode()
+        elif p.is_file():
+            out[str(p.relative_to(directory))] = p.read_bytes()
+    return out
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live (non-zombie) processes whose command line or environment mentions text."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            blob = (
+                Path(f"/proc/{pid}/cmdline").read_bytes()
+                + Path(f"/proc/{pid}/environ").read_bytes()
+            )
+        except OSError:
+            continue
+        if text.encode() in blob:
+            found.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()!r}")
+    return found

@@ -78,10 +78,8 @@ def install_services(sandbox: Sandbox, qube: str) -> None:
 def up(sandbox: Sandbox) -> None:
     if len(str(sandbox.dir)) > MAX_DIR_CHARS:
         raise SandboxError(f"--dir must be at most {MAX_DIR_CHARS} characters (socket paths)")
-    table = ProcessTable(sandbox.pids_file)
-    if any(table.alive(e) for e in table.entries()):
-        raise SandboxError(f"a sandbox is already running in {sandbox.dir}; run down first")
     t0 = time.monotonic()
+    table = ProcessTable(sandbox.pids_file)
     sandbox.log_dir.mkdir(parents=True, exist_ok=True)
     pki = create_pki(sandbox.pki_dir)
     sandbox.policy_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             sandbox.dir.mkdir(parents=True, exist_ok=True)
+            table = ProcessTable(sandbox.pids_file)
+            if any(table.alive(e) for e in table.entries()):
+                raise SandboxError(f"a sandbox is already running in {sandbox.dir}; run down first")
             try:
                 up(sandbox)
             except BaseException:

@@ -1,0 +1,48 @@
+"""up / status / down on a sandbox of its own: down must leave no process behind."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.sandbox_helpers import (
+    processes_mentioning,
+    sandbox_cli,
+    sandbox_prerequisites,
+    short_tmpdir,
+    up,
+)
+
+pytestmark = pytest.mark.sandbox
+
+
+def test_up_status_down_leaves_nothing_running() -> None:
+    reason = sandbox_prerequisites()
+    if reason:
+        pytest.skip(reason)
+    directory = short_tmpdir("qfwl")
+    try:
+        up(directory)
+        r = sandbox_cli("status", "--dir", str(directory))
+        assert r.returncode == 0, r.stdout
+        for role in ("mirror", "dbus", "fwupd", "qrexecd"):
+            assert role in r.stdout
+        assert "DEAD" not in r.stdout
+        assert processes_mentioning(str(directory)), "up started nothing we can see"
+
+        # a second up on a running sandbox is refused and changes nothing
+        again = sandbox_cli("up", "--dir", str(directory))
+        assert again.returncode == 1
+        assert "already running" in again.stderr
+        still = sandbox_cli("status", "--dir", str(directory))
+        assert still.returncode == 0 and "DEAD" not in still.stdout, still.stdout
+
+        r = sandbox_cli("down", "--dir", str(directory))
+        assert r.returncode == 0, r.stderr
+        assert processes_mentioning(str(directory)) == []
+        assert not list(directory.glob("vm/*/run/qubes-fwupd/qrexec.sock"))
+        assert sandbox_cli("status", "--dir", str(directory)).returncode == 1
+    finally:
+        sandbox_cli("down", "--dir", str(directory))
+        shutil.rmtree(directory, ignore_errors=True)

@@ -9,9 +9,13 @@ export QUBES_FWUPD_SANDBOX=$DIR
 step() { printf '\n==> %s\n' "$*"; }
 cleanup() { qubes-fwupd-sandbox down --dir "$DIR" >/dev/null 2>&1 || true; }
 
-# a previous demo's sandbox is stopped and removed: the demo starts from nothing
+# a previous demo's sandbox is stopped and removed: the demo starts from nothing.
+# Only ever remove a directory that looks like a sandbox (DEMO_DIR is user input).
 cleanup
-rm -rf "$DIR"
+if [ -e "$DIR" ]; then
+  if [ -d "$DIR/vm" ] || [ -z "$(ls -A "$DIR")" ]; then rm -rf "$DIR"
+  else echo "demo: $DIR exists and is not a sandbox; choose another DEMO_DIR" >&2; exit 1; fi
+fi
 trap cleanup EXIT
 
 step "qubes-fwupd-sandbox up --dir $DIR"

@@ -1,0 +1,720 @@
+"""Checksums and signatures of a file against fwupd's trust store, as dom0 re-checks them.
+
+The bytes judged are always the caller's open file descriptor; a jcat item only supplies
+the blobs. Signatures are checked by ``openssl`` (PKCS#7) and ``gpg`` (via python-gnupg);
+this module only frames their input, bounds them, and decides from what they report.
+
+Two small parsers live here, and neither decides validity:
+
+* a DER walk over the CMS that openssl has re-encoded, to read the ``signingTime`` of the
+  *signed* attributes. ``openssl cms -print`` text cannot be trusted for that: it prints
+  attacker-chosen strings (unsigned attributes, attribute certificates) raw, newlines
+  included, so a forged "signingTime" line can be injected into it.
+* an OpenPGP armor and packet-header walk that lets only signature packets reach gpg, so a
+  600-byte "signature" cannot be a compressed packet that makes gpg check (and report on)
+  a thousand signatures.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fcntl
+import functools
+import hashlib
+import os
+import re
+import selectors
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import gnupg
+
+from broker.errors import VerificationError
+from broker.jcat import BlobKind, JcatItem
+
+_CHUNK = 1024 * 1024
+_TIMEOUT_S = 30.0
+_MAX_TOOL_OUTPUT = 1024 * 1024
+# LVFS blobs are ~2.3 KB (PKCS#7 with its signer certificate) and ~0.5 KB (GPG)
+_MAX_PKCS7_CHARS = 256 * 1024
+_MAX_GPG_CHARS = 64 * 1024
+_MAX_GPG_SIGNATURES = 8
+# each blob costs tool runs, and a 4 MiB jcat could carry thousands; LVFS sends one per kind
+_MAX_SIGNATURE_BLOBS = 8
+_MAX_TRUST_FILE_BYTES = 1024 * 1024
+# the tools must not pick up trust or config from the caller's environment
+# (SSL_CERT_DIR, SSL_CERT_FILE, OPENSSL_CONF, GNUPGHOME)
+_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+
+_CHECKSUM_KINDS = {BlobKind.SHA256: "sha256", BlobKind.SHA1: "sha1", BlobKind.SHA512: "sha512"}
+_SIGNATURE_KINDS = {BlobKind.PKCS7: "pkcs7", BlobKind.GPG: "gpg"}
+
+
+@dataclass(frozen=True)
+class TrustStore:
+    ca_files: tuple[Path, ...]
+    gpg_key_files: tuple[Path, ...]
+
+    @classmethod
+    def from_dirs(cls, dirs: Iterable[Path]) -> TrustStore:
+        """Every ``*.pem`` and ``GPG-KEY-*`` in ``dirs``, as fwupd reads them; a missing
+        directory contributes nothing."""
+        cas: list[Path] = []
+        keys: list[Path] = []
+        for d in dirs:
+            if not d.is_dir():
+                continue
+            cas.extend(p for p in sorted(d.glob("*.pem")) if p.is_file())
+            keys.extend(p for p in sorted(d.glob("GPG-KEY-*")) if p.is_file())
+        return cls(ca_files=tuple(cas), gpg_key_files=tuple(keys))
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    require_sha256: bool = True
+    accepted: frozenset[str] = frozenset({"pkcs7", "gpg"})
+
+
+@dataclass(frozen=True)
+class Signature:
+    kind: str
+    signer: str
+    signed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Verified:
+    sha256: str
+    size: int
+    signatures: tuple[Signature, ...]
+    unverifiable: tuple[str, ...]
+
+    @property
+    def signed_at(self) -> datetime | None:
+        times = [s.signed_at for s in self.signatures if s.signed_at is not None]
+        return max(times) if times else None
+
+
+# --- bounded subprocesses -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ran:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def _run(
+    argv: Sequence[str],
+    *,
+    pass_fds: Sequence[int] = (),
+    limit: int = _MAX_TOOL_OUTPUT,
+    timeout: float = _TIMEOUT_S,
+) -> _Ran:
+    """Run a tool with a deadline and a cap on what it may write (capture_output has neither)."""
+    tool = argv[0]
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=tuple(pass_fds),
+        env=_ENV,
+    ) as proc:
+        if proc.stdout is None or proc.stderr is None:
+            raise RuntimeError("Popen gave no pipes")
+        bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        with selectors.DefaultSelector() as sel:
+            for pipe_fd in bufs:
+                sel.register(pipe_fd, selectors.EVENT_READ)
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    proc.kill()
+                    raise VerificationError(f"{tool} did not finish within {timeout:.0f} s")
+                for key, _ in sel.select(left):
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        continue
+                    buf = bufs[key.fd]
+                    if len(buf) + len(chunk) > limit:
+                        proc.kill()
+                        raise VerificationError(f"{tool} wrote more than {limit} bytes")
+                    buf += chunk
+        try:
+            returncode = proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise VerificationError(f"{tool} did not finish within {timeout:.0f} s") from None
+        return _Ran(
+            returncode, bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()])
+        )
+
+
+# --- checksums ------------------------------------------------------------------------
+
+
+def _digests(fd: int, names: Iterable[str]) -> tuple[dict[str, str], int]:
+    # pread: the caller's offset is not ours to move, and a second reader cannot race us on it
+    hashes = {n: hashlib.new(n) for n in names}
+    offset = 0
+    while True:
+        chunk = os.pread(fd, _CHUNK, offset)
+        if not chunk:
+            break
+        for h in hashes.values():
+            h.update(chunk)
+        offset += len(chunk)
+    return {n: h.hexdigest() for n, h in hashes.items()}, offset
+
+
+def sha256_fd(fd: int) -> tuple[str, int]:
+    """Hex sha256 and size of the whole file behind ``fd``, whatever its offset."""
+    digests, size = _digests(fd, ("sha256",))
+    return digests["sha256"], size
+
+
+# --- PKCS#7 ---------------------------------------------------------------------------
+
+_CERT_BLOCK = re.compile(
+    rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----.*?"
+    rb"-----END (?:X509 |TRUSTED )?CERTIFICATE-----",
+    re.DOTALL,
+)
+
+
+@dataclass(frozen=True)
+class _CaStatus:
+    usable: bool
+    problem: str | None
+
+
+@functools.lru_cache(maxsize=64)
+def _ca_status_cached(path: str, _identity: tuple[int, ...]) -> _CaStatus:
+    # openssl 3.0 accepts a certificate whose key it cannot decode (ML-DSA) into a CA file
+    # without complaint and then simply never chains to it; ask about each key up front so
+    # that such a CA is reported as unverifiable instead of looking like "not this CA"
+    with open(path, "rb") as f:
+        data = f.read(_MAX_TRUST_FILE_BYTES + 1)
+    if len(data) > _MAX_TRUST_FILE_BYTES:
+        return _CaStatus(False, "larger than any CA file should be")
+    blocks = _CERT_BLOCK.findall(data)
+    if not blocks:
+        return _CaStatus(False, "holds no PEM certificate")
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="qfw-vca-") as tmp:
+        for i, block in enumerate(blocks):
+            cert = Path(tmp, f"{i}.pem")
+            cert.write_bytes(block + b"\n")
+            if _run(["openssl", "x509", "-in", str(cert), "-noout", "-pubkey"]).returncode:
+                bad += 1
+    if bad == len(blocks):
+        return _CaStatus(False, "this openssl cannot load it")
+    if bad:
+        return _CaStatus(True, f"this openssl cannot load {bad} of its {len(blocks)} certificates")
+    return _CaStatus(True, None)
+
+
+def _ca_status(path: Path) -> _CaStatus:
+    try:
+        st = path.stat()
+    except OSError as e:
+        return _CaStatus(False, f"cannot be read ({e.strerror})")
+    return _ca_status_cached(str(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def _ca_problems(trust: TrustStore) -> list[str]:
+    return [f"{p.name}: {s.problem}" for p in trust.ca_files if (s := _ca_status(p)).problem]
+
+
+_OID_SIGNED_DATA = bytes.fromhex("2a864886f70d010702")
+_OID_SIGNING_TIME = bytes.fromhex("2a864886f70d010905")
+# openssl 3.0 still verifies SHA-1 CMS signatures; the digest binds the file, so only SHA-2
+_STRONG_DIGESTS = {bytes.fromhex(f"60864801650304020{n}") for n in (1, 2, 3)}
+_UTC_TIME, _GENERALIZED_TIME = 0x17, 0x18
+_SEQUENCE, _SET, _OID, _CONTEXT_0 = 0x30, 0x31, 0x06, 0xA0
+
+
+class _DerError(Exception):
+    pass
+
+
+def _der_children(der: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(tag, content start, content end) of each element in der[start:end]; definite
+    lengths and one-byte tags only, which is all that the path to signingTime holds."""
+    out = []
+    pos = start
+    while pos < end:
+        if end - pos < 2:
+            raise _DerError("truncated element")
+        tag, first = der[pos], der[pos + 1]
+        pos += 2
+        if tag & 0x1F == 0x1F:
+            raise _DerError("multi-byte tag")
+        if first < 0x80:
+            length = first
+        else:
+            n = first & 0x7F
+            if n == 0 or n > 4 or end - pos < n:
+                raise _DerError("bad length")
+            length = int.from_bytes(der[pos : pos + n], "big")
+            pos += n
+        if length > end - pos:
+            raise _DerError("element overruns its parent")
+        out.append((tag, pos, pos + length))
+        pos += length
+    return out
+
+
+def _only(children: list[tuple[int, int, int]], tag: int) -> tuple[int, int]:
+    if len(children) != 1 or children[0][0] != tag:
+        raise _DerError(f"expected a single element of tag {tag:#x}")
+    return children[0][1], children[0][2]
+
+
+def _parse_time(tag: int, raw: bytes) -> datetime:
+    text = raw.decode("ascii", "replace")
+    if tag == _UTC_TIME and re.fullmatch(r"\d{12}Z", text):
+        yy = int(text[:2])
+        # RFC 5280: UTCTime years 50-99 are 19xx
+        text = ("19" if yy >= 50 else "20") + text
+    elif not (tag == _GENERALIZED_TIME and re.fullmatch(r"\d{14}Z", text)):
+        raise _DerError("signingTime is neither UTCTime nor GeneralizedTime in UTC")
+    try:
+        return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError as e:
+        raise _DerError("signingTime is not a date") from e
+
+
+def _signer_infos(der: bytes) -> tuple[list[datetime], set[bytes]]:
+    """The signingTime of each SignerInfo's *signed* attributes (RFC 5652 5.3), and the
+    digest algorithms the signers used."""
+    content_info = _der_children(der, *_only(_der_children(der, 0, len(der)), _SEQUENCE))
+    if (
+        len(content_info) != 2
+        or content_info[0][0] != _OID
+        or der[content_info[0][1] : content_info[0][2]] != _OID_SIGNED_DATA
+        or content_info[1][0] != _CONTEXT_0
+    ):
+        raise _DerError("not a CMS SignedData")
+    signed_data = _der_children(der, *_only(_der_children(der, *content_info[1][1:]), _SEQUENCE))
+    if not signed_data or signed_data[-1][0] != _SET:
+        raise _DerError("SignedData does not end with its SignerInfos")
+    times: list[datetime] = []
+    digests: set[bytes] = set()
+    for tag, start, end in _der_children(der, *signed_data[-1][1:]):
+        if tag != _SEQUENCE:
+            raise _DerError("SignerInfo is not a SEQUENCE")
+        # version, sid, digestAlgorithm, then [0] signedAttrs when present; a sid by key
+        # identifier is [0] too, but primitive (0x80), so 0xA0 here is always signedAttrs
+        fields = _der_children(der, start, end)
+        if len(fields) < 3 or fields[2][0] != _SEQUENCE:
+            raise _DerError("SignerInfo lacks its digestAlgorithm")
+        algorithm = _der_children(der, *fields[2][1:])
+        if not algorithm or algorithm[0][0] != _OID:
+            raise _DerError("malformed digestAlgorithm")
+        digests.add(der[algorithm[0][1] : algorithm[0][2]])
+        if len(fields) < 4 or fields[3][0] != _CONTEXT_0:
+            continue
+        found = []
+        for attr_tag, a_start, a_end in _der_children(der, *fields[3][1:]):
+            attr = _der_children(der, a_start, a_end)
+            if attr_tag != _SEQUENCE or len(attr) != 2 or attr[0][0] != _OID:
+                raise _DerError("malformed signed attribute")
+            if der[attr[0][1] : attr[0][2]] == _OID_SIGNING_TIME:
+                if attr[1][0] != _SET:
+                    raise _DerError("signingTime has no value set")
+                values = _der_children(der, attr[1][1], attr[1][2])
+                if len(values) != 1:
+                    raise _DerError("signingTime does not hold exactly one value")
+                v_tag, v_start, v_end = values[0]
+                found.append(_parse_time(v_tag, der[v_start:v_end]))
+        if len(found) > 1:
+            raise _DerError("a signer has more than one signingTime")
+        times.extend(found)
+    return times, digests
+
+
+def _signer_cn(signer_pem: Path) -> str | None:
+    ran = _run(
+        ["openssl", "x509", "-in", str(signer_pem), "-noout", "-subject", "-nameopt", "multiline"]
+    )
+    if ran.returncode:
+        return None
+    # multiline escapes control characters and non-ASCII, so one line is one field
+    for line in ran.stdout.decode("ascii", "replace").splitlines():
+        field, sep, value = line.partition("=")
+        if sep and field.strip() == "commonName":
+            return value.strip() or None
+    return None
+
+
+def verify_pkcs7(fd: int, pem: str, trust: TrustStore) -> Signature:
+    """A detached PKCS#7 over the file behind ``fd`` that chains to one CA file of ``trust``.
+
+    Each CA file is tried alone, so the one that anchored the signature is known."""
+    if len(pem) > _MAX_PKCS7_CHARS:
+        raise VerificationError(f"signature is larger than {_MAX_PKCS7_CHARS} characters")
+    statuses = [(p, _ca_status(p)) for p in trust.ca_files]
+    cas = [p for p, s in statuses if s.usable]
+    skipped = [f"{p.name}: {s.problem}" for p, s in statuses if not s.usable]
+    if not cas:
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise VerificationError(f"no CA in the trust store that this openssl can load{why}")
+    os.lseek(fd, 0, os.SEEK_SET)
+    # fds 0-2 of the child are its stdio; lift the content fd above them
+    child_fd = fd if fd >= 3 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qfw-vp7-") as tmp:
+            sig_pem, sig_der, signer_pem = (
+                Path(tmp, n) for n in ("sig.pem", "sig.der", "signer.pem")
+            )
+            sig_pem.write_text(pem, encoding="utf-8", errors="replace")
+            # verify what is walked: openssl's own DER re-encoding of what it parsed
+            ran = _run(
+                ["openssl", "cms", "-cmsout", "-inform", "PEM", "-in", str(sig_pem),
+                 "-outform", "DER", "-out", str(sig_der)]
+            )  # fmt: skip
+            if ran.returncode:
+                raise VerificationError("not a PKCS#7 signature openssl can read")
+            try:
+                times, digests = _signer_infos(sig_der.read_bytes())
+            except _DerError as e:
+                raise VerificationError(f"cannot read its signer information: {e}") from e
+            if not digests <= _STRONG_DIGESTS:
+                raise VerificationError("signed with a weak digest (not SHA-256/384/512)")
+            failure = "not signed by a trusted CA"
+            for ca in cas:
+                ran = _run(
+                    ["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", str(sig_der),
+                     "-content", f"/dev/fd/{child_fd}", "-CAfile", str(ca),
+                     # without these, openssl also trusts every CA in the system's TLS store
+                     "-no-CApath", "-no-CAstore",
+                     "-purpose", "any", "-signer", str(signer_pem), "-out", "/dev/null"],
+                    pass_fds=(child_fd,),
+                )  # fmt: skip
+                if ran.returncode == 0:
+                    cn = _signer_cn(signer_pem)
+                    signer = f"{ca.name} ({cn})" if cn else ca.name
+                    return Signature("pkcs7", signer, max(times) if times else None)
+                if b"certificate verify error" not in ran.stderr:
+                    # the chain to this CA held, so no other CA will make the content match
+                    failure = (
+                        "signature does not match the file"
+                        if b"content verify error" in ran.stderr
+                        else "signature is invalid"
+                    )
+                    break
+            if skipped and failure == "not signed by a trusted CA":
+                failure += f" (not checked against {'; '.join(skipped)})"
+            raise VerificationError(failure)
+    finally:
+        if child_fd != fd:
+            os.close(child_fd)
+
+
+# --- GPG ------------------------------------------------------------------------------
+
+_ARMOR = re.compile(
+    r"-----BEGIN PGP SIGNATURE-----\r?\n(.*?)-----END PGP SIGNATURE-----", re.DOTALL
+)
+_PGP_SIGNATURE_PACKET = 2
+
+
+def _dearmor_signature(armored: str) -> bytes:
+    """The binary packets of one armored PGP signature; gpg is given these, not the text,
+    so that it sees exactly what was checked here."""
+    blocks = _ARMOR.findall(armored)
+    if len(blocks) != 1:
+        raise VerificationError("not one armored PGP signature")
+    lines = [line.strip() for line in blocks[0].splitlines()]
+    if "" not in lines:
+        raise VerificationError("PGP armor lacks the blank line after its headers")
+    body = lines[lines.index("") + 1 :]
+    if body and body[-1].startswith("="):
+        body = body[:-1]  # the CRC-24 line: the signature itself is what authenticates
+    try:
+        data = base64.b64decode("".join(body), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise VerificationError("PGP armor is not valid base64") from e
+    _check_signature_packets(data)
+    return data
+
+
+def _check_signature_packets(data: bytes) -> None:
+    """Only signature packets, few of them (RFC 4880 4.2 framing)."""
+    pos = count = 0
+    while pos < len(data):
+        header = data[pos]
+        if not header & 0x80:
+            raise VerificationError("not an OpenPGP packet")
+        if header & 0x40:
+            tag = header & 0x3F
+            if pos + 1 >= len(data):
+                raise VerificationError("truncated OpenPGP packet")
+            first = data[pos + 1]
+            if first < 192:
+                length, pos = first, pos + 2
+            elif first < 224:
+                if pos + 2 >= len(data):
+                    raise VerificationError("truncated OpenPGP packet")
+                length, pos = ((first - 192) << 8) + data[pos + 2] + 192, pos + 3
+            elif first == 255:
+                if pos + 6 > len(data):
+                    raise VerificationError("truncated OpenPGP packet")
+                length, pos = int.from_bytes(data[pos + 2 : pos + 6], "big"), pos + 6
+            else:
+                raise VerificationError("OpenPGP partial body length in a signature")
+        else:
+            tag, length_type = (header >> 2) & 0x0F, header & 0x03
+            if length_type == 3:
+                raise VerificationError("OpenPGP packet of indeterminate length")
+            n = 1 << length_type
+            if pos + 1 + n > len(data):
+                raise VerificationError("truncated OpenPGP packet")
+            length, pos = int.from_bytes(data[pos + 1 : pos + 1 + n], "big"), pos + 1 + n
+        if tag != _PGP_SIGNATURE_PACKET:
+            raise VerificationError(f"holds an OpenPGP packet of type {tag}, not a signature")
+        if pos + length > len(data):
+            raise VerificationError("truncated OpenPGP packet")
+        pos += length
+        count += 1
+    if not count:
+        raise VerificationError("empty PGP signature")
+    if count > _MAX_GPG_SIGNATURES:
+        raise VerificationError(f"more than {_MAX_GPG_SIGNATURES} PGP signatures")
+
+
+class _BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg ships no type hints
+    """python-gnupg with a deadline on every gpg it starts; it has none of its own."""
+
+    def __init__(self, home: str) -> None:
+        self._timers: list[threading.Timer] = []
+        self.timed_out = False
+        super().__init__(
+            gnupghome=home,
+            # --no-autostart: verifying and importing public keys needs no agent or
+            # dirmngr; --log-file: stderr then carries nothing but status lines
+            options=["--no-autostart", "--no-auto-key-retrieve", "--log-file", "/dev/null"],
+            env=dict(_ENV),
+        )
+
+    def _open_subprocess(self, args: list[str], passphrase: bool = False) -> Any:
+        proc = super()._open_subprocess(args, passphrase)
+        timer = threading.Timer(_TIMEOUT_S, self._expire, (proc,))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+        return proc
+
+    def _expire(self, proc: subprocess.Popen[bytes]) -> None:
+        self.timed_out = True
+        proc.kill()
+
+    def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+
+
+def _stop_gpg_agent(home: str) -> None:
+    # --no-autostart should mean none ever ran; this is the belt to those braces
+    with contextlib.suppress(VerificationError):
+        _run(["gpgconf", "--homedir", home, "--kill", "all"], timeout=10)
+
+
+_GPG_REFUSALS = {
+    "BADSIG": "signature does not match the file",
+    "EXPSIG": "signature has expired",
+    "EXPKEYSIG": "signing key has expired",
+    "REVKEYSIG": "signing key was revoked",
+    "NO_PUBKEY": "key not in the trust store",
+    "NODATA": "not a PGP signature",
+    "UNEXPECTED": "not a detached PGP signature",
+    "FAILURE": "gpg failed",
+    "ERROR": "gpg reported an error",
+}
+_GPG_ERRSIG_NO_KEY = "9"
+# signature class 00: a binary document; 01 (text) would let line endings change
+_GPG_BINARY_SIG_CLASS = "00"
+# OpenPGP hash algorithms 1-3: MD5, SHA-1, RIPEMD-160
+_GPG_WEAK_HASHES = {"1", "2", "3"}
+
+
+def _gpg_time(field: str) -> datetime:
+    if field.isdigit():
+        return datetime.fromtimestamp(int(field), UTC)
+    return datetime.strptime(field, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+
+
+def _gpg_decision(statuses: list[list[str]], returncode: int, trusted: set[str]) -> Signature:
+    for words in statuses:
+        if words[0] == "ERRSIG":
+            no_key = len(words) > 6 and words[6] == _GPG_ERRSIG_NO_KEY
+            raise VerificationError(
+                "key not in the trust store" if no_key else "gpg could not check it"
+            )
+        if words[0] in _GPG_REFUSALS:
+            raise VerificationError(_GPG_REFUSALS[words[0]])
+    count = {k: sum(1 for w in statuses if w[0] == k) for k in ("NEWSIG", "GOODSIG", "VALIDSIG")}
+    if returncode or not count["NEWSIG"] or len(set(count.values())) != 1:
+        raise VerificationError("gpg did not report a good signature")
+    signers, times = [], []
+    for words in statuses:
+        if words[0] != "VALIDSIG":
+            continue
+        if len(words) < 11:
+            raise VerificationError("gpg reported a signature without its primary key")
+        fingerprint, primary, sig_class = words[1].upper(), words[10].upper(), words[9]
+        if primary not in trusted and fingerprint not in trusted:
+            raise VerificationError("key not in the trust store")
+        if sig_class != _GPG_BINARY_SIG_CLASS:
+            raise VerificationError(f"signature class {sig_class} is not a binary signature")
+        if words[8] in _GPG_WEAK_HASHES:
+            raise VerificationError("signed with a weak hash (MD5, SHA-1 or RIPEMD-160)")
+        try:
+            times.append(_gpg_time(words[3]))
+        except (ValueError, OverflowError, OSError) as e:
+            raise VerificationError("gpg reported an unreadable signature time") from e
+        signers.append(primary)
+    return Signature("gpg", signers[0], max(times))
+
+
+def _import_keys(gpg: _BoundedGPG, trust: TrustStore) -> tuple[set[str], list[str]]:
+    trusted: set[str] = set()
+    problems: list[str] = []
+    for path in trust.gpg_key_files:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_MAX_TRUST_FILE_BYTES + 1)
+        except OSError as e:
+            problems.append(f"{path.name}: cannot be read ({e.strerror})")
+            continue
+        if len(data) > _MAX_TRUST_FILE_BYTES:
+            problems.append(f"{path.name}: larger than any key file should be")
+            continue
+        result = gpg.import_keys(data)
+        fingerprints = {str(fp).upper() for fp in (result.fingerprints or ()) if fp}
+        if not fingerprints:
+            problems.append(f"{path.name}: gpg could not import it")
+        trusted |= fingerprints
+    return trusted, problems
+
+
+def verify_gpg(fd: int, armored: str, trust: TrustStore) -> Signature:
+    """A detached GPG signature over the file behind ``fd`` by a key of ``trust``, checked
+    in a private keyring that holds only the trust store's keys."""
+    return _verify_gpg(fd, armored, trust, [])
+
+
+def _verify_gpg(fd: int, armored: str, trust: TrustStore, problems: list[str]) -> Signature:
+    if len(armored) > _MAX_GPG_CHARS:
+        raise VerificationError(f"signature is larger than {_MAX_GPG_CHARS} characters")
+    binary = _dearmor_signature(armored)
+    os.lseek(fd, 0, os.SEEK_SET)
+    with tempfile.TemporaryDirectory(prefix="qfw-vgpg-") as home:
+        gpg = _BoundedGPG(home)
+        try:
+            trusted, key_problems = _import_keys(gpg, trust)
+            problems.extend(key_problems)
+            if not trusted:
+                raise VerificationError("key not in the trust store (it holds no GPG key)")
+            sig_path = Path(home, "signature.sig")
+            sig_path.write_bytes(binary)
+            # gpg re-opens our descriptor through /proc: the inode we hold, never a name
+            # that someone could swap
+            result = gpg.verify_file(str(sig_path), data_filename=f"/proc/{os.getpid()}/fd/{fd}")
+            if gpg.timed_out:
+                raise VerificationError(f"gpg did not finish within {_TIMEOUT_S:.0f} s")
+        finally:
+            gpg.close()
+            _stop_gpg_agent(home)
+    statuses = [
+        words
+        for line in str(result.stderr or "").splitlines()
+        if line.startswith("[GNUPG:] ") and (words := line[9:].split())
+    ]
+    signature = _gpg_decision(statuses, int(result.returncode or 0), trusted)
+    if not result.valid:
+        raise VerificationError("gpg did not report a good signature")
+    return signature
+
+
+# --- the decision ---------------------------------------------------------------------
+
+
+def _file_state(fd: int) -> tuple[int, int, int, int]:
+    st = os.fstat(fd)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def verify_file(
+    fd: int,
+    item: JcatItem,
+    trust: TrustStore,
+    policy: TrustPolicy = TrustPolicy(),  # frozen, so one shared default is safe
+    name: str = "file",
+) -> Verified:
+    """Every checksum of ``item`` matches the file behind ``fd``, and at least one of its
+    accepted signatures verifies against ``trust``; else VerificationError, one line.
+    The descriptor's offset is 0 on return, whatever it was."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    before = _file_state(fd)
+    present = {_CHECKSUM_KINDS[BlobKind(b.kind)] for b in item.blobs if b.kind in _CHECKSUM_KINDS}
+    if policy.require_sha256 and "sha256" not in present:
+        raise VerificationError(f"{name}: no sha256 checksum")
+    digests, size = _digests(fd, sorted(present | {"sha256"}))
+    for blob in item.blobs:
+        if blob.kind in _CHECKSUM_KINDS:
+            algo = _CHECKSUM_KINDS[BlobKind(blob.kind)]
+            if blob.data.strip().lower() != digests[algo]:
+                raise VerificationError(f"{name}: {algo} checksum does not match the file")
+
+    sig_blobs = [b for b in item.blobs if b.kind in _SIGNATURE_KINDS]
+    if not sig_blobs:
+        raise VerificationError(f"{name}: no signature")
+    checked = [b for b in sig_blobs if _SIGNATURE_KINDS[BlobKind(b.kind)] in policy.accepted]
+    if not checked:
+        accepted = ", ".join(sorted(policy.accepted)) or "none"
+        raise VerificationError(f"{name}: no signature of an accepted kind ({accepted})")
+    if len(checked) > _MAX_SIGNATURE_BLOBS:
+        raise VerificationError(f"{name}: more than {_MAX_SIGNATURE_BLOBS} signatures")
+
+    signatures: list[Signature] = []
+    causes: list[str] = []
+    unverifiable: list[str] = []
+    for blob in checked:
+        kind = _SIGNATURE_KINDS[BlobKind(blob.kind)]
+        try:
+            if kind == "pkcs7":
+                signatures.append(verify_pkcs7(fd, blob.data, trust))
+            else:
+                signatures.append(_verify_gpg(fd, blob.data, trust, unverifiable))
+        except VerificationError as e:
+            causes.append(f"{kind}: {e}")
+        if kind == "pkcs7":
+            unverifiable += _ca_problems(trust)
+    os.lseek(fd, 0, os.SEEK_SET)
+    if _file_state(fd) != before:
+        raise VerificationError(f"{name}: changed while it was being verified")
+    if not signatures:
+        raise VerificationError(
+            f"{name}: no trusted signature ({'; '.join(dict.fromkeys(causes))})"
+        )
+    return Verified(
+        sha256=digests["sha256"],
+        size=size,
+        signatures=tuple(signatures),
+        unverifiable=tuple(dict.fromkeys(unverifiable)),
+    )

@@ -1,0 +1,216 @@
+"""broker.jcat: bounded framing of untrusted jcat bytes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.config import Limits
+from broker.errors import BrokerError, FormatError, LimitExceeded
+from broker.jcat import BlobKind, Jcat, JcatBlob, build_jcat, parse_jcat
+
+LIMITS = Limits()
+REAL_JCAT = Path("/usr/share/installed-tests/fwupd/fakedevice124.jcat")
+FAKEDEVICE124_SHA256 = "77f3e17bad9d510786133804fc1e050488f628257ce00c7e23938f7b31c4cac2"
+
+
+def _parse(data: bytes, max_bytes: int | None = None, max_json: int | None = None) -> Jcat:
+    return parse_jcat(
+        data,
+        LIMITS.jcat_max_bytes if max_bytes is None else max_bytes,
+        LIMITS.jcat_json_max_bytes if max_json is None else max_json,
+    )
+
+
+def _gz(doc: Any) -> bytes:
+    return gzip.compress(json.dumps(doc).encode(), mtime=0)
+
+
+def test_real_lvfs_jcat_with_its_trailer() -> None:
+    if not REAL_JCAT.exists():
+        pytest.skip(f"{REAL_JCAT} missing (Debian package fwupd-tests)")
+    data = REAL_JCAT.read_bytes()
+    assert data.endswith(b"IHATECDN")
+    with pytest.raises(gzip.BadGzipFile):
+        gzip.decompress(data)  # why parse_jcat does not simply gunzip
+
+    jcat = _parse(data)
+
+    assert [i.id for i in jcat.items] == ["fakedevice124.bin", "fakedevice124.metainfo.xml"]
+    item = jcat.item_for("fakedevice124.bin")
+    assert sorted(b.kind for b in item.blobs) == [
+        BlobKind.SHA256, BlobKind.GPG, BlobKind.PKCS7, BlobKind.SHA1,
+    ]  # fmt: skip
+    assert item.of_kind(BlobKind.SHA256)[0].data == FAKEDEVICE124_SHA256
+    assert item.of_kind(BlobKind.PKCS7)[0].data.startswith("-----BEGIN PKCS7-----")
+    assert all(b.timestamp == 1705829736 for b in item.of_kind(BlobKind.SHA256))
+
+
+def test_trailer_of_64_bytes_is_tolerated_and_65_refused() -> None:
+    data = build_jcat({"a": [(BlobKind.SHA256, "00")]})
+    assert _parse(data + b"x" * 64).items[0].id == "a"
+    with pytest.raises(FormatError, match="65 bytes after the gzip stream"):
+        _parse(data + b"x" * 65)
+
+
+@pytest.mark.parametrize("cut", [1, 8, 20])
+def test_truncated_gzip_is_refused(cut: int) -> None:
+    data = build_jcat({"a": [(BlobKind.SHA256, "0" * 64)]})
+    with pytest.raises(FormatError, match=r"truncated|not valid gzip"):
+        _parse(data[:-cut])
+
+
+def test_not_gzip_is_refused() -> None:
+    with pytest.raises(FormatError, match="not valid gzip"):
+        _parse(b'{"Items": []}')
+
+
+def test_gzip_bomb_hits_the_decompression_cap() -> None:
+    bomb = gzip.compress(b" " * (8 * 1024 * 1024) + b"{}", mtime=0)
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(LimitExceeded, match="decompresses to more than 4194304 bytes"):
+        _parse(bomb)
+    assert _parse(bomb, max_json=9 * 1024 * 1024).items == ()  # the cap, not the content
+
+
+def test_oversized_input_is_refused_before_decompressing() -> None:
+    with pytest.raises(LimitExceeded, match="more than 100"):
+        _parse(b"\x1f\x8b" + b"\0" * 200, max_bytes=100)
+
+
+def test_decompressed_size_at_the_cap_is_accepted() -> None:
+    raw = json.dumps({"Items": []}).encode()
+    data = gzip.compress(raw, mtime=0)
+    assert _parse(data, max_json=len(raw)).items == ()
+    with pytest.raises(LimitExceeded):
+        _parse(data, max_json=len(raw) - 1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "cause"),
+    [
+        (b"\xff\xfe not utf-8", "valid JSON"),
+        (b"{", "valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "valid JSON"),
+        (b'{"Items": [{"Id": "a", "Blobs": [{"Kind": 1' + b"0" * 5000 + b"}]}]}", "valid JSON"),
+        (b"[]", "object with an Items list"),
+        (b'{"Items": {}}', "object with an Items list"),
+        (b'{"JcatVersionMajor": 1, "Items": []}', "version 1"),
+        (b'{"Items": ["a"]}', "item is not an object"),
+        (b'{"Items": [{"Blobs": []}]}', "lacks an Id"),
+        (b'{"Items": [{"Id": 7, "Blobs": []}]}', "lacks an Id"),
+        (b'{"Items": [{"Id": "a", "Blobs": {}}]}', "Blobs list"),
+        (b'{"Items": [{"Id": "a", "Blobs": [1]}]}', "blob is not an object"),
+        (b'{"Items": [{"Id": "a", "Blobs": [{"Data": "x"}]}]}', "malformed Kind"),
+        (b'{"Items": [{"Id": "a", "Blobs": [{"Kind": true}]}]}', "malformed Kind"),
+        (b'{"Items": [{"Id": "a", "Blobs": [{"Kind": "1"}]}]}', "malformed Kind"),
+        (b'{"Items": [{"Id": "a", "Blobs": [{"Kind": 1.0}]}]}', "malformed Kind"),
+        (b'{"Items": [{"Id": "a", "Blobs": [{"Kind": 1, "Data": 5}]}]}', "Data"),
+        (b'{"Items": [{"Id": "a", "Blobs": [{"Kind": 1, "Timestamp": "now"}]}]}', "Timestamp"),
+    ],
+)
+def test_malformed_json_shapes_are_refused(raw: bytes, cause: str) -> None:
+    with pytest.raises(FormatError, match=cause):
+        _parse(gzip.compress(raw, mtime=0))
+
+
+def test_unknown_kinds_are_kept_to_be_ignored() -> None:
+    jcat = _parse(_gz({"Items": [{"Id": "a", "Blobs": [{"Kind": 99, "Data": "x"}]}]}))
+    assert jcat.items[0].blobs == (JcatBlob(kind=99, data="x", timestamp=0),)
+    assert jcat.items[0].of_kind(BlobKind.SHA256) == ()
+
+
+def test_build_jcat_round_trip() -> None:
+    items = {
+        "firmware.xml.zst": [(BlobKind.SHA256, "ab" * 32), (BlobKind.PKCS7, "pem\n")],
+        "other.bin": [(BlobKind.GPG, "armored")],
+    }
+    jcat = _parse(build_jcat(items))
+    assert {i.id: [(b.kind, b.data) for b in i.blobs] for i in jcat.items} == items
+    assert all(b.timestamp > 0 for i in jcat.items for b in i.blobs)
+    assert jcat.item_for("other.bin").blobs[0].kind == BlobKind.GPG
+
+
+def test_item_for_picks_by_name_or_the_only_item() -> None:
+    two = _parse(build_jcat({"a": [], "b": []}))
+    assert two.item_for("b").id == "b"
+    with pytest.raises(FormatError, match="2 items and none for c"):
+        two.item_for("c")
+    assert _parse(build_jcat({"renamed-by-mirror": []})).item_for("c").id == "renamed-by-mirror"
+
+
+# --- whatever the bytes, only BrokerError -----------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+_blob = st.dictionaries(
+    st.sampled_from(["Kind", "Data", "Timestamp", "Flags", "x"]), _json, max_size=5
+)
+_item = st.dictionaries(
+    st.sampled_from(["Id", "Blobs", "x"]),
+    st.one_of(_json, st.lists(_blob | _json, max_size=4)),
+    max_size=3,
+)
+_doc = st.one_of(
+    _json,
+    st.dictionaries(
+        st.sampled_from(["Items", "JcatVersionMajor", "JcatVersionMinor"]),
+        st.one_of(_json, st.lists(_item | _json, max_size=4)),
+        max_size=3,
+    ),
+)
+
+
+def _parses_or_refuses(data: bytes) -> None:
+    try:
+        result = _parse(data, max_bytes=64 * 1024, max_json=256 * 1024)
+    except BrokerError:
+        return
+    assert isinstance(result, Jcat)
+    for item in result.items:
+        assert isinstance(item.id, str)
+        for blob in item.blobs:
+            assert isinstance(blob.kind, int) and not isinstance(blob.kind, bool)
+            assert isinstance(blob.data, str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_only_raise_broker_errors(data: bytes) -> None:
+    _parses_or_refuses(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512), st.binary(max_size=80))
+def test_arbitrary_gzipped_bytes_only_raise_broker_errors(payload: bytes, tail: bytes) -> None:
+    _parses_or_refuses(gzip.compress(payload, mtime=0) + tail)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_doc)
+def test_arbitrary_json_documents_only_raise_broker_errors(doc: Any) -> None:
+    _parses_or_refuses(gzip.compress(json.dumps(doc).encode(), mtime=0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(max_size=30),
+        st.lists(st.tuples(st.sampled_from(list(BlobKind)), st.text(max_size=50)), max_size=4),
+        max_size=4,
+    )
+)
+def test_build_then_parse_is_identity(items: dict[str, list[tuple[BlobKind, str]]]) -> None:
+    jcat = _parse(build_jcat(items))
+    assert {i.id: [(b.kind, b.data) for b in i.blobs] for i in jcat.items} == items

@@ -85,7 +85,8 @@ def _pkcs7_verifies(pki: SandboxPki, sig: str, content: Path) -> bool:
         f.flush()
         result = subprocess.run(
             ["openssl", "cms", "-verify", "-binary", "-inform", "PEM", "-in", f.name,
-             "-content", str(content), "-CAfile", str(pki.ca_pem), "-purpose", "any",
+             "-content", str(content), "-CAfile", str(pki.ca_pem), "-no-CApath",
+             "-no-CAstore", "-purpose", "any",
              "-out", "/dev/null"],
             capture_output=True, check=False,
         )  # fmt: skip

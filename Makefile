@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # keep it short: unix socket paths under it are limited to 107 bytes
 DEMO_DIR ?= /tmp/qfwupd-demo
 
-.PHONY: all deps venv lint typecheck unit test demo bench clean
+.PHONY: all deps venv lint unit test demo clean
 
 all: test
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 venv: deps $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check broker tests qrexec bench
+	$(VENV)/bin/ruff check broker tests qrexec
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -32,9 +32,6 @@ test: lint
 
 demo: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH tools/demo.sh $(DEMO_DIR)
-
-bench: venv
-	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -12,12 +12,13 @@ import sys
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from broker.config import Config, Paths, Remote
 from broker.errors import BrokerError, NothingToDo, TransferError, VerificationError, exit_code_for
 from broker.fwupd import FwupdClient
-from broker.metadata import MetadataStore, Release, iter_catalogs, version_key
+from broker.metadata import MetadataStore, Release, iter_catalogs, staleness, version_key
 from broker.qrexec import Transport, call, check, transport_from_env
 from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
@@ -79,6 +80,12 @@ class App:
         usb = usbvm.get_devices() if usbvm else []
         return route(dom0, usb, self.config.usbvm)
 
+    def stale(self, remote_id: str) -> str | None:
+        store = MetadataStore(self.paths)
+        return staleness(
+            store.accepted(remote_id), self.config.metadata_max_age_days, datetime.now(UTC)
+        )
+
     def updates(self, devices: list[QubeDevice]) -> list[tuple[QubeDevice, list[Release]]]:
         catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
         out = []
@@ -121,6 +128,10 @@ def cmd_refresh(app: App, args: argparse.Namespace) -> int:
             ],
         )
         print(f"{remote.id}: {outcome.message}")
+        if reason := app.stale(remote.id):
+            print(
+                f"{remote.id}: warning: {reason}; unattended updates are blocked", file=sys.stderr
+            )
         any_new |= not outcome.nothing_new
         any_new |= _load_into_daemons(app, remote)
     return 0 if any_new else NothingToDo.exit_code
@@ -211,6 +222,13 @@ def cmd_update(app: App, args: argparse.Namespace) -> int:
     for qd, releases in found:
         release = releases[0]
         desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> {_p(release.version)}"
+        if reason := app.stale(release.remote_id):
+            if args.assume_yes:
+                raise VerificationError(
+                    f"{release.remote_id}: {reason}; refusing an unattended update "
+                    "(refresh first, or run without -y to decide)"
+                )
+            print(f"warning: {release.remote_id}: {reason}", file=sys.stderr)
         if not args.assume_yes:
             if not sys.stdin.isatty():
                 raise BrokerError("not a terminal: pass -y to update without asking")

@@ -33,7 +33,7 @@ from broker.config import Limits, Paths, Remote, check_url
 from broker.errors import ConfigError, FormatError, LimitExceeded, NothingToDo, RollbackError
 from broker.jcat import parse_jcat
 from broker.signatures import TrustPolicy, TrustStore, Verified, verify_file
-from broker.transfer import install_file
+from broker.transfer import install_file, is_file_name
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,8 @@ def _release_from(remote: Remote, comp: etree._Element, rel: etree._Element) -> 
         return None  # not installable through us: no location or no container checksum
     location = location.strip()
     filename = location.rsplit("/", 1)[-1]
+    if not is_file_name(filename):
+        raise FormatError(f"release {version}: location does not end in a plain file name")
     url = location
     if remote.firmware_base_uri:
         url = remote.firmware_base_uri.rstrip("/") + "/" + filename
@@ -217,6 +219,20 @@ def check_rollback(verified: Verified, previous: dict[str, str] | None) -> None:
 
 def is_stale(signed_at: datetime, max_age_days: int, now: datetime) -> bool:
     return now - signed_at > timedelta(days=max_age_days)
+
+
+def staleness(accepted: dict[str, str] | None, max_age_days: int, now: datetime) -> str | None:
+    """Why this remote's metadata is too old to act on unattended, or None.
+
+    An UpdateVM that withholds new metadata (a freeze attack) can only replay signed, older
+    files; their signing time is what gives it away."""
+    if accepted is None:
+        return None
+    signed_at = datetime.fromisoformat(accepted["signed_at"])
+    if not is_stale(signed_at, max_age_days, now):
+        return None
+    days = (now - signed_at).days
+    return f"metadata was signed {days} days ago, more than metadata_max_age_days={max_age_days}"
 
 
 class MetadataStore:

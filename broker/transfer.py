@@ -29,6 +29,11 @@ FRAME_VERSION = 1
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
+def is_file_name(name: str) -> bool:
+    """A plain file name: no path, no leading dot, no control or shell-special characters."""
+    return bool(_FILE_NAME.match(name))
+
+
 @dataclass(frozen=True)
 class FrameFile:
     name: str
@@ -121,7 +126,7 @@ def parse_header(line: bytes, max_files: int = 8) -> tuple[dict[str, Any], tuple
         if not isinstance(untrusted_f, dict):
             raise FormatError("header file entry is not an object")
         untrusted_name, untrusted_size = untrusted_f.get("name"), untrusted_f.get("size")
-        if not isinstance(untrusted_name, str) or not _FILE_NAME.match(untrusted_name):
+        if not isinstance(untrusted_name, str) or not is_file_name(untrusted_name):
             raise FormatError("header names a file with a path, control or invalid characters")
         if (
             not isinstance(untrusted_size, int)

@@ -27,7 +27,7 @@ from broker.qrexec import call, check, transport_from_env
 from broker.service import ServiceContext, run_service
 from broker.session import check_nonce
 from broker.signatures import TrustStore
-from broker.transfer import CHUNK, FRAME_VERSION, StreamReader, write_frame
+from broker.transfer import CHUNK, FRAME_VERSION, StreamReader, is_file_name, write_frame
 
 PUSH_SERVICE = "qubes.FwupdReceiveUpdates"
 _GRACE_SECONDS = 10.0  # before the minimum-rate rule applies (TLS set-up, slow start)
@@ -65,7 +65,7 @@ class DownloadRequest:
             doc = json.loads(line)
             files = tuple(
                 Wanted(
-                    name=str(f["name"]),
+                    name=_file_name(f["name"]),
                     url=check_url(str(f["url"]), "download URL"),
                     max_size=int(f["max_size"]),
                     sha256=f.get("sha256"),
@@ -76,6 +76,12 @@ class DownloadRequest:
             return cls(check_nonce(doc["nonce"]), str(doc["kind"]), str(doc["remote"]), files)
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError("malformed download request") from e
+
+
+def _file_name(value: object) -> str:
+    if not isinstance(value, str) or not is_file_name(value):
+        raise FormatError("download request names an invalid file")
+    return value
 
 
 def download(url: str, out_fd: int, max_size: int, limits: Limits) -> str:

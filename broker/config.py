@@ -31,6 +31,19 @@ class Limits:
     jcat_max_bytes: int = 1 * MiB
     jcat_json_max_bytes: int = 4 * MiB
     cab_max_bytes: int = 512 * MiB
+    # cab contents, all decided from the cab's tables before anything is inflated
+    # (broker.cabinet); LVFS cabs hold 3-10 members in one folder
+    cab_max_members: int = 64
+    cab_max_folders: int = 16
+    # CFDATA blocks inflate to at most 32 KiB each: twice what 512 MiB of full blocks needs
+    cab_max_data_blocks: int = 32768
+    cab_max_member_bytes: int = 256 * MiB
+    cab_max_uncompressed_bytes: int = 512 * MiB
+    # declared uncompressed bytes / cab size; cabs under 64 KiB are judged as 64 KiB, since
+    # a small firmware of 0xff padding deflates ~1000:1
+    cab_max_ratio: int = 200
+    # the metainfo is parsed in memory once its signature verified (LVFS: 2-20 KB)
+    cab_max_metainfo_bytes: int = 1 * MiB
     header_max_bytes: int = 64 * 1024  # JSON request/header lines between qubes
     reply_max_bytes: int = 4 * MiB  # sys-usb JSON replies
     transfer_seconds: float = 900.0  # whole download or transfer, not per read
@@ -108,20 +121,26 @@ _REMOTE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 def check_qube_name(name: str, what: str) -> str:
-    if not _QUBE_NAME.match(name) or name.endswith((".", "-")):
+    if not _QUBE_NAME.fullmatch(name) or name.endswith((".", "-")):
         raise ConfigError(f"{what}: {name!r} is not a valid qube name")
     return name
 
 
 def check_url(url: str, what: str) -> str:
     """A URL we may hand to the UpdateVM: http(s), a host, no credentials, no fragment."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    # ASCII printable only: no C0/C1 controls, no spaces, no look-alike characters (IDNs
+    # belong in punycode); checked before urlsplit sees it
+    if not url.isascii() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise ConfigError(f"{what}: URL contains spaces, control or non-ASCII characters")
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as e:
+        raise ConfigError(f"{what}: URL does not parse: {e}") from e
+    if parts.scheme not in ("https", "http") or not hostname:
         raise ConfigError(f"{what}: {url!r} is not an http(s) URL with a host")
     if parts.username or parts.password or parts.fragment:
         raise ConfigError(f"{what}: {url!r} must not carry credentials or a fragment")
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
-        raise ConfigError(f"{what}: URL contains spaces or control characters")
     return url
 
 
@@ -179,7 +198,7 @@ class Config:
             if not section.startswith("remote "):
                 continue
             rid = section.removeprefix("remote ").strip()
-            if not _REMOTE_ID.match(rid):
+            if not _REMOTE_ID.fullmatch(rid):
                 raise ConfigError(f"remote id {rid!r} is not valid")
             sec = parser[section]
             url = check_url(sec.get("metadata_url", ""), f"remote {rid} metadata_url")

@@ -20,6 +20,7 @@ import lzma
 import os
 import secrets
 import shutil
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -66,7 +67,10 @@ class Catalog:
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Order dotted versions numerically where they are numbers (1.2.10 > 1.2.9)."""
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.split("."))
+    # isdigit() is true for "²", which int() refuses: ASCII decimals only
+    return tuple(
+        (0, int(p)) if p.isascii() and p.isdecimal() else (1, p) for p in version.split(".")
+    )
 
 
 # --------------------------------------------------------------------------- decompression
@@ -86,7 +90,7 @@ class _CappedReader(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         try:
             data = self.inner.read(len(b))
-        except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as e:
             raise FormatError(f"metadata does not decompress: {e}") from e
         self.total += len(data)
         if self.total > self.cap:
@@ -138,10 +142,10 @@ def _release_from(remote: Remote, comp: etree._Element, rel: etree._Element) -> 
     sha256 = sha256.strip().lower()
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise FormatError(f"release {version}: malformed sha256")
-    try:
-        size_i = int(size)
-    except ValueError as e:
-        raise FormatError(f"release {version}: malformed download size") from e
+    size = size.strip()
+    if not (size.isascii() and size.isdecimal()):
+        raise FormatError(f"release {version}: malformed download size")
+    size_i = int(size)
     guids = tuple(_text(g) for g in comp.iterfind("provides/firmware[@type='flashed']") if _text(g))
     return Release(
         remote_id=remote.id,
@@ -235,6 +239,27 @@ def staleness(accepted: dict[str, str] | None, max_age_days: int, now: datetime)
     return f"metadata was signed {days} days ago, more than metadata_max_age_days={max_age_days}"
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 class MetadataStore:
     """The trusted metadata cache: per remote, a generation directory holding the data and
     its jcat, published by an atomic symlink swap (old or new, never half)."""
@@ -276,10 +301,8 @@ class MetadataStore:
             "sha256": verified.sha256,
             "accepted_at": datetime.now(UTC).isoformat(),
         }
-        tmp_state = self.paths.metadata_state_file.with_suffix(".tmp")
-        tmp_state.parent.mkdir(parents=True, exist_ok=True)
-        tmp_state.write_text(json.dumps(state, indent=1))
-        os.replace(tmp_state, self.paths.metadata_state_file)
+        _fsync_dir(base)
+        _replace_durably(self.paths.metadata_state_file, json.dumps(state, indent=1).encode())
         if old and old != gen.name:
             shutil.rmtree(base / old, ignore_errors=True)
         return link

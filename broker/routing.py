@@ -50,15 +50,17 @@ def route(
     """The merged view: each device once, tagged with the qube whose fwupd updates it."""
     if usbvm is None:
         return [QubeDevice(DOM0, d) for d in dom0_devices]
-    in_usbvm = {d.device_id for d in usbvm_devices}
+    # one decision per DeviceId, made on dom0's copy: sys-usb's copy is hostile input and
+    # must not be able to make a device appear twice or vanish by describing it otherwise
+    usb_in_dom0 = {d.device_id: is_usb(d) for d in dom0_devices}
     merged: list[QubeDevice] = []
+    in_usbvm = {d.device_id for d in usbvm_devices}
     for d in dom0_devices:
-        if d.device_id in in_usbvm and is_usb(d):
+        if d.device_id in in_usbvm and usb_in_dom0[d.device_id]:
             continue  # reported by both: a USB device belongs to the USB qube
         merged.append(QubeDevice(DOM0, d))
-    in_dom0 = {d.device_id for d in dom0_devices}
     for d in usbvm_devices:
-        if d.device_id in in_dom0 and not is_usb(d):
-            continue  # reported by both, not USB: dom0's
+        if d.device_id in usb_in_dom0 and not usb_in_dom0[d.device_id]:
+            continue  # reported by both, not USB by dom0's account: dom0's
         merged.append(QubeDevice(usbvm, d))
     return merged

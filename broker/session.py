@@ -60,7 +60,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def check_nonce(untrusted_nonce: object) -> str:
-    if not isinstance(untrusted_nonce, str) or not _NONCE.match(untrusted_nonce):
+    if not isinstance(untrusted_nonce, str) or not _NONCE.fullmatch(untrusted_nonce):
         raise TransferError("malformed session nonce")
     return untrusted_nonce
 

@@ -31,7 +31,7 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 def is_file_name(name: str) -> bool:
     """A plain file name: no path, no leading dot, no control or shell-special characters."""
-    return bool(_FILE_NAME.match(name))
+    return bool(_FILE_NAME.fullmatch(name))
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,8 @@ def parse_header(line: bytes, max_files: int = 8) -> tuple[dict[str, Any], tuple
         untrusted = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError("header is not valid JSON") from e
-    if not isinstance(untrusted, dict) or untrusted.get("version") != FRAME_VERSION:
+    version = untrusted.get("version") if isinstance(untrusted, dict) else None
+    if type(version) is not int or version != FRAME_VERSION:
         raise FormatError(f"header is not a version {FRAME_VERSION} object")
     untrusted_files = untrusted.get("files")
     if not isinstance(untrusted_files, list) or len(untrusted_files) > max_files:

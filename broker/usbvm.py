@@ -45,7 +45,7 @@ def _string(untrusted: object, field: str, limit: int) -> str:
 
 
 def _match(untrusted: object, pattern: re.Pattern[str], field: str) -> str:
-    if not isinstance(untrusted, str) or not pattern.match(untrusted):
+    if not isinstance(untrusted, str) or not pattern.fullmatch(untrusted):
         raise FormatError(f"sys-usb reply: malformed {field}")
     return untrusted
 

@@ -1,0 +1,232 @@
+"""broker.config: the configuration file, qube names and the URLs dom0 hands out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import Config, Limits, Paths, Remote, check_qube_name, check_url
+from broker.errors import ConfigError
+
+
+def _paths(tmp_path: Path, text: str | None) -> Paths:
+    paths = Paths(tmp_path)
+    if text is not None:
+        paths.config_dir.mkdir(parents=True)
+        paths.config_file.write_text(text, encoding="utf-8")
+    return paths
+
+
+def _load(tmp_path: Path, text: str) -> Config:
+    return Config.load(_paths(tmp_path, text))
+
+
+FULL = """
+[qubes-fwupd]
+updatevm = sys-whonix
+usbvm = sys-usb2
+metadata_max_age_days = 14
+
+[remote lvfs]
+metadata_url = https://cdn.fwupd.org/downloads/firmware.xml.zst
+
+[remote mirror.local]
+metadata_url = http://mirror.example:8080/lvfs/firmware.xml.xz
+firmware_base_uri = https://mirror.example/cabs/
+"""
+
+
+# --------------------------------------------------------------------------- load
+def test_no_file_means_defaults(tmp_path: Path) -> None:
+    config = Config.load(_paths(tmp_path, None))
+    assert config == Config()
+    assert config.updatevm == "sys-firewall"
+    assert config.usbvm == "sys-usb"
+    assert config.remotes == (Remote("lvfs", "https://cdn.fwupd.org/downloads/firmware.xml.zst"),)
+    assert config.limits == Limits()
+    assert config.metadata_max_age_days == 30
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert _load(tmp_path, "") == Config()
+
+
+def test_full_file(tmp_path: Path) -> None:
+    config = _load(tmp_path, FULL)
+    assert config.updatevm == "sys-whonix"
+    assert config.usbvm == "sys-usb2"
+    assert config.metadata_max_age_days == 14
+    assert config.remotes == (
+        Remote("lvfs", "https://cdn.fwupd.org/downloads/firmware.xml.zst"),
+        Remote(
+            "mirror.local",
+            "http://mirror.example:8080/lvfs/firmware.xml.xz",
+            "https://mirror.example/cabs/",
+        ),
+    )
+    mirror = config.remote("mirror.local")
+    assert mirror.metadata_name == "firmware.xml.xz"
+    assert mirror.jcat_name == "firmware.xml.xz.jcat"
+    with pytest.raises(ConfigError, match="no remote 'nope' configured"):
+        config.remote("nope")
+
+
+def test_other_sections_are_ignored(tmp_path: Path) -> None:
+    config = _load(tmp_path, "[something else]\nupdatevm = 1bad\n")
+    assert config == Config()
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_empty_usbvm_means_none(tmp_path: Path, value: str) -> None:
+    config = _load(tmp_path, f"[qubes-fwupd]\nusbvm ={value}\n")
+    assert config.usbvm is None
+    assert config.updatevm == "sys-firewall"
+
+
+@pytest.mark.parametrize("key", ["updatevm", "usbvm"])
+@pytest.mark.parametrize(
+    "name",
+    ["1bad", "-bad", "bad-", "bad.", "a" * 32, "sys/usb", "sys usb", "dom0;reboot", "s\u00fcs"],
+)
+def test_invalid_qube_names_are_refused(tmp_path: Path, key: str, name: str) -> None:
+    with pytest.raises(ConfigError, match=f"{key}: .* is not a valid qube name"):
+        _load(tmp_path, f"[qubes-fwupd]\n{key} = {name}\n")
+
+
+@pytest.mark.parametrize("name", ["sys-usb", "a", "a" * 31, "Work_VM.2", "disp1234"])
+def test_valid_qube_names(name: str) -> None:
+    assert check_qube_name(name, "x") == name
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://x/firmware.xml.zst",
+        "https://user:pw@host/x",
+        "https://user@host/x",
+        "https://host/x#frag",
+        "https://host/x y",
+        "https://host/x\ty",
+        "https://host/x\x7f",
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+        "https:///no-host",
+        "//host/x",
+        "host/x",
+        "",
+    ],
+)
+def test_bad_metadata_urls_are_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError, match="remote lvfs metadata_url"):
+        _load(tmp_path, f"[remote lvfs]\nmetadata_url = {url}\n")
+
+
+def test_missing_metadata_url_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="remote lvfs metadata_url"):
+        _load(tmp_path, "[remote lvfs]\nfirmware_base_uri = https://m/\n")
+
+
+def test_bad_firmware_base_uri_is_refused(tmp_path: Path) -> None:
+    text = "[remote lvfs]\nmetadata_url = https://h/f.xml.zst\nfirmware_base_uri = file:///tmp\n"
+    with pytest.raises(ConfigError, match="remote lvfs firmware_base_uri"):
+        _load(tmp_path, text)
+
+
+@pytest.mark.parametrize("rid", ["LVFS", "../x", "-x", "x/y", "a" * 65, "l v", ""])
+def test_invalid_remote_ids_are_refused(tmp_path: Path, rid: str) -> None:
+    with pytest.raises(ConfigError, match=r"remote id .* is not valid"):
+        _load(tmp_path, f"[remote {rid}]\nmetadata_url = https://h/f.xml.zst\n")
+
+
+@pytest.mark.parametrize("value", ["ten", "1.5", ""])
+def test_invalid_max_age_is_refused(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="metadata_max_age_days must be a whole number"):
+        _load(tmp_path, f"[qubes-fwupd]\nmetadata_max_age_days = {value}\n")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "updatevm = x\n",  # no section header
+        "[qubes-fwupd]\n[qubes-fwupd]\n",  # duplicate section
+        "[qubes-fwupd]\nupdatevm = a\nupdatevm = b\n",  # duplicate option
+    ],
+)
+def test_unparsable_file_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match=r"qubes-fwupd\.conf"):
+        _load(tmp_path, text)
+
+
+def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
+    paths = _paths(tmp_path, None)
+    paths.config_dir.mkdir(parents=True)
+    paths.config_file.write_bytes(b"[qubes-fwupd]\nupdatevm = \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"qubes-fwupd\.conf"):
+        Config.load(paths)
+
+
+# --------------------------------------------------------------------------- check_url
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://cdn.fwupd.org/downloads/firmware.xml.zst",
+        "http://127.0.0.1:8080/firmware.xml.gz",
+        "https://[::1]/x",
+        "https://host/path?query=1",
+    ],
+)
+def test_check_url_accepts(url: str) -> None:
+    assert check_url(url, "what") == url
+
+
+def test_check_url_names_what_and_why() -> None:
+    with pytest.raises(ConfigError, match=r"release 1\.0 location: .* not an http"):
+        check_url("ftp://x/y", "release 1.0 location")
+    with pytest.raises(ConfigError, match=r"thing: .* credentials or a fragment"):
+        check_url("https://u:p@h/x", "thing")
+    with pytest.raises(ConfigError, match="thing: URL contains spaces, control or non-ASCII"):
+        check_url("https://h/a b", "thing")
+
+
+def test_check_url_refuses_a_broken_ipv6_host(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="remote lvfs metadata_url"):
+        _load(tmp_path, "[remote lvfs]\nmetadata_url = https://[::1/firmware.xml.zst\n")
+
+
+@pytest.mark.parametrize("url", ["https://h/a\x9b2Jb", "https://h/a\x85b"])
+def test_check_url_refuses_c1_controls(url: str) -> None:
+    with pytest.raises(ConfigError, match="control or non-ASCII characters"):
+        check_url(url, "thing")
+
+
+# --------------------------------------------------------------------------- Remote
+def test_remote_names() -> None:
+    r = Remote("lvfs", "https://cdn.fwupd.org/downloads/firmware.xml.zst/")
+    assert r.metadata_name == "firmware.xml.zst"
+    assert r.jcat_name == "firmware.xml.zst.jcat"
+    assert r.firmware_base_uri is None
+
+
+def test_paths_are_rooted(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    for p in (
+        paths.config_file,
+        paths.sessions_dir,
+        paths.metadata_state_file,
+        paths.metadata_dir,
+        paths.cabs_dir,
+        paths.untrusted_dir,
+        paths.log_file,
+        *paths.pki_dirs,
+    ):
+        assert p.is_relative_to(tmp_path)
+    # the untrusted dir shares the cache's filesystem (atomic rename into the cache)
+    assert paths.untrusted_dir.parent == paths.metadata_dir.parent == paths.cabs_dir.parent
+
+
+def test_paths_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("QUBES_FWUPD_ROOT", str(tmp_path))
+    assert Paths.from_env().root == tmp_path
+    monkeypatch.delenv("QUBES_FWUPD_ROOT")
+    assert Paths.from_env().root == Path("/")

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from broker.errors import ConfigError
+from broker.signatures import TrustPolicy
 
 MiB = 1024 * 1024
 
@@ -117,6 +118,7 @@ class Paths:
 
 
 _QUBE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
+_SIGNATURE_KINDS = frozenset({"pkcs7", "gpg"})
 _REMOTE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
@@ -172,6 +174,9 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     # metadata signed longer ago than this is "stale": flagged, blocks unattended installs
     metadata_max_age_days: int = 30
+    # which signature kinds count; a file needs a matching sha256 and one trusted signature
+    # of these kinds (a signature this machine cannot check never counts)
+    trust: TrustPolicy = field(default_factory=TrustPolicy)
 
     def remote(self, remote_id: str) -> Remote:
         for r in self.remotes:
@@ -210,9 +215,15 @@ class Config:
             max_age = int(main.get("metadata_max_age_days", "30"))
         except ValueError as e:
             raise ConfigError("metadata_max_age_days must be a whole number") from e
+        kinds = frozenset(main.get("signature_kinds", "pkcs7 gpg").replace(",", " ").split())
+        if not kinds or not kinds <= _SIGNATURE_KINDS:
+            raise ConfigError(
+                f"signature_kinds must name one or more of {', '.join(sorted(_SIGNATURE_KINDS))}"
+            )
         return cls(
             updatevm=updatevm,
             usbvm=usbvm,
             remotes=tuple(remotes) or cls.remotes,
             metadata_max_age_days=max_age,
+            trust=TrustPolicy(accepted=kinds),
         )

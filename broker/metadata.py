@@ -199,11 +199,16 @@ def parse_catalog(stream: IO[bytes], remote: Remote) -> Catalog:
 
 # --------------------------------------------------------------------------- acceptance
 def verify_metadata(
-    data_fd: int, jcat_bytes: bytes, remote: Remote, trust: TrustStore, limits: Limits
+    data_fd: int,
+    jcat_bytes: bytes,
+    remote: Remote,
+    trust: TrustStore,
+    limits: Limits,
+    policy: TrustPolicy,
 ) -> Verified:
     jcat = parse_jcat(jcat_bytes, limits.jcat_max_bytes, limits.jcat_json_max_bytes)
     item = jcat.item_for(remote.metadata_name)
-    return verify_file(data_fd, item, trust, TrustPolicy(), name=remote.metadata_name)
+    return verify_file(data_fd, item, trust, policy, name=remote.metadata_name)
 
 
 def check_rollback(verified: Verified, previous: dict[str, str] | None) -> None:

@@ -95,7 +95,7 @@ def _receive_for(
             os.lseek(jcat_fd, 0, os.SEEK_SET)
             jcat_bytes = os.read(jcat_fd, limits.jcat_max_bytes + 1)
             trust = TrustStore.from_dirs(paths.pki_dirs)
-            verified = verify_metadata(data_fd, jcat_bytes, remote, trust, limits)
+            verified = verify_metadata(data_fd, jcat_bytes, remote, trust, limits, ctx.config.trust)
             store = MetadataStore(paths)
             check_rollback(verified, store.accepted(remote.id))
             # verified: now, and only now, the decompressor and libxml2 may see it

@@ -152,7 +152,7 @@ def _first_check_metadata(
     os.lseek(jcat_fd, 0, os.SEEK_SET)
     jcat_bytes = os.read(jcat_fd, ctx.config.limits.jcat_max_bytes + 1)
     trust = TrustStore.from_dirs(ctx.paths.pki_dirs)
-    verify_metadata(fds[data_name], jcat_bytes, remote, trust, ctx.config.limits)
+    verify_metadata(fds[data_name], jcat_bytes, remote, trust, ctx.config.limits, ctx.config.trust)
 
 
 def main() -> int:

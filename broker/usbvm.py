@@ -169,7 +169,9 @@ def agent(ctx: ServiceContext) -> int:
             os.lseek(jcat_fd, 0, os.SEEK_SET)
             jcat_bytes = os.read(jcat_fd, limits.jcat_max_bytes + 1)
             trust = TrustStore.from_dirs(ctx.paths.pki_dirs)
-            verify_metadata(untrusted.fds[data.name], jcat_bytes, remote, trust, limits)
+            verify_metadata(
+                untrusted.fds[data.name], jcat_bytes, remote, trust, limits, ctx.config.trust
+            )
             loaded = client.update_metadata(remote_id, untrusted.fds[data.name], jcat_fd)
             _reply(ctx, {"status": "loaded" if loaded else "nothing-to-do"})
             return 0

@@ -230,3 +230,20 @@ def test_paths_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert Paths.from_env().root == tmp_path
     monkeypatch.delenv("QUBES_FWUPD_ROOT")
     assert Paths.from_env().root == Path("/")
+
+
+def test_signature_kinds_default_to_pkcs7_and_gpg(tmp_path: Path) -> None:
+    config = _load(tmp_path, "[qubes-fwupd]\nupdatevm = sys-whonix\n")
+    assert config.trust.accepted == frozenset({"pkcs7", "gpg"})
+    assert config.trust.require_sha256
+
+
+def test_signature_kinds_can_be_narrowed(tmp_path: Path) -> None:
+    config = _load(tmp_path, "[qubes-fwupd]\nsignature_kinds = pkcs7\n")
+    assert config.trust.accepted == frozenset({"pkcs7"})
+
+
+@pytest.mark.parametrize("value", ["", "sha1", "pkcs7 md5", "none"])
+def test_signature_kinds_refuses_unknown_kinds(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="signature_kinds must name"):
+        _load(tmp_path, f"[qubes-fwupd]\nsignature_kinds = {value}\n")

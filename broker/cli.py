@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from broker.cabinet import ExpectedRelease
 from broker.config import Config, Paths, Remote
 from broker.errors import BrokerError, NothingToDo, TransferError, VerificationError, exit_code_for
 from broker.fwupd import FwupdClient
@@ -47,11 +48,17 @@ class App:
         return UsbvmClient(self.transport, self.config.usbvm, self.limits)
 
     # ------------------------------------------------------------------ UpdateVM round trip
-    def fetch(self, kind: str, remote_id: str, wanted: list[Wanted]) -> Outcome:
+    def fetch(
+        self,
+        kind: str,
+        remote_id: str,
+        wanted: list[Wanted],
+        release: ExpectedRelease | None = None,
+    ) -> Outcome:
         """Ask the UpdateVM for files; return dom0's own verdict on what it pushed."""
         sessions = Sessions(self.paths.sessions_dir)
         expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
-        session = sessions.open(kind, remote_id, expected, self.limits.session_seconds)
+        session = sessions.open(kind, remote_id, expected, self.limits.session_seconds, release)
         try:
             request = DownloadRequest(session.nonce, kind, remote_id, tuple(wanted)).to_json()
             updatevm = self.config.updatevm
@@ -240,11 +247,18 @@ def cmd_update(app: App, args: argparse.Namespace) -> int:
             "cab",
             release.remote_id,
             [Wanted(release.filename, release.url, release.size, release.sha256, release.size)],
+            expected_release(release),
         )
         _install(app, qd, release)
         after = _version_now(app, qd)
         print(f"Updated {desc}: now {_p(after)}")
     return 0
+
+
+def expected_release(release: Release) -> ExpectedRelease:
+    return ExpectedRelease(
+        release.component_id, release.version, tuple(g.lower() for g in release.guids)
+    )
 
 
 def _install(app: App, qd: QubeDevice, release: Release) -> None:
@@ -260,7 +274,7 @@ def _install(app: App, qd: QubeDevice, release: Release) -> None:
         else:
             usbvm = app.usbvm()
             assert usbvm is not None  # noqa: S101  routing only names the usbvm when configured
-            usbvm.install(qd.device.device_id, fd, release.filename, release.sha256)
+            usbvm.install(qd.device.device_id, fd, release, expected_release(release))
     finally:
         os.close(fd)
 

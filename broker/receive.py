@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from broker.cabinet import inspect_cab
 from broker.errors import LimitExceeded, NothingToDo, TransferError, VerificationError
 from broker.metadata import (
     MetadataStore,
@@ -123,9 +124,26 @@ def _receive_for(
                 raise VerificationError(
                     f"{expected.name}: sha256 does not match dom0's verified metadata"
                 )
+            if session.release is None:
+                raise TransferError("cab session without an expected release")
+            # the sha256 binds these bytes to verified metadata: only now may they be parsed
+            cab_fd = untrusted.fds[expected.name]
+            info = inspect_cab(
+                cab_fd,
+                session.release,
+                TrustStore.from_dirs(paths.pki_dirs),
+                limits,
+                paths.untrusted_dir,
+                ctx.config.trust,
+            )
             dest = paths.cabs_dir / f"{expected.sha256}.cab"
-            install_file(untrusted.fds[expected.name], untrusted.paths[expected.name], dest)
-            return Outcome(True, f"{expected.name} accepted (sha256 verified)", (str(dest),))
+            install_file(cab_fd, untrusted.paths[expected.name], dest)
+            return Outcome(
+                True,
+                f"{expected.name} accepted: sha256 verified, {info.component_id} "
+                f"{info.version}, payload {', '.join(info.payloads)} signed",
+                (str(dest),),
+            )
     raise TransferError(f"unknown session kind {session.kind!r}")
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from broker.cabinet import ExpectedRelease
 from broker.errors import FormatError, TransferError
 
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
@@ -36,6 +37,8 @@ class Session:
     remote_id: str
     files: tuple[ExpectedFile, ...]
     expires: float
+    # for cabs: what the cab's own metainfo must say, from dom0's verified metadata
+    release: ExpectedRelease | None = None
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,15 @@ class Sessions:
         self.dir = directory
 
     def open(
-        self, kind: str, remote_id: str, files: tuple[ExpectedFile, ...], ttl: float
+        self,
+        kind: str,
+        remote_id: str,
+        files: tuple[ExpectedFile, ...],
+        ttl: float,
+        release: ExpectedRelease | None = None,
     ) -> Session:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        session = Session(secrets.token_hex(16), kind, remote_id, files, time.time() + ttl)
+        session = Session(secrets.token_hex(16), kind, remote_id, files, time.time() + ttl, release)
         doc = asdict(session)
         _write_atomic(self.dir / f"{session.nonce}.pending", json.dumps(doc).encode())
         return session
@@ -93,6 +101,15 @@ class Sessions:
             remote_id=doc["remote_id"],
             files=tuple(ExpectedFile(**f) for f in doc["files"]),
             expires=doc["expires"],
+            release=(
+                ExpectedRelease(
+                    doc["release"]["component_id"],
+                    doc["release"]["version"],
+                    tuple(doc["release"]["guids"]),
+                )
+                if doc.get("release")
+                else None
+            ),
         )
         if time.time() > session.expires:
             raise TransferError("dom0 session expired")

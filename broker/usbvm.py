@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from broker.cabinet import ExpectedRelease, inspect_cab
 from broker.config import Limits, Remote
 from broker.errors import FormatError, LimitExceeded, TransferError, VerificationError
 from broker.fwupd import Device, FwupdClient, device_from_dbus
-from broker.metadata import verify_metadata
+from broker.metadata import Release, verify_metadata
 from broker.qrexec import Transport, call, check
 from broker.sanitize import printable
 from broker.service import ServiceContext, run_service
@@ -125,17 +126,42 @@ class UsbvmClient:
         )  # fmt: skip
         return b'"nothing-to-do"' not in result.stdout
 
-    def install(self, device_id: str, cab_fd: int, filename: str, sha256: str) -> None:
-        header = {"device_id": device_id, "sha256": sha256}
+    def install(
+        self, device_id: str, cab_fd: int, release: Release, expected: ExpectedRelease
+    ) -> None:
+        header = {
+            "device_id": device_id,
+            "sha256": release.sha256,
+            "component_id": expected.component_id,
+            # not "version": that key is the frame format's own
+            "release_version": expected.version,
+            "guids": list(expected.guids),
+        }
         check(
             call(self.transport, self.qube, f"{SERVICE}+Install",
-                 feed=lambda out: write_frame(out, header, [(filename, cab_fd)]),
+                 feed=lambda out: write_frame(out, header, [(release.filename, cab_fd)]),
                  max_stdout=4096),
             self.qube, f"{SERVICE}+Install",
         )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- sys-usb side
+def _expected_release(header: dict[str, Any]) -> ExpectedRelease:
+    """What dom0 says the cab must be (dom0 is trusted by sys-usb; still well-formed)."""
+    guids = header.get("guids")
+    if not isinstance(guids, list) or not 0 < len(guids) <= 64:
+        raise FormatError("Install header needs a list of GUIDs")
+    version = header.get("release_version")
+    component_id = header.get("component_id")
+    if not isinstance(version, str) or not isinstance(component_id, str):
+        raise FormatError("Install header needs a component id and a version")
+    return ExpectedRelease(
+        component_id,
+        _match(version, _VERSION, "version"),
+        tuple(_match(g, _GUID, "Guid") for g in guids),
+    )
+
+
 def _reply(ctx: ServiceContext, doc: dict[str, Any]) -> None:
     data = json.dumps(doc).encode() + b"\n"
     view = memoryview(data)
@@ -187,6 +213,16 @@ def agent(ctx: ServiceContext) -> int:
             reader.expect_eof()
             if h.hexdigest() != sha256 or sha256_of_fd(fd)[0] != sha256:
                 raise VerificationError(f"{cab.name}: sha256 does not match what dom0 verified")
+            # the third check: sys-usb inspects the cab with its own trust store before its
+            # fwupd (which checks the payload signature once more) sees it
+            inspect_cab(
+                fd,
+                _expected_release(header),
+                TrustStore.from_dirs(ctx.paths.pki_dirs),
+                limits,
+                ctx.paths.untrusted_dir,
+                ctx.config.trust,
+            )
             client.install(device_id, fd, cab.name)
             _reply(ctx, {"status": "installed"})
             return 0

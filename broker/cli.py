@@ -17,7 +17,14 @@ from typing import Any
 
 from broker.cabinet import ExpectedRelease
 from broker.config import Config, Paths, Remote
-from broker.errors import BrokerError, NothingToDo, TransferError, VerificationError, exit_code_for
+from broker.errors import (
+    BrokerError,
+    LimitExceeded,
+    NothingToDo,
+    TransferError,
+    VerificationError,
+    exit_code_for,
+)
 from broker.fwupd import FwupdClient
 from broker.metadata import MetadataStore, Release, iter_catalogs, staleness, version_key
 from broker.qrexec import Transport, call, check, transport_from_env
@@ -242,6 +249,10 @@ def cmd_update(app: App, args: argparse.Namespace) -> int:
             if input(f"Update {desc}? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("skipped")
                 continue
+        if release.size > app.limits.cab_max_bytes:
+            raise LimitExceeded(
+                f"{release.filename} is {release.size} bytes, more than cab_max_bytes"
+            )
         print(f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
         app.fetch(
             "cab",

@@ -50,6 +50,7 @@ class Limits:
     transfer_seconds: float = 900.0  # whole download or transfer, not per read
     min_rate_bytes_per_s: int = 1024  # slow-retrieval floor, after the first seconds
     session_seconds: float = 1800.0  # a dom0 session (nonce) expires after this
+    usbvm_seconds: float = 120.0  # sys-usb GetDevices / Refresh (Install gets transfer_seconds)
     max_devices: int = 1024
     max_string_chars: int = 4096
 
@@ -108,9 +109,15 @@ class Paths:
         return self.root / "var/cache/qubes-fwupd/download"
 
     @property
-    def pki_dirs(self) -> tuple[Path, ...]:
-        """fwupd's own trust store: firmware CAs and metadata CAs, as fwupd reads them."""
-        return (self.root / "etc/pki/fwupd", self.root / "etc/pki/fwupd-metadata")
+    def pki_metadata_dirs(self) -> tuple[Path, ...]:
+        """fwupd's metadata trust store. fwupd itself pools both dirs into one context; we
+        keep them apart, so a firmware-only key cannot sign a catalog."""
+        return (self.root / "etc/pki/fwupd-metadata",)
+
+    @property
+    def pki_firmware_dirs(self) -> tuple[Path, ...]:
+        """fwupd's firmware (payload) trust store."""
+        return (self.root / "etc/pki/fwupd",)
 
     @property
     def log_file(self) -> Path:

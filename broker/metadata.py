@@ -13,11 +13,14 @@ Rules, each enforced in one place below:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import io
 import json
 import lzma
 import os
+import re
 import secrets
 import shutil
 import zlib
@@ -32,9 +35,11 @@ from lxml import etree
 
 from broker.config import Limits, Paths, Remote, check_url
 from broker.errors import ConfigError, FormatError, LimitExceeded, NothingToDo, RollbackError
-from broker.jcat import parse_jcat
+from broker.jcat import BlobKind, build_jcat, parse_jcat
 from broker.signatures import TrustPolicy, TrustStore, Verified, verify_file
 from broker.transfer import install_file, is_file_name
+
+_GENERATION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\.[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -252,10 +257,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_durably(path: Path, data: bytes) -> None:
+def _replace_durably(path: Path, data: bytes, mode: int = 0o640) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -287,14 +292,46 @@ class MetadataStore:
         data, jcat = link / remote.metadata_name, link / remote.jcat_name
         return (data, jcat) if data.exists() and jcat.exists() else None
 
-    def store(self, remote: Remote, files: dict[str, tuple[int, Path]], verified: Verified) -> Path:
-        """Rename the verified untrusted files into a new generation and switch to it."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialises rollback check + store: two pushes for the same remote must not both
+        pass the check against the same old state and then store in the wrong order."""
+        self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.paths.state_dir / "metadata.lock", os.O_RDWR | os.O_CREAT, 0o660)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def store(
+        self,
+        remote: Remote,
+        data: tuple[int, Path],
+        verified: Verified,
+    ) -> Path:
+        """Move the verified data into a new generation with a canonical jcat, switch to it.
+
+        The jcat that fwupd later parses is ours, rebuilt from the checksum and the signature
+        blobs that verified, never the bytes the UpdateVM sent. Call under :meth:`locked`."""
         base = self.paths.metadata_dir
         base.mkdir(parents=True, exist_ok=True)
         gen = base / f"{remote.id}.{secrets.token_hex(6)}"
         gen.mkdir(mode=0o755)
-        for name, (fd, untrusted_path) in files.items():
-            install_file(fd, untrusted_path, gen / name)
+        try:
+            install_file(data[0], data[1], gen / remote.metadata_name)
+            jcat = build_jcat(
+                {
+                    remote.metadata_name: [
+                        (BlobKind.SHA256, verified.sha256),
+                        *((BlobKind(b.kind), b.data) for b in verified.verified_blobs),
+                    ]
+                }
+            )
+            _replace_durably(gen / remote.jcat_name, jcat, mode=0o644)
+        except BaseException:
+            shutil.rmtree(gen, ignore_errors=True)
+            raise
         link, tmp_link = base / remote.id, base / f".{remote.id}.{secrets.token_hex(4)}"
         old = os.readlink(link) if link.is_symlink() else None
         os.symlink(gen.name, tmp_link)
@@ -308,7 +345,8 @@ class MetadataStore:
         }
         _fsync_dir(base)
         _replace_durably(self.paths.metadata_state_file, json.dumps(state, indent=1).encode())
-        if old and old != gen.name:
+        # only ever a generation of ours: a direct child named <remote>.<12 hex>
+        if old and old != gen.name and _GENERATION.fullmatch(old) and old.startswith(remote.id):
             shutil.rmtree(base / old, ignore_errors=True)
         return link
 

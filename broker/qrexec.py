@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,32 +92,45 @@ def call(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # its own process group: on timeout the client and anything it started go together
+        start_new_session=True,
     )
     assert proc.stdin and proc.stdout and proc.stderr  # noqa: S101  all three are PIPE
     out: list[bytes] = []
     err: list[bytes] = []
     over_out: list[bool] = []
     over_err: list[bool] = []
-    readers = [
+    stdin = proc.stdin
+
+    def feed_then_close() -> None:
+        # the other side may stop reading early; its exit code then says why
+        with contextlib.suppress(BrokenPipeError, OSError):
+            if feed is not None:
+                feed(stdin.fileno())
+            stdin.close()
+
+    # feeding runs in a thread too: a peer that stops reading must not block us past the
+    # deadline (a pipe write blocks, and nothing else would time it out)
+    threads = [
         threading.Thread(target=_drain, args=(proc.stdout, max_stdout, out, over_out)),
         threading.Thread(target=_drain, args=(proc.stderr, max_stderr, err, over_err)),
+        threading.Thread(target=feed_then_close),
     ]
-    for t in readers:
+    for t in threads:
+        t.daemon = True
         t.start()
+    deadline = time.monotonic() + timeout
     try:
-        # the other side may stop reading early; its exit code then says why
-        with contextlib.suppress(BrokenPipeError):
-            if feed is not None:
-                feed(proc.stdin.fileno())
-            proc.stdin.close()
         code = proc.wait(timeout=timeout)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            raise subprocess.TimeoutExpired(proc.args, timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise QrexecError(f"{service} in {target} did not finish in {timeout:.0f} s") from None
-    finally:
-        for t in readers:
-            t.join()
     if over_out:
         raise LimitExceeded(f"{service} in {target} sent more than {max_stdout} bytes")
     return CallResult(code, b"".join(out), b"".join(err))

@@ -95,21 +95,19 @@ def _receive_for(
             jcat_fd = untrusted.fds[remote.jcat_name]
             os.lseek(jcat_fd, 0, os.SEEK_SET)
             jcat_bytes = os.read(jcat_fd, limits.jcat_max_bytes + 1)
-            trust = TrustStore.from_dirs(paths.pki_dirs)
+            trust = TrustStore.from_dirs(paths.pki_metadata_dirs)
             verified = verify_metadata(data_fd, jcat_bytes, remote, trust, limits, ctx.config.trust)
-            store = MetadataStore(paths)
-            check_rollback(verified, store.accepted(remote.id))
             # verified: now, and only now, the decompressor and libxml2 may see it
             with open_catalog(data_fd, remote.metadata_name, limits) as stream:
                 catalog = parse_catalog(stream, remote)
-            store.store(
-                remote,
-                {
-                    n: (untrusted.fds[n], untrusted.paths[n])
-                    for n in (remote.metadata_name, remote.jcat_name)
-                },
-                verified,
-            )
+            store = MetadataStore(paths)
+            with store.locked():
+                check_rollback(verified, store.accepted(remote.id))
+                store.store(
+                    remote,
+                    (data_fd, untrusted.paths[remote.metadata_name]),
+                    verified,
+                )
             kinds = ", ".join(sorted({s.kind for s in verified.signatures}))
             return Outcome(
                 True,
@@ -131,7 +129,7 @@ def _receive_for(
             info = inspect_cab(
                 cab_fd,
                 session.release,
-                TrustStore.from_dirs(paths.pki_dirs),
+                TrustStore.from_dirs(paths.pki_firmware_dirs),
                 limits,
                 paths.untrusted_dir,
                 ctx.config.trust,

@@ -53,7 +53,9 @@ class Outcome:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # group-readable: in dom0 the receive service runs as the login user (group qubes)
+    # and the manager as root; packaging makes the dirs root:qubes 2770
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -80,11 +82,19 @@ class Sessions:
         ttl: float,
         release: ExpectedRelease | None = None,
     ) -> Session:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o770)
+        self.sweep(ttl)
         session = Session(secrets.token_hex(16), kind, remote_id, files, time.time() + ttl, release)
         doc = asdict(session)
         _write_atomic(self.dir / f"{session.nonce}.pending", json.dumps(doc).encode())
         return session
+
+    def sweep(self, ttl: float) -> None:
+        """Drop what a killed manager or service left: sessions older than any can live."""
+        cutoff = time.time() - ttl - 60
+        for path in self.dir.iterdir():
+            if path.suffix in (".pending", ".taken", ".outcome") and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
 
     def take(self, untrusted_nonce: object) -> Session:
         """Claim a pending session exactly once; refuses unknown, used or expired nonces."""

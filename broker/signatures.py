@@ -39,7 +39,7 @@ from typing import Any
 import gnupg
 
 from broker.errors import VerificationError
-from broker.jcat import BlobKind, JcatItem
+from broker.jcat import BlobKind, JcatBlob, JcatItem
 
 _CHUNK = 1024 * 1024
 _TIMEOUT_S = 30.0
@@ -97,6 +97,8 @@ class Verified:
     size: int
     signatures: tuple[Signature, ...]
     unverifiable: tuple[str, ...]
+    # the signature blobs that verified: what a canonical jcat may carry on to fwupd
+    verified_blobs: tuple[JcatBlob, ...] = ()
 
     @property
     def signed_at(self) -> datetime | None:
@@ -692,6 +694,7 @@ def verify_file(
         raise VerificationError(f"{name}: more than {_MAX_SIGNATURE_BLOBS} signatures")
 
     signatures: list[Signature] = []
+    verified_blobs: list[JcatBlob] = []
     causes: list[str] = []
     unverifiable: list[str] = []
     for blob in checked:
@@ -701,6 +704,7 @@ def verify_file(
                 signatures.append(verify_pkcs7(fd, blob.data, trust))
             else:
                 signatures.append(_verify_gpg(fd, blob.data, trust, unverifiable))
+            verified_blobs.append(blob)
         except VerificationError as e:
             causes.append(f"{kind}: {e}")
         if kind == "pkcs7":
@@ -717,4 +721,5 @@ def verify_file(
         size=size,
         signatures=tuple(signatures),
         unverifiable=tuple(dict.fromkeys(unverifiable)),
+        verified_blobs=tuple(verified_blobs),
     )

@@ -206,6 +206,10 @@ def install_file(fd: int, untrusted_path: Path, dest: Path) -> None:
     os.fsync(fd)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(untrusted_path, dest)
+    # the file renamed must be the file verified (the fd), not something put at the path
+    if os.stat(dest, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+        dest.unlink()
+        raise TransferError(f"{dest.name}: replaced between verification and storing")
     dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

@@ -151,7 +151,7 @@ def _first_check_metadata(
     jcat_fd = fds[remote.jcat_name]
     os.lseek(jcat_fd, 0, os.SEEK_SET)
     jcat_bytes = os.read(jcat_fd, ctx.config.limits.jcat_max_bytes + 1)
-    trust = TrustStore.from_dirs(ctx.paths.pki_dirs)
+    trust = TrustStore.from_dirs(ctx.paths.pki_metadata_dirs)
     verify_metadata(fds[data_name], jcat_bytes, remote, trust, ctx.config.limits, ctx.config.trust)
 
 

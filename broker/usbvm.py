@@ -110,7 +110,7 @@ class UsbvmClient:
     def get_devices(self) -> list[Device]:
         result = check(
             call(self.transport, self.qube, f"{SERVICE}+GetDevices",
-                 max_stdout=self.limits.reply_max_bytes),
+                 max_stdout=self.limits.reply_max_bytes, timeout=self.limits.usbvm_seconds),
             self.qube, f"{SERVICE}+GetDevices",
         )  # fmt: skip
         return parse_devices_reply(result.stdout, self.limits)
@@ -121,7 +121,8 @@ class UsbvmClient:
         files = [(remote.metadata_name, data_fd), (remote.jcat_name, jcat_fd)]
         result = check(
             call(self.transport, self.qube, f"{SERVICE}+Refresh",
-                 feed=lambda out: write_frame(out, header, files), max_stdout=4096),
+                 feed=lambda out: write_frame(out, header, files), max_stdout=4096,
+                 timeout=self.limits.usbvm_seconds),
             self.qube, f"{SERVICE}+Refresh",
         )  # fmt: skip
         return b'"nothing-to-do"' not in result.stdout
@@ -194,7 +195,7 @@ def agent(ctx: ServiceContext) -> int:
             jcat_fd = untrusted.fds[jcat.name]
             os.lseek(jcat_fd, 0, os.SEEK_SET)
             jcat_bytes = os.read(jcat_fd, limits.jcat_max_bytes + 1)
-            trust = TrustStore.from_dirs(ctx.paths.pki_dirs)
+            trust = TrustStore.from_dirs(ctx.paths.pki_metadata_dirs)
             verify_metadata(
                 untrusted.fds[data.name], jcat_bytes, remote, trust, limits, ctx.config.trust
             )
@@ -218,7 +219,7 @@ def agent(ctx: ServiceContext) -> int:
             inspect_cab(
                 fd,
                 _expected_release(header),
-                TrustStore.from_dirs(ctx.paths.pki_dirs),
+                TrustStore.from_dirs(ctx.paths.pki_firmware_dirs),
                 limits,
                 ctx.paths.untrusted_dir,
                 ctx.config.trust,

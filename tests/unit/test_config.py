@@ -218,7 +218,8 @@ def test_paths_are_rooted(tmp_path: Path) -> None:
         paths.cabs_dir,
         paths.untrusted_dir,
         paths.log_file,
-        *paths.pki_dirs,
+        *paths.pki_firmware_dirs,
+        *paths.pki_metadata_dirs,
     ):
         assert p.is_relative_to(tmp_path)
     # the untrusted dir shares the cache's filesystem (atomic rename into the cache)

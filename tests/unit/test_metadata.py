@@ -23,6 +23,7 @@ import zstandard
 
 from broker.config import Limits, Paths, Remote
 from broker.errors import ConfigError, FormatError, LimitExceeded, NothingToDo, RollbackError
+from broker.jcat import BlobKind, JcatBlob, parse_jcat
 from broker.metadata import (
     Catalog,
     MetadataStore,
@@ -542,9 +543,12 @@ def test_releases_for_newest_first_guid_case_insensitive() -> None:
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
+PKCS7_BLOB = JcatBlob(int(BlobKind.PKCS7), "-----BEGIN PKCS7-----\nverified\n")
+
+
 def _verified(signed_at: datetime | None, sha: str = SHA_1, size: int = 10) -> Verified:
     sig = Signature("pkcs7", "CN=LVFS", signed_at)
-    return Verified(sha, size, (sig,), ())
+    return Verified(sha, size, (sig,), (), (PKCS7_BLOB,))
 
 
 def _state(signed_at: datetime, sha: str = SHA_2) -> dict[str, str]:
@@ -596,16 +600,23 @@ def test_signed_at_is_the_latest_signature() -> None:
 
 
 # --------------------------------------------------------------------------- MetadataStore
-def _push(paths: Paths, nonce: str, files: dict[str, bytes], verified: Verified) -> Path:
+def _push(paths: Paths, nonce: str, data: bytes, verified: Verified) -> Path:
     store = MetadataStore(paths)
-    with UntrustedFiles(paths.untrusted_dir, nonce) as u:
-        handed = {}
-        for name, data in files.items():
-            fd = u.create(name)
-            os.write(fd, data)
-            handed[name] = (fd, u.paths[name])
-        link = store.store(REMOTE, handed, verified)
+    with UntrustedFiles(paths.untrusted_dir, nonce) as u, store.locked():
+        fd = u.create(REMOTE.metadata_name)
+        os.write(fd, data)
+        link = store.store(REMOTE, (fd, u.paths[REMOTE.metadata_name]), verified)
     return link
+
+
+def _canonical(jcat_path: Path, sha: str) -> None:
+    """The stored jcat is ours: one item, our sha256, only the blobs that verified."""
+    jcat = parse_jcat(jcat_path.read_bytes(), 1 << 20, 1 << 20)
+    assert [i.id for i in jcat.items] == [REMOTE.metadata_name]
+    assert [(b.kind, b.data) for b in jcat.items[0].blobs] == [
+        (int(BlobKind.SHA256), sha),
+        (PKCS7_BLOB.kind, PKCS7_BLOB.data),
+    ]
 
 
 def test_store_publishes_a_generation(tmp_path: Path) -> None:
@@ -616,9 +627,7 @@ def test_store_publishes_a_generation(tmp_path: Path) -> None:
     assert store.accepted("lvfs") is None
 
     data1 = _compress("firmware.xml.zst", SAMPLE)
-    link = _push(
-        paths, "n1", {REMOTE.metadata_name: data1, REMOTE.jcat_name: b"jcat1"}, _verified(T0)
-    )
+    link = _push(paths, "n1", data1, _verified(T0))
 
     assert link == paths.metadata_dir / "lvfs"
     assert link.is_symlink()
@@ -627,7 +636,7 @@ def test_store_publishes_a_generation(tmp_path: Path) -> None:
     current = store.current(REMOTE)
     assert current == (link / REMOTE.metadata_name, link / REMOTE.jcat_name)
     assert current[0].read_bytes() == data1
-    assert current[1].read_bytes() == b"jcat1"
+    _canonical(current[1], SHA_1)
     state = json.loads(paths.metadata_state_file.read_text())
     assert state["lvfs"]["signed_at"] == T0.isoformat()
     assert state["lvfs"]["sha256"] == SHA_1
@@ -640,18 +649,13 @@ def test_store_publishes_a_generation(tmp_path: Path) -> None:
 def test_second_store_switches_and_removes_the_old_generation(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
     store = MetadataStore(paths)
-    _push(paths, "n1", {REMOTE.metadata_name: b"old", REMOTE.jcat_name: b"old jcat"}, _verified(T0))
+    _push(paths, "n1", b"old", _verified(T0))
     link = paths.metadata_dir / "lvfs"
     gen1 = os.readlink(link)
 
     t1 = T0 + timedelta(days=1)
     data2 = _compress("firmware.xml.zst", catalog_xml(Comp(releases=[Rel("7.0")])))
-    _push(
-        paths,
-        "n2",
-        {REMOTE.metadata_name: data2, REMOTE.jcat_name: b"new jcat"},
-        _verified(t1, SHA_2),
-    )
+    _push(paths, "n2", data2, _verified(t1, SHA_2))
 
     gen2 = os.readlink(link)
     assert gen2 != gen1
@@ -660,7 +664,8 @@ def test_second_store_switches_and_removes_the_old_generation(tmp_path: Path) ->
     assert sorted(p.name for p in paths.metadata_dir.iterdir()) == sorted(["lvfs", gen2])
     current = store.current(REMOTE)
     assert current is not None
-    assert current[0].read_bytes() == data2 and current[1].read_bytes() == b"new jcat"
+    assert current[0].read_bytes() == data2
+    _canonical(current[1], SHA_2)
     state = json.loads(paths.metadata_state_file.read_text())
     assert state["lvfs"]["signed_at"] == t1.isoformat() and state["lvfs"]["sha256"] == SHA_2
     catalog = store.catalog(REMOTE, Limits())
@@ -672,12 +677,51 @@ def test_store_keeps_other_remotes_state(tmp_path: Path) -> None:
     paths.state_dir.mkdir(parents=True)
     other = {"signed_at": T0.isoformat(), "sha256": SHA_3, "accepted_at": T0.isoformat()}
     paths.metadata_state_file.write_text(json.dumps({"other": other}))
-    _push(paths, "n1", {REMOTE.metadata_name: b"d", REMOTE.jcat_name: b"j"}, _verified(T0))
+    _push(paths, "n1", b"d", _verified(T0))
     state = json.loads(paths.metadata_state_file.read_text())
     assert state["other"] == other and "lvfs" in state
 
 
 def test_current_needs_both_files(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
-    _push(paths, "n1", {REMOTE.metadata_name: b"data only"}, _verified(T0))
+    _push(paths, "n1", b"data", _verified(T0))
+    (paths.metadata_dir / "lvfs" / REMOTE.jcat_name).unlink()
     assert MetadataStore(paths).current(REMOTE) is None
+
+
+def test_old_generation_outside_the_cache_is_never_removed(tmp_path: Path) -> None:
+    """A link pointing anywhere but at one of our generations is replaced, not followed."""
+    paths = Paths(tmp_path)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    paths.metadata_dir.mkdir(parents=True)
+    (paths.metadata_dir / "lvfs").symlink_to(victim)
+    _push(paths, "n1", b"d", _verified(T0))
+    assert (victim / "keep").exists()
+
+
+def test_a_failed_store_leaves_no_half_generation(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    store = MetadataStore(paths)
+    with UntrustedFiles(paths.untrusted_dir, "n1") as u, store.locked():
+        fd = u.create(REMOTE.metadata_name)
+        missing = paths.untrusted_dir / "not-there"
+        with pytest.raises(FileNotFoundError):
+            store.store(REMOTE, (fd, missing), _verified(T0))
+    assert list(paths.metadata_dir.iterdir()) == []
+    assert store.accepted("lvfs") is None
+
+
+def test_store_lock_serialises_holders(tmp_path: Path) -> None:
+    import threading
+
+    store = MetadataStore(Paths(tmp_path))
+    order: list[str] = []
+    with store.locked():
+        t = threading.Thread(target=lambda: (store.locked().__enter__(), order.append("2")))
+        t.start()
+        t.join(0.3)
+        order.append("1")
+    t.join(5)
+    assert order == ["1", "2"]

@@ -428,7 +428,13 @@ def test_shipped_policy_reasons(shipped: Policy) -> None:
     denied = shipped.evaluate(
         Request("qubes.FwupdDownload", "", "work", "sys-firewall"), SHIPPED_SYSTEM
     )
-    assert denied.reason.endswith("85-qubes-fwupd.policy:13: deny")
+    assert denied.reason.endswith("85-qubes-fwupd.policy:15: deny")
+    # other callers of the dom0 service meet an explicit deny, not "no matching rule", so
+    # a later policy file cannot allow them
+    pushed = shipped.evaluate(
+        Request("qubes.FwupdReceiveUpdates", "", "work", "dom0"), SHIPPED_SYSTEM
+    )
+    assert pushed.reason.endswith("85-qubes-fwupd.policy:10: deny")
     other = shipped.evaluate(Request("qubes.Unrelated", "", "work", "dom0"), SHIPPED_SYSTEM)
     assert other.reason == "no matching rule"
 

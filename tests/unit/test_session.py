@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -23,13 +25,15 @@ def sessions(tmp_path: Path) -> Sessions:
     return Sessions(tmp_path / "sessions")
 
 
-def test_open_writes_a_private_pending_session(sessions: Sessions) -> None:
+def test_open_writes_a_pending_session_only_owner_and_group_see(sessions: Sessions) -> None:
+    """In dom0 the receive service runs as the login user (group qubes), the manager as
+    root: the session is readable by the group, by nobody else."""
     s = sessions.open("metadata", "lvfs", FILES, ttl=60)
     assert re.fullmatch(r"[0-9a-f]{32}", s.nonce)
     pending = sessions.dir / f"{s.nonce}.pending"
     assert pending.exists()
-    assert stat.S_IMODE(pending.stat().st_mode) == 0o600
-    assert stat.S_IMODE(sessions.dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(pending.stat().st_mode) == 0o640
+    assert stat.S_IMODE(sessions.dir.stat().st_mode) & 0o007 == 0
     doc = json.loads(pending.read_text())
     assert doc["kind"] == "metadata" and doc["remote_id"] == "lvfs"
     # nothing but the session file (no temp file left behind)
@@ -154,3 +158,13 @@ def test_close_removes_every_file_of_the_session(sessions: Sessions) -> None:
     sessions.close(kept.nonce)
     assert list(sessions.dir.iterdir()) == []
     sessions.close(kept.nonce)  # closing twice is harmless
+
+
+def test_open_sweeps_sessions_a_killed_manager_left(sessions: Sessions) -> None:
+    old = sessions.open("cab", "lvfs", FILES, ttl=60)
+    stale = sessions.dir / f"{old.nonce}.pending"
+    long_ago = time.time() - 3600
+    os.utime(stale, (long_ago, long_ago))
+    fresh = sessions.open("cab", "lvfs", FILES, ttl=60)
+    assert not stale.exists()
+    assert (sessions.dir / f"{fresh.nonce}.pending").exists()

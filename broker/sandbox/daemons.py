@@ -145,7 +145,9 @@ def install_trust_store(root: Path, pki: SandboxPki) -> None:
     """The real LVFS keys (the fwupd-tests cabs are LVFS-signed) plus the sandbox LVFS's
     CA and GPG key, in the qube's copy of /etc/pki/fwupd{,-metadata}. fwupd loads both
     directories into one pool, so each gets both of ours."""
-    for host_dir, dest in zip(HOST_PKI_DIRS, Paths(root).pki_dirs, strict=True):
+    paths = Paths(root)
+    qube_dirs = (*paths.pki_firmware_dirs, *paths.pki_metadata_dirs)
+    for host_dir, dest in zip(HOST_PKI_DIRS, qube_dirs, strict=True):
         dest.mkdir(parents=True, exist_ok=True)
         if host_dir.is_dir():
             for src in sorted(host_dir.iterdir()):

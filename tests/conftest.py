@@ -7,6 +7,7 @@ import pytest
 
 from broker.sandbox.launcher import Sandbox
 from tests.sandbox_helpers import (
+    mounts_under,
     processes_mentioning,
     sandbox_cli,
     sandbox_prerequisites,
@@ -22,11 +23,13 @@ def sandbox() -> Iterator[Sandbox]:
     if reason:
         pytest.skip(reason)
     directory = short_tmpdir("qfwi")
-    box = up(directory)
     try:
-        yield box
+        yield up(directory)
     finally:
         sandbox_cli("down", "--dir", str(directory))
         left = processes_mentioning(str(directory))
-        shutil.rmtree(directory, ignore_errors=True)
+        mounts = mounts_under(directory)
+        if not mounts:  # never delete through a mount
+            shutil.rmtree(directory, ignore_errors=True)
         assert not left, f"sandbox processes left after down: {left}"
+        assert not mounts, f"mounts left after down: {mounts}"

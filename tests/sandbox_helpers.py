@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,12 +36,16 @@ def short_tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def sandbox_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def sandbox_cli(
+    *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """qubes-fwupd-sandbox, with our environment plus ``env``."""
     return subprocess.run(
         [sys.executable, "-m", "broker.sandbox.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -75,6 +82,37 @@ def call_from(
     )
     out, err = proc.communicate(data, timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def probe(sandbox: Sandbox, qube: str, code: str) -> Any:
+    """Run Python code in the qube, as its own code would run there; the code prints one
+    JSON value, which is returned."""
+    proc = Launcher(sandbox).popen(
+        qube,
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, f"probe in {qube} failed: {err.decode(errors='replace')}"
+    return json.loads(out)
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or under directory in our (the host's) mount namespace."""
+    found = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        # octal escapes (\040 for a space) do not matter for the short dirs we make
+        point = Path(line.split()[1])
+        if point == directory or point.is_relative_to(directory):
+            found.append(line)
+    return found
+
+
+def netns_names() -> set[str]:
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
 
 
 def webcam_version(sandbox: Sandbox, qube: str) -> str:

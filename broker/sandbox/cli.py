@@ -86,12 +86,17 @@ def up(sandbox: Sandbox) -> None:
     for policy in sorted((REPO / "policies").glob("*.policy")):
         shutil.copy(policy, sandbox.policy_dir / policy.name)
 
-    # the LVFS and its CDN: outside every qube, on 127.0.0.1
+    launcher = Launcher(sandbox)
+    isolation = launcher.create_qubes()
+
+    # the LVFS and its CDN: outside every qube's files, but on the UpdateVM's 127.0.0.1
+    # (the host's, when isolation is off)
     sandbox.lvfs_dir.mkdir(parents=True, exist_ok=True)
     port_file = sandbox.dir / "lvfs.port"
     port_file.unlink(missing_ok=True)
     with (sandbox.log_dir / "mirror.log").open("ab") as log:
-        proc = subprocess.Popen(
+        proc = launcher.popen_on_network_of(
+            UPDATEVM,
             [sys.executable, "-m", "broker.sandbox.mirror", "--root", str(sandbox.lvfs_dir),
              "--port-file", str(port_file)],
             env=_clean_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -101,11 +106,8 @@ def up(sandbox: Sandbox) -> None:
     mirror.wait_for_port(port_file, 10.0, proc)
     lvfs.publish(sandbox.lvfs_dir, [c for c in DEFAULT_CABS if c.exists()], pki, base_url(sandbox))
 
-    launcher = Launcher(sandbox)
     for qube in QUBES:
-        root = sandbox.root(qube)
-        root.mkdir(parents=True, exist_ok=True)
-        daemons.install_trust_store(root, pki)
+        daemons.install_trust_store(sandbox.root(qube), pki)
         write_qube_config(sandbox, qube)
         install_services(sandbox, qube)
     for qube in FWUPD_QUBES:
@@ -127,11 +129,15 @@ def up(sandbox: Sandbox) -> None:
             raise SandboxError(f"qrexec daemon did not start; see {sandbox.log_dir}/qrexecd.log")
         time.sleep(0.05)
     print(f"sandbox up in {time.monotonic() - t0:.1f} s: {sandbox.dir}")
-    print(f"  LVFS mirror  {base_url(sandbox)}/  (serving {sandbox.lvfs_dir})")
+    where = f"{UPDATEVM}'s network" if isolation.on else "the host's network"
+    print(f"  LVFS mirror  {base_url(sandbox)}/  (in {where}, serving {sandbox.lvfs_dir})")
     for qube in QUBES:
         extra = " fwupd" if qube in FWUPD_QUBES else ""
         print(f"  qube {qube:<13} {sandbox.root(qube)}{extra}")
-    print("  isolation: off (processes share the host's network and filesystem view)")
+    if isolation.on:
+        print(f"  isolation: {isolation}: each qube in its own network and mount namespaces")
+    else:
+        print(f"  isolation: {isolation}: qubes share the host's network and files")
     print(f"use: QUBES_FWUPD_SANDBOX={sandbox.dir} qubes-fwupdmgr refresh")
 
 
@@ -146,7 +152,7 @@ def status(sandbox: Sandbox) -> int:
         alive = table.alive(e)
         dead += not alive
         print(f"  {e.role:<10} {e.qube:<13} pid {e.pid:<8} {'running' if alive else 'DEAD'}")
-    print("isolation: off")
+    print(f"isolation: {Launcher(sandbox).isolation()}")
     return 1 if dead else 0
 
 
@@ -154,7 +160,7 @@ def down(sandbox: Sandbox) -> None:
     table = ProcessTable(sandbox.pids_file)
     for qube in FWUPD_QUBES:
         daemons.stop_gpg_agents(sandbox, table, qube)
-    for line in table.stop_all():
+    for line in Launcher(sandbox).stop_all():
         print(line)
     for qube in QUBES:
         sandbox.qrexec_socket(qube).unlink(missing_ok=True)

@@ -5,24 +5,54 @@ environment: a scrubbed one (``env -i`` style: nothing of the caller leaks in), 
 QUBES_FWUPD_ROOT pointing :class:`broker.config.Paths` at that tree, the qube's private
 system bus (if it has one) and its qrexec socket. Nothing else in broker/ knows how a
 qube is made.
+
+Isolation (where the kernel allows it) stands in for Xen's:
+
+- Each qube has one long-lived *holder* process, started by ``unshare --net --mount``
+  (plus ``--user --map-root-user`` when not root) and recorded in the PID table as
+  ``ns-holder``; its namespaces are the qube's. Every process of the qube is started by
+  ``nsenter`` into them, through fds opened on the holder's ``/proc/PID/ns/*`` and only
+  then checked against its recorded start time, so a recycled PID is never entered.
+- Network: loopback only. The LVFS mirror runs in the UpdateVM's network namespace
+  (:meth:`Launcher.popen_on_network_of`), on its 127.0.0.1; no other qube has a route.
+- Files: in the holder's private mount namespace the host's mounts are read-only, a
+  read-only tmpfs covers DIR (the other qubes' trees, the sandbox CA's key, the mirror's
+  files, the PID table) and only ``DIR/vm/<qube>`` is bound back, writable; /tmp,
+  /var/tmp and /dev/shm are fresh tmpfs. Unix sockets are reached by path, so the
+  qrexec and D-Bus sockets in the qube's tree still work from outside.
+- The qrexec daemon runs outside every qube; its pipes are the only way between them.
+- Nothing is mounted in the host's namespace and no namespace is named: a namespace
+  goes with its last process. ``down`` stops every recorded process, then whatever else
+  still runs in a qube's namespaces.
+- Without root or unprivileged user namespaces, or with QUBES_FWUPD_ISOLATION=off,
+  processes start as before; ``DIR/isolation`` records which was chosen at ``up``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import select
+import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
+import broker
 from broker.config import ROOT_ENV
 from broker.qrexec import SANDBOX_SOCKET_ENV
 from broker.sandbox.policy import QubeInfo
+from broker.sandbox.processes import ProcessTable, Recorded, proc_stat
 
 SANDBOX_ENV = "QUBES_FWUPD_SANDBOX"
 QUBE_ENV = "QUBES_FWUPD_QUBE"
+ISOLATION_ENV = "QUBES_FWUPD_ISOLATION"  # "off": no namespaces, even where they could be made
+HOLDER_ROLE = "ns-holder"
 UPDATEVM_TAG = "fwupd-updatevm"
 
 # dom0 and sys-usb run fwupd; sys-firewall is the networked UpdateVM; work is any other
@@ -44,6 +74,15 @@ SERVICES: dict[str, tuple[str, ...]] = {
     "work": (),
 }
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# host scratch dirs would be a channel between qubes that bypasses qrexec
+_PRIVATE_SCRATCH = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"))  # noqa: S108
+_HOLDER_READY_SECONDS = 15.0
+_TOOLS = ("unshare", "nsenter", "ip")
+
+# <sys/mount.h>, <linux/mount.h>, <fcntl.h>
+_MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC = 2, 4, 4096, 16384
+_SYS_MOUNT_SETATTR = 442  # the same number on every architecture
+_MOUNT_ATTR_RDONLY, _AT_FDCWD, _AT_RECURSIVE = 1, -100, 0x8000
 
 
 @dataclass(frozen=True)
@@ -91,10 +130,108 @@ class Sandbox:
         """The sandbox's /etc/qubes/policy.d: our shipped policies, copied at `up`."""
         return self.dir / "policy.d"
 
+    @property
+    def isolation_file(self) -> Path:
+        return self.dir / "isolation"
+
+
+@dataclass(frozen=True)
+class Isolation:
+    on: bool
+    userns: bool = False  # not root: the namespaces belong to a user namespace of ours
+    reason: str = ""  # why it is off
+
+    def __str__(self) -> str:
+        if not self.on:
+            return f"off ({self.reason})"
+        return "on (user namespace)" if self.userns else "on"
+
+    def line(self) -> str:
+        return "on userns\n" if self.userns else "on\n" if self.on else f"off {self.reason}\n"
+
+    @classmethod
+    def parse(cls, text: str) -> Isolation:
+        word, _, rest = text.strip().partition(" ")
+        if word == "on":
+            return cls(True, rest == "userns")
+        return cls(False, reason=rest or "not recorded")
+
+
+def _code_paths() -> list[Path]:
+    """What every qube must still see: the interpreter, the venv, and this code (with
+    the qrexec/ entry points beside it in a source checkout)."""
+    return [
+        Path(sys.prefix).resolve(),
+        Path(sys.base_prefix).resolve(),
+        Path(sys.executable).resolve().parent,
+        Path(broker.__file__).resolve().parents[1],
+    ]
+
+
+def isolation_available(sandbox: Sandbox) -> Isolation:
+    """Whether namespaces can be made here, and of which kind; probed, not guessed."""
+    if os.environ.get(ISOLATION_ENV, "").lower() == "off":
+        return Isolation(False, reason=f"{ISOLATION_ENV}=off")
+    missing = [tool for tool in _TOOLS if shutil.which(tool, path=_SYSTEM_PATH) is None]
+    if missing:
+        return Isolation(False, reason=f"{', '.join(missing)} not found")
+    hidden = [p for p in _code_paths() if p.is_relative_to(sandbox.dir)]
+    if hidden:
+        return Isolation(False, reason=f"{hidden[0]} is inside {sandbox.dir}, hidden from qubes")
+    userns = os.geteuid() != 0
+    probe = subprocess.run(
+        ["unshare", *_unshare_flags(userns), "--", "true"],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        why = (probe.stderr.strip().splitlines() or ["failed"])[-1]
+        who = "not root, and no unprivileged user namespaces" if userns else "as root"
+        return Isolation(False, reason=f"{who}: unshare: {why}")
+    return Isolation(True, userns)
+
+
+def _unshare_flags(userns: bool) -> list[str]:
+    flags = ["--net", "--mount", "--propagation", "private"]
+    return ["--user", "--map-root-user", *flags] if userns else flags
+
+
+@dataclass(frozen=True)
+class _Held:
+    """Open fds on a living holder's namespaces: they name them race-free."""
+
+    user: int | None
+    net: int
+    mnt: int
+
+    def fds(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.user, self.net, self.mnt) if fd is not None)
+
+    def nsenter(self, net: bool = True, mnt: bool = True) -> list[str]:
+        argv = ["nsenter"]
+        if self.user is not None:
+            # the qube's root is our uid mapped to 0: keep it, setgroups is denied there
+            argv += [f"--user=/proc/self/fd/{self.user}", "--preserve-credentials"]
+        if net:
+            argv.append(f"--net=/proc/self/fd/{self.net}")
+        if mnt:
+            argv.append(f"--mount=/proc/self/fd/{self.mnt}")
+        return argv
+
+    def close(self) -> None:
+        for fd in self.fds():
+            os.close(fd)
+
 
 class Launcher:
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
+        self.table = ProcessTable(sandbox.pids_file)
+
+    def isolation(self) -> Isolation:
+        try:
+            return Isolation.parse(self.sandbox.isolation_file.read_text())
+        except FileNotFoundError:
+            return Isolation(False, reason="no sandbox was started here")
 
     def env(self, qube: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         root = self.sandbox.root(qube)
@@ -120,12 +257,249 @@ class Launcher:
         env: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> subprocess.Popen[bytes]:
-        """Start argv in the qube: its tree, its environment (and nothing of ours)."""
+        """Start argv in the qube: its tree, its environment (and nothing of ours), and,
+        with isolation on, its namespaces."""
         root = self.sandbox.root(qube)
+        home = root / "home"
         for sub in ("home", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        return subprocess.Popen(list(argv), env=self.env(qube, env), cwd=root / "home", **kwargs)
+        if not self.isolation().on:
+            return subprocess.Popen(list(argv), env=self.env(qube, env), cwd=home, **kwargs)
+        with self._held(qube) as held:
+            # nsenter execs argv itself (no fork without --pid): the PID we return is
+            # argv's, for the PID table and for wait()
+            enter = [*held.nsenter(), f"--wdns={home}", "--"]
+            return self._popen_passing(held, [*enter, *argv], env=self.env(qube, env),
+                                       cwd=home, **kwargs)  # fmt: skip
+
+    def popen_on_network_of(
+        self, qube: str, argv: Sequence[str], **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
+        """A host process (host files, the caller's env and cwd) that shares only the
+        qube's network: the LVFS mirror, on the UpdateVM's 127.0.0.1."""
+        if not self.isolation().on:
+            return subprocess.Popen(list(argv), **kwargs)
+        with self._held(qube) as held:
+            enter = [*held.nsenter(mnt=False), "--"]
+            return self._popen_passing(held, [*enter, *argv], **kwargs)
 
     def run(self, qube: str, argv: Sequence[str], **kwargs: Any) -> int:
         proc = self.popen(qube, argv, **kwargs)
         return proc.wait()
+
+    # ------------------------------------------------------------------ lifecycle
+    def create_qubes(self) -> Isolation:
+        """Make every qube's tree root and, where the kernel allows it, its namespaces
+        (one holder process each, in the PID table as soon as it exists)."""
+        for qube in QUBES:
+            for sub in ("home", "tmp"):
+                (self.sandbox.root(qube) / sub).mkdir(parents=True, exist_ok=True)
+        isolation = isolation_available(self.sandbox)
+        # written before the first holder: from now on no process of a qube may start
+        # outside its namespaces, whatever happens to `up`
+        self.sandbox.isolation_file.write_text(isolation.line())
+        if not isolation.on:
+            return isolation
+        self.sandbox.log_dir.mkdir(parents=True, exist_ok=True)
+        started = []
+        for qube in QUBES:
+            with (self.sandbox.log_dir / f"{qube}-ns.log").open("ab") as log:
+                proc = subprocess.Popen(
+                    ["unshare", *_unshare_flags(isolation.userns), "--", sys.executable,
+                     "-m", "broker.sandbox.launcher", "--dir", str(self.sandbox.dir),
+                     "--qube", qube],
+                    env={"PATH": _SYSTEM_PATH, "LANG": "C.UTF-8"}, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+                )  # fmt: skip
+            # unshare without --fork execs python: this PID is the holder's
+            self.table.record(HOLDER_ROLE, qube, proc.pid)
+            started.append((qube, proc))
+        for qube, proc in started:
+            _wait_ready(proc, self.sandbox.log_dir / f"{qube}-ns.log", qube)
+        return isolation
+
+    def stop_all(self) -> list[str]:
+        """Stop every recorded process (newest first: the holders go last), then anything
+        else still running in a qube's namespaces (a qrexec service in flight, an agent
+        some daemon spawned). A namespace goes with its last process."""
+        held: dict[str, _Held] = {}
+        if self.isolation().on:
+            for qube in QUBES:
+                with contextlib.suppress(ProcessLookupError):
+                    held[qube] = self._open_holder(qube, or_any=True)
+        try:
+            report = self.table.stop_all()
+            for qube, ns in held.items():
+                report += self._stop_strays(qube, ns)
+        finally:
+            for ns in held.values():
+                ns.close()
+        if not self.table.entries():
+            self.sandbox.isolation_file.unlink(missing_ok=True)
+        return report
+
+    # ------------------------------------------------------------------ internals
+    def _popen_passing(
+        self, held: _Held, argv: list[str], **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
+        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), *held.fds())
+        return subprocess.Popen(argv, **kwargs)
+
+    @contextlib.contextmanager
+    def _held(self, qube: str) -> Iterator[_Held]:
+        held = self._open_holder(qube)
+        try:
+            yield held
+        finally:
+            held.close()
+
+    def _open_holder(self, qube: str, or_any: bool = False) -> _Held:
+        """Fds on the namespaces of the qube's holder (or, ``or_any``, of any recorded
+        process of the qube, all being in the same ones), opened first and then checked
+        against the recorded start time: they can only name the recorded process's."""
+        userns = self.isolation().userns
+        names = ("user", "net", "mnt") if userns else ("net", "mnt")
+        entries = [e for e in self.table.entries() if e.qube == qube]
+        for entry in sorted(reversed(entries), key=lambda e: e.role != HOLDER_ROLE):
+            if entry.role != HOLDER_ROLE and not or_any:
+                continue
+            opened: list[int] = []
+            try:
+                for ns in names:
+                    opened.append(os.open(f"/proc/{entry.pid}/ns/{ns}", os.O_RDONLY))
+            except OSError:
+                for fd in opened:
+                    os.close(fd)
+                continue
+            held = _Held(opened[0] if userns else None, opened[-2], opened[-1])
+            if self.table.alive(entry):
+                return held
+            held.close()
+        raise ProcessLookupError(
+            f"qube {qube} is not running (its namespace holder is gone): run "
+            f"`qubes-fwupd-sandbox down --dir {self.sandbox.dir}`, then up"
+        )
+
+    def _stop_strays(self, qube: str, held: _Held) -> list[str]:
+        ours = {_ns_id(os.fstat(fd)) for fd in (held.net, held.mnt)}
+        report = []
+        for _ in range(5):  # a stray may fork while we stop it
+            strays = [r for r in _processes(qube) if _namespaces_of(r.pid) & ours]
+            if not strays:
+                break
+            report += [f"{stray}: {self.table.stop(stray, timeout=2.0)}" for stray in strays]
+        return report
+
+
+def _ns_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _namespaces_of(pid: int) -> set[tuple[int, int]]:
+    ids = set()
+    for ns in ("net", "mnt"):
+        with contextlib.suppress(OSError):
+            ids.add(_ns_id(os.stat(f"/proc/{pid}/ns/{ns}")))
+    return ids
+
+
+def _processes(qube: str) -> Iterator[Recorded]:
+    """Every live process, with the start time read *before* its namespaces are: a PID
+    recycled in between fails the start-time check of ProcessTable.stop."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = proc_stat(int(name))
+            if stat is not None and stat[0] != "Z":
+                yield Recorded("stray", qube, int(name), stat[1])
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path, qube: str) -> None:
+    out = cast(IO[bytes], proc.stdout)  # stdout=PIPE
+    try:
+        ready, _, _ = select.select([out], [], [], _HOLDER_READY_SECONDS)
+        line = out.readline() if ready else b""
+    finally:
+        out.close()
+    if line != b"ready\n":
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        raise ProcessLookupError(
+            f"the namespaces of {qube} could not be made; {log}: {' | '.join(tail)}"
+        )
+
+
+# ---------------------------------------------------------------------- the holder itself
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str, target: Path, fstype: str | None, flags: int, data: str = "") -> None:
+    fs = fstype.encode() if fstype else None
+    result = _libc.mount(source.encode(), str(target).encode(), fs, ctypes.c_ulong(flags),
+                         data.encode() or None)  # fmt: skip
+    _check(result, f"mount {source} on {target}")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("set", "clr", "propagation", "userns")]
+
+
+def _read_only(target: Path, readonly: bool, recursive: bool) -> None:
+    """mount_setattr(2): unlike a remount, it changes this one flag and nothing else."""
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY if readonly else 0, 0 if readonly else _MOUNT_ATTR_RDONLY)
+    # syscall(2) is variadic: every argument must be given its full width
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_long(_AT_FDCWD),
+        ctypes.c_char_p(str(target).encode()),
+        ctypes.c_long(_AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
+        ctypes.c_long(ctypes.sizeof(attr)),
+    )  # fmt: skip
+    _check(result, f"mount_setattr {target}")
+
+
+def hold(sandbox: Sandbox, qube: str) -> None:
+    """Run as the holder, in the fresh namespaces unshare made: the qube's view of the
+    files, loopback up, "ready" on stdout, then sleep until SIGTERM."""
+    root = sandbox.root(qube)
+    # a handle on the qube's tree, to bind it back once DIR is covered
+    keep = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True, stdin=subprocess.DEVNULL)
+    # what every qube shares (the code, /etc, /usr, /var, /run) is read-only to each, so
+    # none can leave anything there for another to find
+    _read_only(Path("/"), readonly=True, recursive=True)
+    code = _code_paths()
+    for scratch in _PRIVATE_SCRATCH:
+        # the interpreter or the repo living in /tmp must stay visible
+        if scratch.is_dir() and not any(p.is_relative_to(scratch) for p in code):
+            _mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777")
+    sandbox.dir.mkdir(parents=True, exist_ok=True)
+    _mount("qubes-fwupd-sandbox", sandbox.dir, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755")
+    root.mkdir(parents=True)
+    _mount(f"/proc/self/fd/{keep}", root, None, _MS_BIND | _MS_REC)
+    os.close(keep)
+    _read_only(root, readonly=False, recursive=True)
+    # nor can a qube leave files where the others' trees would be
+    _read_only(sandbox.dir, readonly=True, recursive=False)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:
+        signal.pause()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="a sandbox qube's namespace holder")
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--qube", required=True, choices=sorted(QUBES))
+    args = parser.parse_args(argv)
+    hold(Sandbox(args.dir.resolve()), args.qube)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -473,9 +473,18 @@ def hold(sandbox: Sandbox, qube: str) -> None:
     _read_only(Path("/"), readonly=True, recursive=True)
     code = _code_paths()
     for scratch in _PRIVATE_SCRATCH:
-        # the interpreter or the repo living in /tmp must stay visible
-        if scratch.is_dir() and not any(p.is_relative_to(scratch) for p in code):
-            _mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777")
+        if not scratch.is_dir():
+            continue
+        # a checkout or venv under /tmp (a CI clone) must stay visible, read-only, inside
+        # the fresh scratch: handles first, since the tmpfs hides the paths
+        inside = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in code
+                  if p.is_relative_to(scratch) and p != scratch]  # fmt: skip
+        _mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777")
+        for path, handle in inside:
+            path.mkdir(parents=True, exist_ok=True)
+            _mount(f"/proc/self/fd/{handle}", path, None, _MS_BIND | _MS_REC)
+            os.close(handle)
+            _read_only(path, readonly=True, recursive=True)
     sandbox.dir.mkdir(parents=True, exist_ok=True)
     _mount("qubes-fwupd-sandbox", sandbox.dir, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755")
     root.mkdir(parents=True)

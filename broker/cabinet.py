@@ -40,7 +40,9 @@ from lxml import etree
 from broker.config import Limits
 from broker.errors import FormatError, LimitExceeded, VerificationError
 from broker.jcat import Jcat, JcatItem, parse_jcat
+from broker.metadata import safe_iterparse
 from broker.signatures import TrustPolicy, TrustStore, verify_file
+from broker.transfer import write_all
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,6 @@ def _pread_exact(fd: int, size: int, offset: int, what: str) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
 
 
 def _file_state(fd: int) -> tuple[int, int, int, int]:
@@ -464,7 +461,7 @@ class _Outputs:
             part = view[: self.left]
             self.hash.update(part)
             if self.fd >= 0:
-                _write_all(self.fd, part)
+                write_all(self.fd, part)
             self.left -= len(part)
             view = view[len(part) :]
             if not self.left:
@@ -594,17 +591,7 @@ def _parse_metainfo(data: bytes, name: str) -> _Metainfo:
     declared = _XML_DECL_ENCODING.match(data.removeprefix(b"\xef\xbb\xbf"))
     if declared and declared.group(1).lower() not in (b"utf-8", b"utf8"):
         raise FormatError(f"{name} declares an encoding other than UTF-8")
-    context = etree.iterparse(
-        io.BytesIO(data),
-        events=("start",),
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        huge_tree=False,
-        remove_comments=True,
-        remove_pis=True,
-        encoding="utf-8",
-    )
+    context = safe_iterparse(io.BytesIO(data), ("start",), encoding="utf-8")
     root: etree._Element | None = None
     try:
         for _event, el in context:

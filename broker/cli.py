@@ -31,7 +31,7 @@ from broker.qrexec import Transport, call, check, transport_from_env
 from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
 from broker.session import ExpectedFile, Outcome, Sessions
-from broker.transfer import sha256_of_fd
+from broker.transfer import sha256_of_fd, write_all
 from broker.updatevm import DownloadRequest, Wanted
 from broker.usbvm import UsbvmClient
 
@@ -73,7 +73,7 @@ class App:
                 self.transport,
                 updatevm,
                 DOWNLOAD_SERVICE,
-                feed=lambda fd: _write_all(fd, request),
+                feed=lambda fd: write_all(fd, request),
                 max_stdout=4096,
                 timeout=self.limits.transfer_seconds + 60,
             )
@@ -117,12 +117,6 @@ class App:
             if newer:
                 out.append((qd, newer))
         return out
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _p(text: str) -> str:

@@ -37,7 +37,7 @@ from broker.config import Limits, Paths, Remote, check_url
 from broker.errors import ConfigError, FormatError, LimitExceeded, NothingToDo, RollbackError
 from broker.jcat import BlobKind, build_jcat, parse_jcat
 from broker.signatures import TrustPolicy, TrustStore, Verified, verify_file
-from broker.transfer import install_file, is_file_name
+from broker.transfer import fsync_dir, install_file, is_file_name, write_atomic
 
 _GENERATION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\.[0-9a-f]{12}")
 
@@ -168,19 +168,26 @@ def _release_from(remote: Remote, comp: etree._Element, rel: etree._Element) -> 
     )
 
 
-def parse_catalog(stream: IO[bytes], remote: Remote) -> Catalog:
-    """Releases from an AppStream catalog. Only ever call on verified bytes."""
-    releases: list[Release] = []
-    context = etree.iterparse(
-        stream,
-        events=("start", "end"),
+def safe_iterparse(source: Any, events: tuple[str, ...], **extra: Any) -> Any:
+    """libxml2 as dom0 may use it: no entities, no DTD, no network, no huge trees, no
+    comments or PIs. Callers still refuse any DOCTYPE outright (AppStream never has one)."""
+    return etree.iterparse(
+        source,
+        events=events,
         resolve_entities=False,
         no_network=True,
         load_dtd=False,
         huge_tree=False,
         remove_comments=True,
         remove_pis=True,
+        **extra,
     )
+
+
+def parse_catalog(stream: IO[bytes], remote: Remote) -> Catalog:
+    """Releases from an AppStream catalog. Only ever call on verified bytes."""
+    releases: list[Release] = []
+    context = safe_iterparse(stream, ("start", "end"))
     seen_root = False
     try:
         for event, el in context:
@@ -249,27 +256,6 @@ def staleness(accepted: dict[str, str] | None, max_age_days: int, now: datetime)
     return f"metadata was signed {days} days ago, more than metadata_max_age_days={max_age_days}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_durably(path: Path, data: bytes, mode: int = 0o640) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class MetadataStore:
     """The trusted metadata cache: per remote, a generation directory holding the data and
     its jcat, published by an atomic symlink swap (old or new, never half)."""
@@ -328,7 +314,7 @@ class MetadataStore:
                     ]
                 }
             )
-            _replace_durably(gen / remote.jcat_name, jcat, mode=0o644)
+            write_atomic(gen / remote.jcat_name, jcat, mode=0o644)
         except BaseException:
             shutil.rmtree(gen, ignore_errors=True)
             raise
@@ -343,8 +329,8 @@ class MetadataStore:
             "sha256": verified.sha256,
             "accepted_at": datetime.now(UTC).isoformat(),
         }
-        _fsync_dir(base)
-        _replace_durably(self.paths.metadata_state_file, json.dumps(state, indent=1).encode())
+        fsync_dir(base)
+        write_atomic(self.paths.metadata_state_file, json.dumps(state, indent=1).encode())
         # only ever a generation of ours: a direct child named <remote>.<12 hex>
         if old and old != gen.name and _GENERATION.fullmatch(old) and old.startswith(remote.id):
             shutil.rmtree(base / old, ignore_errors=True)

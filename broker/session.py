@@ -18,6 +18,7 @@ from pathlib import Path
 
 from broker.cabinet import ExpectedRelease
 from broker.errors import FormatError, TransferError
+from broker.transfer import write_atomic
 
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -51,19 +52,6 @@ class Outcome:
     nothing_new: bool = False
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # group-readable: in dom0 the receive service runs as the login user (group qubes)
-    # and the manager as root; packaging makes the dirs root:qubes 2770
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def check_nonce(untrusted_nonce: object) -> str:
     if not isinstance(untrusted_nonce, str) or not _NONCE.fullmatch(untrusted_nonce):
         raise TransferError("malformed session nonce")
@@ -86,7 +74,7 @@ class Sessions:
         self.sweep(ttl)
         session = Session(secrets.token_hex(16), kind, remote_id, files, time.time() + ttl, release)
         doc = asdict(session)
-        _write_atomic(self.dir / f"{session.nonce}.pending", json.dumps(doc).encode())
+        write_atomic(self.dir / f"{session.nonce}.pending", json.dumps(doc).encode())
         return session
 
     def sweep(self, ttl: float) -> None:
@@ -126,7 +114,7 @@ class Sessions:
         return session
 
     def finish(self, nonce: str, outcome: Outcome) -> None:
-        _write_atomic(self.dir / f"{nonce}.outcome", json.dumps(asdict(outcome)).encode())
+        write_atomic(self.dir / f"{nonce}.outcome", json.dumps(asdict(outcome)).encode())
 
     def outcome(self, nonce: str) -> Outcome | None:
         path = self.dir / f"{nonce}.outcome"

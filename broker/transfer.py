@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import select
 import time
 from collections.abc import Sequence
@@ -146,7 +147,7 @@ def write_frame(out_fd: int, header: dict[str, Any], files: Sequence[tuple[str, 
     sizes = [os.fstat(fd).st_size for _, fd in files]
     entries = [{"name": name, "size": size} for (name, _), size in zip(files, sizes, strict=True)]
     line = json.dumps({**header, "version": FRAME_VERSION, "files": entries}).encode() + b"\n"
-    _write_all(out_fd, line)
+    write_all(out_fd, line)
     for (name, fd), size in zip(files, sizes, strict=True):
         os.lseek(fd, 0, os.SEEK_SET)
         left = size
@@ -154,14 +155,39 @@ def write_frame(out_fd: int, header: dict[str, Any], files: Sequence[tuple[str, 
             chunk = os.read(fd, min(CHUNK, left))
             if not chunk:
                 raise TransferError(f"{name} shrank while being sent")
-            _write_all(out_fd, chunk)
+            write_all(out_fd, chunk)
             left -= len(chunk)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write may write less than asked (pipes, signals): loop until all is out."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """Old or new, never half: a private temp file, fsync, rename, fsync the directory.
+    Group-readable by default: in dom0 the receive service runs as the login user (group
+    qubes) and the manager as root; packaging makes the dirs root:qubes 2770."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def sha256_of_fd(fd: int) -> tuple[str, int]:
@@ -210,8 +236,4 @@ def install_file(fd: int, untrusted_path: Path, dest: Path) -> None:
     if os.stat(dest, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
         dest.unlink()
         raise TransferError(f"{dest.name}: replaced between verification and storing")
-    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(dest.parent)

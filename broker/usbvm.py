@@ -27,7 +27,14 @@ from broker.qrexec import Transport, call, check
 from broker.sanitize import printable
 from broker.service import ServiceContext, run_service
 from broker.signatures import TrustStore
-from broker.transfer import StreamReader, UntrustedFiles, parse_header, sha256_of_fd, write_frame
+from broker.transfer import (
+    StreamReader,
+    UntrustedFiles,
+    parse_header,
+    sha256_of_fd,
+    write_all,
+    write_frame,
+)
 
 SERVICE = "qubes.FwupdUsbvm"
 _DEVICE_ID = re.compile(r"^[0-9a-f]{40}$")
@@ -164,10 +171,7 @@ def _expected_release(header: dict[str, Any]) -> ExpectedRelease:
 
 
 def _reply(ctx: ServiceContext, doc: dict[str, Any]) -> None:
-    data = json.dumps(doc).encode() + b"\n"
-    view = memoryview(data)
-    while view:
-        view = view[os.write(ctx.stdout_fd, view) :]
+    write_all(ctx.stdout_fd, json.dumps(doc).encode() + b"\n")
 
 
 def agent(ctx: ServiceContext) -> int:

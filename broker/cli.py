@@ -132,7 +132,11 @@ def cmd_refresh(app: App, args: argparse.Namespace) -> int:
             remote.id,
             [
                 Wanted(remote.metadata_name, remote.metadata_url, app.limits.metadata_max_bytes),
-                Wanted(remote.jcat_name, remote.metadata_url + ".jcat", app.limits.jcat_max_bytes),
+                Wanted(
+                    remote.signature_name,
+                    f"{remote.metadata_url}.{remote.signature}",
+                    app.limits.jcat_max_bytes,
+                ),
             ],
         )
         print(f"{remote.id}: {outcome.message}")

@@ -161,13 +161,21 @@ class Remote:
     metadata_url: str
     # mirrors: cab locations in metadata are rebased onto this (FirmwareBaseURI in fwupd)
     firmware_base_uri: str | None = None
+    # "jcat" (LVFS) or "asc": a legacy detached GPG signature beside the metadata
+    signature: str = "jcat"
 
     @property
     def metadata_name(self) -> str:
         return self.metadata_url.rstrip("/").rsplit("/", 1)[-1]
 
     @property
+    def signature_name(self) -> str:
+        """The signature file as the remote serves it."""
+        return f"{self.metadata_name}.{self.signature}"
+
+    @property
     def jcat_name(self) -> str:
+        """The jcat dom0 stores and hands to fwupd: always ours, whatever was served."""
         return self.metadata_name + ".jcat"
 
 
@@ -217,7 +225,10 @@ class Config:
             base = sec.get("firmware_base_uri", "").strip() or None
             if base:
                 check_url(base, f"remote {rid} firmware_base_uri")
-            remotes.append(Remote(rid, url, base))
+            signature = sec.get("signature", "jcat").strip()
+            if signature not in ("jcat", "asc"):
+                raise ConfigError(f"remote {rid} signature must be jcat or asc")
+            remotes.append(Remote(rid, url, base, signature))
         try:
             max_age = int(main.get("metadata_max_age_days", "30"))
         except ValueError as e:

@@ -14,6 +14,7 @@ Rules, each enforced in one place below:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import gzip
 import io
@@ -34,8 +35,15 @@ import zstandard
 from lxml import etree
 
 from broker.config import Limits, Paths, Remote, check_url
-from broker.errors import ConfigError, FormatError, LimitExceeded, NothingToDo, RollbackError
-from broker.jcat import BlobKind, build_jcat, parse_jcat
+from broker.errors import (
+    ConfigError,
+    FormatError,
+    LimitExceeded,
+    NothingToDo,
+    RollbackError,
+    VerificationError,
+)
+from broker.jcat import BlobKind, JcatBlob, JcatItem, build_jcat, parse_jcat
 from broker.signatures import TrustPolicy, TrustStore, Verified, verify_file
 from broker.transfer import fsync_dir, install_file, is_file_name, write_atomic
 
@@ -210,15 +218,35 @@ def parse_catalog(stream: IO[bytes], remote: Remote) -> Catalog:
 
 
 # --------------------------------------------------------------------------- acceptance
+_MAX_ASC_BYTES = 64 * 1024
+
+
 def verify_metadata(
     data_fd: int,
-    jcat_bytes: bytes,
+    signature_bytes: bytes,
     remote: Remote,
     trust: TrustStore,
     limits: Limits,
     policy: TrustPolicy,
 ) -> Verified:
-    jcat = parse_jcat(jcat_bytes, limits.jcat_max_bytes, limits.jcat_json_max_bytes)
+    """The metadata behind data_fd, checked against its jcat or, for a legacy remote, its
+    detached .asc (then: one trusted GPG signature; no sha256 is served to compare, and
+    the signature binds the bytes anyway)."""
+    if remote.signature == "asc":
+        if "gpg" not in policy.accepted:
+            raise VerificationError(
+                f"{remote.signature_name}: a GPG signature, and signature_kinds excludes gpg"
+            )
+        if len(signature_bytes) > _MAX_ASC_BYTES:
+            raise LimitExceeded(f"{remote.signature_name} is larger than {_MAX_ASC_BYTES} bytes")
+        if not signature_bytes.isascii():
+            raise FormatError(f"{remote.signature_name} is not an ASCII-armored signature")
+        item = JcatItem(
+            remote.metadata_name, (JcatBlob(int(BlobKind.GPG), signature_bytes.decode()),)
+        )
+        gpg_only = dataclasses.replace(policy, require_sha256=False, accepted=frozenset({"gpg"}))
+        return verify_file(data_fd, item, trust, gpg_only, name=remote.metadata_name)
+    jcat = parse_jcat(signature_bytes, limits.jcat_max_bytes, limits.jcat_json_max_bytes)
     item = jcat.item_for(remote.metadata_name)
     return verify_file(data_fd, item, trust, policy, name=remote.metadata_name)
 

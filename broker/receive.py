@@ -92,7 +92,7 @@ def _receive_for(
         if session.kind == "metadata":
             remote = ctx.config.remote(session.remote_id)
             data_fd = untrusted.fds[remote.metadata_name]
-            jcat_fd = untrusted.fds[remote.jcat_name]
+            jcat_fd = untrusted.fds[remote.signature_name]
             os.lseek(jcat_fd, 0, os.SEEK_SET)
             jcat_bytes = os.read(jcat_fd, limits.jcat_max_bytes + 1)
             trust = TrustStore.from_dirs(paths.pki_metadata_dirs)

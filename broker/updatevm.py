@@ -146,9 +146,10 @@ def fetch_and_push(ctx: ServiceContext) -> int:
 def _first_check_metadata(
     ctx: ServiceContext, request: DownloadRequest, fds: dict[str, int]
 ) -> None:
-    data_name = next(n for n in fds if not n.endswith(".jcat"))
-    remote = Remote(request.remote, f"https://updatevm.invalid/{data_name}")
-    jcat_fd = fds[remote.jcat_name]
+    data_name = next(n for n in fds if not n.endswith((".jcat", ".asc")))
+    signature = "asc" if f"{data_name}.asc" in fds else "jcat"
+    remote = Remote(request.remote, f"https://updatevm.invalid/{data_name}", None, signature)
+    jcat_fd = fds[remote.signature_name]
     os.lseek(jcat_fd, 0, os.SEEK_SET)
     jcat_bytes = os.read(jcat_fd, ctx.config.limits.jcat_max_bytes + 1)
     trust = TrustStore.from_dirs(ctx.paths.pki_metadata_dirs)

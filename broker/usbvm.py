@@ -71,7 +71,7 @@ def parse_devices_reply(untrusted_reply: bytes, limits: Limits) -> list[Device]:
     untrusted_devices = untrusted_doc["devices"]
     if len(untrusted_devices) > limits.max_devices:
         raise LimitExceeded(f"sys-usb reports more than {limits.max_devices} devices")
-    devices = []
+    devices: list[Device] = []
     for untrusted_d in untrusted_devices:
         if not isinstance(untrusted_d, dict):
             raise FormatError("sys-usb reply: a device is not an object")
@@ -102,6 +102,8 @@ def parse_devices_reply(untrusted_reply: bytes, limits: Limits) -> list[Device]:
             ),
             "Flags": untrusted_flags,
         }
+        if any(d.device_id == checked["DeviceId"] for d in devices):
+            raise FormatError(f"sys-usb reply lists DeviceId {checked['DeviceId']} twice")
         devices.append(device_from_dbus(checked))
     return devices
 
@@ -148,7 +150,7 @@ class UsbvmClient:
         check(
             call(self.transport, self.qube, f"{SERVICE}+Install",
                  feed=lambda out: write_frame(out, header, [(release.filename, cab_fd)]),
-                 max_stdout=4096),
+                 max_stdout=4096, timeout=self.limits.transfer_seconds),
             self.qube, f"{SERVICE}+Install",
         )  # fmt: skip
 

@@ -93,9 +93,10 @@ def test_not_an_object_with_a_devices_list_is_refused(doc: object) -> None:
 
 def test_too_many_devices_is_refused() -> None:
     limits = Limits(max_devices=2)
-    assert len(parse_devices_reply(_reply(GOOD.to_json(), GOOD.to_json()), limits)) == 2
+    distinct = [{**GOOD.to_json(), "DeviceId": f"{i:040x}"} for i in range(3)]
+    assert len(parse_devices_reply(_reply(*distinct[:2]), limits)) == 2
     with pytest.raises(LimitExceeded, match="more than 2 devices"):
-        parse_devices_reply(_reply(*[GOOD.to_json()] * 3), limits)
+        parse_devices_reply(_reply(*distinct), limits)
 
 
 @pytest.mark.parametrize("device", [None, 1, "dev", [GOOD.to_json()]])
@@ -336,3 +337,11 @@ def test_structured_replies_only_raise_broker_errors(doc: object) -> None:
         assert isinstance(d.flags, int) and 0 <= d.flags < 2**64
         for text in (d.name, d.vendor, *d.vendor_ids, *d.protocols):
             assert _no_control_or_format(text), repr(text)
+
+
+def test_a_device_id_listed_twice_is_refused() -> None:
+    """Two copies of one device would be shown (and routed) as two devices."""
+    one = Device("a" * 40, "cam", "1.0", (), "", ("USB:0x1",), "test", (), 2).to_json()
+    other = {**one, "Version": "0.0.1"}
+    with pytest.raises(FormatError, match=f"lists DeviceId {'a' * 40} twice"):
+        parse_devices_reply(json.dumps({"devices": [one, other]}).encode(), Limits())

@@ -29,6 +29,7 @@ from lxml import etree
 
 from broker.jcat import BlobKind, build_jcat
 from broker.sandbox.pki import SandboxPki, sign_gpg, sign_pkcs7
+from broker.transfer import fsync_dir
 
 # gzip for remotes whose id lacks "lvfs", zstd for the others: fwupd rewrites the
 # MetadataURI of an "lvfs" remote to .xml.zst and silently ignores gzip pushed to it
@@ -160,14 +161,6 @@ def sign_file(pki: SandboxPki, path: Path) -> bytes:
     return _jcat_for(pki, path, path.name)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _temp_beside(final: Path) -> Iterator[tuple[IO[bytes], Path]]:
     """A temp file in the destination's directory (so os.replace is atomic), removed
@@ -248,5 +241,5 @@ def publish(lvfs_dir: Path, cabs: Sequence[Path], pki: SandboxPki, base_url: str
             os.replace(tmp, final)
         _write_atomic(jcat, signature)
         written += [final, jcat]
-    _fsync_dir(lvfs_dir)
+    fsync_dir(lvfs_dir)
     return written

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import gnupg
 import zstandard
@@ -191,24 +191,25 @@ sys.exit(plan["exit"] if plan.get("exit") is not None else (last[-1]["code"] if 
 """
 
 
-class CompromisedUpdateVM:
-    """sys-firewall's qubes.FwupdDownload replaced by a script that follows a plan: a list
-    of pushes (header template + parts), then an exit status. Restored on exit."""
+class _SwappedService:
+    """A qube's qrexec service replaced by our script for the duration of a `with`: the
+    symlink in its qubes-rpc dir points at the script, and back at the real entry point
+    afterwards, whatever happened."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, qube: str, service: str, script: str) -> None:
         self.sandbox = sandbox
-        self.dir = sandbox.root("sys-firewall") / "hostile"
-        self.entry = sandbox.rpc_dir("sys-firewall") / "qubes.FwupdDownload"
-        self.script = self.dir / "download"
+        self.dir = sandbox.root(qube) / "hostile"
+        self.entry = sandbox.rpc_dir(qube) / service
+        self.script = self.dir / script
         self._original = ""
-        self._files = 0
 
-    def __enter__(self) -> CompromisedUpdateVM:
+    def _script_text(self) -> str:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         self._original = os.readlink(self.entry)
         self.dir.mkdir(exist_ok=True)
-        self.script.write_text(
-            _UPDATEVM_SCRIPT.format(python=sys.executable, dir=str(self.dir), service=RECEIVE)
-        )
+        self.script.write_text(self._script_text())
         self.script.chmod(0o755)
         self.entry.unlink()
         self.entry.symlink_to(self.script)
@@ -218,6 +219,18 @@ class CompromisedUpdateVM:
         self.entry.unlink(missing_ok=True)
         self.entry.symlink_to(self._original)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class CompromisedUpdateVM(_SwappedService):
+    """sys-firewall's qubes.FwupdDownload replaced by a script that follows a plan: a list
+    of pushes (header template + parts), then an exit status. Restored on exit."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        super().__init__(sandbox, "sys-firewall", "qubes.FwupdDownload", "download")
+        self._files = 0
+
+    def _script_text(self) -> str:
+        return _UPDATEVM_SCRIPT.format(python=sys.executable, dir=str(self.dir), service=RECEIVE)
 
     @contextmanager
     def honest(self) -> Iterator[None]:
@@ -287,31 +300,18 @@ sys.exit(plan["exit"])
 """
 
 
-class MaliciousUsbvm:
+class MaliciousUsbvm(_SwappedService):
     """sys-usb's qubes.FwupdUsbvm answering GetDevices with planned bytes (other arguments
     go to the real service). Restored on exit."""
 
     def __init__(self, sandbox: Sandbox) -> None:
-        self.dir = sandbox.root("sys-usb") / "hostile"
-        self.entry = sandbox.rpc_dir("sys-usb") / "qubes.FwupdUsbvm"
-        self.script = self.dir / "usbvm"
-        self._original = ""
+        super().__init__(sandbox, "sys-usb", "qubes.FwupdUsbvm", "usbvm")
 
-    def __enter__(self) -> MaliciousUsbvm:
-        self._original = os.readlink(self.entry)
-        self.dir.mkdir(exist_ok=True)
-        self.script.write_text(
-            _USBVM_SCRIPT.format(python=sys.executable, dir=str(self.dir), original=self._original)
+    def _script_text(self) -> str:
+        # _original is read in __enter__ before the script is written
+        return _USBVM_SCRIPT.format(
+            python=sys.executable, dir=str(self.dir), original=self._original
         )
-        self.script.chmod(0o755)
-        self.entry.unlink()
-        self.entry.symlink_to(self.script)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.entry.unlink(missing_ok=True)
-        self.entry.symlink_to(self._original)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def answer(self, reply: bytes, exit_code: int = 0, stderr: str = "") -> None:
         (self.dir / "reply.bin").write_bytes(reply)

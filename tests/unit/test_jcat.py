@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from broker.config import Limits
 from broker.errors import BrokerError, FormatError, LimitExceeded
 from broker.jcat import BlobKind, Jcat, JcatBlob, build_jcat, parse_jcat
+from tests.properties import assert_user_message
 
 LIMITS = Limits()
 REAL_JCAT = Path("/usr/share/installed-tests/fwupd/fakedevice124.jcat")
@@ -175,7 +176,8 @@ _doc = st.one_of(
 def _parses_or_refuses(data: bytes) -> None:
     try:
         result = _parse(data, max_bytes=64 * 1024, max_json=256 * 1024)
-    except BrokerError:
+    except BrokerError as e:
+        assert_user_message(e)
         return
     assert isinstance(result, Jcat)
     for item in result.items:

@@ -3,7 +3,6 @@ only the project's own errors come out (never a crash, a hang or a stray excepti
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import lzma
 import os
@@ -20,6 +19,7 @@ from broker.jcat import BlobKind, JcatBlob, JcatItem
 from broker.metadata import open_catalog, parse_catalog
 from broker.signatures import TrustStore, verify_file
 from broker.updatevm import DownloadRequest
+from tests.properties import assert_user_message, only_our_errors
 
 REMOTE = Remote("lvfs", "https://cdn.example/firmware.xml.zst")
 SMALL = Limits(metadata_xml_max_bytes=1 << 20)
@@ -56,8 +56,8 @@ def _parse(name: str, raw: bytes) -> None:
     try:
         with open_catalog(fd, name, SMALL) as stream:
             parse_catalog(stream, REMOTE)
-    except BrokerError:
-        pass
+    except BrokerError as e:
+        assert_user_message(e)
     finally:
         os.close(fd)
 
@@ -77,7 +77,7 @@ def test_catalog_from_xmlish_documents_raises_only_our_errors(name: str, doc: by
 @PROPERTY
 @given(st.binary(max_size=1024) | st.text(max_size=512).map(str.encode))
 def test_download_request_raises_only_our_errors(line: bytes) -> None:
-    with contextlib.suppress(BrokerError):
+    with only_our_errors():
         DownloadRequest.from_json(line)
 
 
@@ -101,7 +101,7 @@ def test_signature_blobs_from_arbitrary_text_raise_only_our_errors(
     item = JcatItem("f", (JcatBlob(int(BlobKind.SHA256), sha), JcatBlob(int(kind), data)))
     try:
         verify_file(fd, item, TrustStore.from_dirs([Path("/etc/pki/fwupd")]), name="f")
-    except BrokerError:
-        pass
+    except BrokerError as e:
+        assert_user_message(e)
     finally:
         os.close(fd)

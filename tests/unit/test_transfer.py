@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ from broker.transfer import (
     sha256_of_fd,
     write_frame,
 )
+from tests.properties import assert_user_message, only_our_errors
 
 HEADER_MAX = 64 * 1024
 
@@ -494,7 +494,7 @@ def test_parse_header_refuses_a_missing_size() -> None:
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.binary(max_size=512))
 def test_parse_header_arbitrary_bytes_only_raise_broker_errors(line: bytes) -> None:
-    with contextlib.suppress(BrokerError):
+    with only_our_errors():
         parse_header(line)
 
 
@@ -529,7 +529,8 @@ def test_parse_header_structured_input_only_raises_broker_errors(
     line = json.dumps({"version": version, "files": files}).encode()
     try:
         _, parsed = parse_header(line)
-    except BrokerError:
+    except BrokerError as e:
+        assert_user_message(e)
         return
     for f in parsed:
         assert isinstance(f.size, int) and not isinstance(f.size, bool) and f.size >= 0

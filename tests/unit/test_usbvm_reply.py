@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import unicodedata
 from typing import Any
@@ -15,6 +14,7 @@ from broker.config import Limits
 from broker.errors import BrokerError, FormatError, LimitExceeded
 from broker.fwupd import Device
 from broker.usbvm import parse_devices_reply
+from tests.properties import assert_user_message, only_our_errors
 
 LIMITS = Limits()
 GOOD = Device(
@@ -298,7 +298,7 @@ def test_deeply_nested_json_is_a_format_error(reply: bytes) -> None:
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.binary(max_size=1024))
 def test_arbitrary_bytes_only_raise_broker_errors(reply: bytes) -> None:
-    with contextlib.suppress(BrokerError):
+    with only_our_errors():
         parse_devices_reply(reply, LIMITS)
 
 
@@ -331,7 +331,8 @@ _device = st.fixed_dictionaries(
 def test_structured_replies_only_raise_broker_errors(doc: object) -> None:
     try:
         devices = parse_devices_reply(json.dumps(doc).encode(), LIMITS)
-    except BrokerError:
+    except BrokerError as e:
+        assert_user_message(e)
         return
     for d in devices:
         assert isinstance(d.flags, int) and 0 <= d.flags < 2**64

@@ -16,7 +16,7 @@ def assert_user_message(error: BrokerError) -> None:
 
 
 @contextmanager
-def only_our_errors() -> Iterator[None]:
+def expect_only_our_errors() -> Iterator[None]:
     """The body returns, or raises one of the project's errors with a one-line message;
     any other exception fails the test."""
     try:

@@ -27,7 +27,7 @@ from broker.errors import BrokerError, FormatError, LimitExceeded, VerificationE
 from broker.jcat import BlobKind, build_jcat
 from broker.sandbox.pki import SandboxPki, sign_pkcs7
 from broker.signatures import TrustPolicy, TrustStore
-from tests.properties import assert_user_message, only_our_errors
+from tests.properties import assert_user_message, expect_only_our_errors
 
 from .conftest import FWUPD_PKI
 
@@ -783,7 +783,7 @@ def _base_cabs() -> list[bytes]:
 BASES = _base_cabs()
 
 
-def _walk_only_refuses(data: bytes) -> None:
+def check_walk_only_refuses(data: bytes) -> None:
     try:
         walk(data)
     except BrokerError as e:
@@ -793,13 +793,13 @@ def _walk_only_refuses(data: bytes) -> None:
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=4096))
 def test_arbitrary_bytes_only_raise_broker_errors(data: bytes) -> None:
-    _walk_only_refuses(data)
+    check_walk_only_refuses(data)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600))
 def test_arbitrary_bytes_after_a_signature_only_raise_broker_errors(tail: bytes) -> None:
-    _walk_only_refuses(b"MSCF" + tail)
+    check_walk_only_refuses(b"MSCF" + tail)
 
 
 @st.composite
@@ -831,7 +831,7 @@ def test_mutated_cabs_only_raise_broker_errors_in_bounded_memory(data: bytes) ->
     with memfd(data) as fd:
         tracemalloc.start()
         try:
-            with only_our_errors():
+            with expect_only_our_errors():
                 walk_cab(fd, LIMITS)
             peak = tracemalloc.get_traced_memory()[1]
         finally:

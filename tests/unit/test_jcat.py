@@ -173,7 +173,7 @@ _doc = st.one_of(
 )
 
 
-def _parses_or_refuses(data: bytes) -> None:
+def check_parses_or_refuses(data: bytes) -> None:
     try:
         result = _parse(data, max_bytes=64 * 1024, max_json=256 * 1024)
     except BrokerError as e:
@@ -190,19 +190,19 @@ def _parses_or_refuses(data: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2048))
 def test_arbitrary_bytes_only_raise_broker_errors(data: bytes) -> None:
-    _parses_or_refuses(data)
+    check_parses_or_refuses(data)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512), st.binary(max_size=80))
 def test_arbitrary_gzipped_bytes_only_raise_broker_errors(payload: bytes, tail: bytes) -> None:
-    _parses_or_refuses(gzip.compress(payload, mtime=0) + tail)
+    check_parses_or_refuses(gzip.compress(payload, mtime=0) + tail)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_doc)
 def test_arbitrary_json_documents_only_raise_broker_errors(doc: Any) -> None:
-    _parses_or_refuses(gzip.compress(json.dumps(doc).encode(), mtime=0))
+    check_parses_or_refuses(gzip.compress(json.dumps(doc).encode(), mtime=0))
 
 
 @settings(max_examples=200, deadline=None)

@@ -19,7 +19,7 @@ from broker.jcat import BlobKind, JcatBlob, JcatItem
 from broker.metadata import open_catalog, parse_catalog
 from broker.signatures import TrustStore, verify_file
 from broker.updatevm import DownloadRequest
-from tests.properties import assert_user_message, only_our_errors
+from tests.properties import assert_user_message, expect_only_our_errors
 
 REMOTE = Remote("lvfs", "https://cdn.example/firmware.xml.zst")
 SMALL = Limits(metadata_xml_max_bytes=1 << 20)
@@ -77,7 +77,7 @@ def test_catalog_from_xmlish_documents_raises_only_our_errors(name: str, doc: by
 @PROPERTY
 @given(st.binary(max_size=1024) | st.text(max_size=512).map(str.encode))
 def test_download_request_raises_only_our_errors(line: bytes) -> None:
-    with only_our_errors():
+    with expect_only_our_errors():
         DownloadRequest.from_json(line)
 
 

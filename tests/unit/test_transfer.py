@@ -30,7 +30,7 @@ from broker.transfer import (
     sha256_of_fd,
     write_frame,
 )
-from tests.properties import assert_user_message, only_our_errors
+from tests.properties import assert_user_message, expect_only_our_errors
 
 HEADER_MAX = 64 * 1024
 
@@ -494,7 +494,7 @@ def test_parse_header_refuses_a_missing_size() -> None:
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.binary(max_size=512))
 def test_parse_header_arbitrary_bytes_only_raise_broker_errors(line: bytes) -> None:
-    with only_our_errors():
+    with expect_only_our_errors():
         parse_header(line)
 
 

@@ -14,7 +14,7 @@ from broker.config import Limits
 from broker.errors import BrokerError, FormatError, LimitExceeded
 from broker.fwupd import Device
 from broker.usbvm import parse_devices_reply
-from tests.properties import assert_user_message, only_our_errors
+from tests.properties import assert_user_message, expect_only_our_errors
 
 LIMITS = Limits()
 GOOD = Device(
@@ -298,7 +298,7 @@ def test_deeply_nested_json_is_a_format_error(reply: bytes) -> None:
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.binary(max_size=1024))
 def test_arbitrary_bytes_only_raise_broker_errors(reply: bytes) -> None:
-    with only_our_errors():
+    with expect_only_our_errors():
         parse_devices_reply(reply, LIMITS)
 
 

@@ -8,6 +8,7 @@ verdict back for the manager. Names, sizes and checksums that dom0 expects come 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -81,8 +82,12 @@ class Sessions:
         """Drop what a killed manager or service left: sessions older than any can live."""
         cutoff = time.time() - ttl - 60
         for path in self.dir.iterdir():
-            if path.suffix in (".pending", ".taken", ".outcome") and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
+            if path.suffix not in (".pending", ".taken", ".outcome"):
+                continue
+            # a concurrent run may close its session between our listing and our stat
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
 
     def take(self, untrusted_nonce: object) -> Session:
         """Claim a pending session exactly once; refuses unknown, used or expired nonces."""

@@ -168,3 +168,15 @@ def test_open_sweeps_sessions_a_killed_manager_left(sessions: Sessions) -> None:
     fresh = sessions.open("cab", "lvfs", FILES, ttl=60)
     assert not stale.exists()
     assert (sessions.dir / f"{fresh.nonce}.pending").exists()
+
+
+def test_sweep_tolerates_a_session_closed_while_it_runs(
+    sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another manager may close its session between the listing and the stat."""
+    s = sessions.open("cab", "lvfs", FILES, ttl=60)
+    listed = list(sessions.dir.iterdir())
+    sessions.close(s.nonce)
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(listed))
+    sessions.sweep(60)  # must not raise FileNotFoundError
+    assert not (sessions.dir / f"{s.nonce}.pending").exists()

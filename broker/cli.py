@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from broker.cabinet import ExpectedRelease
-from broker.config import Config, Paths, Remote
+from broker.config import Config, Limits, Paths, Remote
 from broker.errors import (
     BrokerError,
     LimitExceeded,
@@ -31,7 +31,8 @@ from broker.qrexec import Transport, call, check, transport_from_env
 from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
 from broker.session import ExpectedFile, Outcome, Sessions
-from broker.transfer import sha256_of_fd, write_all
+from broker.signatures import sha256_fd
+from broker.transfer import write_all
 from broker.updatevm import DownloadRequest, Wanted
 from broker.usbvm import UsbvmClient
 
@@ -43,10 +44,9 @@ class App:
     paths: Paths
     config: Config
     transport: Transport
-    verbose: bool = False
 
     @property
-    def limits(self) -> Any:
+    def limits(self) -> Limits:
         return self.config.limits
 
     def usbvm(self) -> UsbvmClient | None:
@@ -139,7 +139,7 @@ def cmd_refresh(app: App, args: argparse.Namespace) -> int:
                 ),
             ],
         )
-        print(f"{remote.id}: {outcome.message}")
+        print(f"{remote.id}: {_p(outcome.message)}")
         if reason := app.stale(remote.id):
             print(
                 f"{remote.id}: warning: {reason}; unattended updates are blocked", file=sys.stderr
@@ -275,7 +275,7 @@ def _install(app: App, qd: QubeDevice, release: Release) -> None:
     fd = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         # the fd we hash is the fd we hand over: nothing can be swapped in between
-        if sha256_of_fd(fd)[0] != release.sha256:
+        if sha256_fd(fd)[0] != release.sha256:
             raise VerificationError(f"{cab.name}: cached cab no longer matches its sha256")
         print(f"Installing on {qd.qube}…")
         if qd.qube == DOM0:
@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     paths = Paths.from_env()
     try:
-        app = App(paths, Config.load(paths), transport_from_env(), args.verbose)
+        app = App(paths, Config.load(paths), transport_from_env())
         code: int = args.func(app, args)
         return code
     except BrokerError as e:

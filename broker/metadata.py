@@ -34,7 +34,7 @@ from typing import IO, Any, cast
 import zstandard
 from lxml import etree
 
-from broker.config import Limits, Paths, Remote, check_url
+from broker.config import Config, Limits, Paths, Remote, check_url
 from broker.errors import (
     ConfigError,
     FormatError,
@@ -219,6 +219,16 @@ def parse_catalog(stream: IO[bytes], remote: Remote) -> Catalog:
 
 # --------------------------------------------------------------------------- acceptance
 _MAX_ASC_BYTES = 64 * 1024
+
+
+def verify_metadata_files(
+    data_fd: int, signature_fd: int, remote: Remote, paths: Paths, config: Config
+) -> Verified:
+    """The one way each qube checks metadata it holds as two open files: its own
+    metadata trust store, the configured policy, the signature read under its cap."""
+    signature = os.pread(signature_fd, config.limits.jcat_max_bytes + 1, 0)
+    trust = TrustStore.from_dirs(paths.pki_metadata_dirs)
+    return verify_metadata(data_fd, signature, remote, trust, config.limits, config.trust)
 
 
 def verify_metadata(

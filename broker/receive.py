@@ -13,7 +13,6 @@ The verdict is written to the session for the manager, and is the exit status.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 
@@ -24,7 +23,7 @@ from broker.metadata import (
     check_rollback,
     open_catalog,
     parse_catalog,
-    verify_metadata,
+    verify_metadata_files,
 )
 from broker.sanitize import printable
 from broker.service import ServiceContext, log, run_service
@@ -92,11 +91,9 @@ def _receive_for(
         if session.kind == "metadata":
             remote = ctx.config.remote(session.remote_id)
             data_fd = untrusted.fds[remote.metadata_name]
-            jcat_fd = untrusted.fds[remote.signature_name]
-            os.lseek(jcat_fd, 0, os.SEEK_SET)
-            jcat_bytes = os.read(jcat_fd, limits.jcat_max_bytes + 1)
-            trust = TrustStore.from_dirs(paths.pki_metadata_dirs)
-            verified = verify_metadata(data_fd, jcat_bytes, remote, trust, limits, ctx.config.trust)
+            verified = verify_metadata_files(
+                data_fd, untrusted.fds[remote.signature_name], remote, paths, ctx.config
+            )
             # verified: now, and only now, the decompressor and libxml2 may see it
             with open_catalog(data_fd, remote.metadata_name, limits) as stream:
                 catalog = parse_catalog(stream, remote)

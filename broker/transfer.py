@@ -11,7 +11,6 @@ untrusted dir, and only verified files are renamed into the trusted cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -188,16 +187,6 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def sha256_of_fd(fd: int) -> tuple[str, int]:
-    os.lseek(fd, 0, os.SEEK_SET)
-    h, size = hashlib.sha256(), 0
-    while chunk := os.read(fd, CHUNK):
-        h.update(chunk)
-        size += len(chunk)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return h.hexdigest(), size
 
 
 class UntrustedFiles:

@@ -22,12 +22,18 @@ import requests
 
 from broker.config import Limits, Remote, check_url
 from broker.errors import FormatError, LimitExceeded, TransferError, VerificationError
-from broker.metadata import verify_metadata
+from broker.metadata import verify_metadata_files
 from broker.qrexec import call, check, transport_from_env
 from broker.service import ServiceContext, run_service
 from broker.session import check_nonce
-from broker.signatures import TrustStore
-from broker.transfer import CHUNK, FRAME_VERSION, StreamReader, is_file_name, write_frame
+from broker.transfer import (
+    CHUNK,
+    FRAME_VERSION,
+    StreamReader,
+    is_file_name,
+    write_all,
+    write_frame,
+)
 
 PUSH_SERVICE = "qubes.FwupdReceiveUpdates"
 _GRACE_SECONDS = 10.0  # before the minimum-rate rule applies (TLS set-up, slow start)
@@ -100,7 +106,7 @@ def download(url: str, out_fd: int, max_size: int, limits: Limits) -> str:
                 if total > max_size:
                     raise LimitExceeded(f"{url}: more than {max_size} bytes")
                 h.update(chunk)
-                os.write(out_fd, chunk)
+                write_all(out_fd, chunk)
                 elapsed = time.monotonic() - start
                 if elapsed > limits.transfer_seconds:
                     raise TransferError(f"{url}: download took longer than the deadline")
@@ -149,11 +155,7 @@ def _first_check_metadata(
     data_name = next(n for n in fds if not n.endswith((".jcat", ".asc")))
     signature = "asc" if f"{data_name}.asc" in fds else "jcat"
     remote = Remote(request.remote, f"https://updatevm.invalid/{data_name}", None, signature)
-    jcat_fd = fds[remote.signature_name]
-    os.lseek(jcat_fd, 0, os.SEEK_SET)
-    jcat_bytes = os.read(jcat_fd, ctx.config.limits.jcat_max_bytes + 1)
-    trust = TrustStore.from_dirs(ctx.paths.pki_metadata_dirs)
-    verify_metadata(fds[data_name], jcat_bytes, remote, trust, ctx.config.limits, ctx.config.trust)
+    verify_metadata_files(fds[data_name], fds[remote.signature_name], remote, ctx.paths, ctx.config)
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ from broker.cabinet import ExpectedRelease, inspect_cab
 from broker.config import Limits, Remote
 from broker.errors import FormatError, LimitExceeded, TransferError, VerificationError
 from broker.fwupd import Device, FwupdClient, device_from_dbus
-from broker.metadata import Release, verify_metadata
+from broker.metadata import Release, verify_metadata_files
 from broker.qrexec import Transport, call, check
 from broker.sanitize import printable
 from broker.service import ServiceContext, run_service
@@ -31,7 +31,6 @@ from broker.transfer import (
     StreamReader,
     UntrustedFiles,
     parse_header,
-    sha256_of_fd,
     write_all,
     write_frame,
 )
@@ -198,14 +197,9 @@ def agent(ctx: ServiceContext) -> int:
                 reader.copy_exact(untrusted.create(f.name), f.size)
             reader.expect_eof()
             remote = Remote(remote_id, f"https://dom0.invalid/{data.name}")
-            jcat_fd = untrusted.fds[jcat.name]
-            os.lseek(jcat_fd, 0, os.SEEK_SET)
-            jcat_bytes = os.read(jcat_fd, limits.jcat_max_bytes + 1)
-            trust = TrustStore.from_dirs(ctx.paths.pki_metadata_dirs)
-            verify_metadata(
-                untrusted.fds[data.name], jcat_bytes, remote, trust, limits, ctx.config.trust
-            )
-            loaded = client.update_metadata(remote_id, untrusted.fds[data.name], jcat_fd)
+            data_fd, jcat_fd = untrusted.fds[data.name], untrusted.fds[jcat.name]
+            verify_metadata_files(data_fd, jcat_fd, remote, ctx.paths, ctx.config)
+            loaded = client.update_metadata(remote_id, data_fd, jcat_fd)
             _reply(ctx, {"status": "loaded" if loaded else "nothing-to-do"})
             return 0
         if ctx.argument == "Install":
@@ -218,7 +212,7 @@ def agent(ctx: ServiceContext) -> int:
             fd = untrusted.create(cab.name)
             reader.copy_exact(fd, cab.size, h)
             reader.expect_eof()
-            if h.hexdigest() != sha256 or sha256_of_fd(fd)[0] != sha256:
+            if h.hexdigest() != sha256:
                 raise VerificationError(f"{cab.name}: sha256 does not match what dom0 verified")
             # the third check: sys-usb inspects the cab with its own trust store before its
             # fwupd (which checks the payload signature once more) sees it

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import BrokerError, FormatError, LimitExceeded, TransferError
+from broker.signatures import sha256_fd
 from broker.transfer import (
     CHUNK,
     FRAME_VERSION,
@@ -27,7 +28,6 @@ from broker.transfer import (
     install_file,
     is_file_name,
     parse_header,
-    sha256_of_fd,
     write_frame,
 )
 from tests.properties import assert_user_message, expect_only_our_errors
@@ -136,7 +136,7 @@ def test_write_frame_reads_back_byte_exact(tmp_path: Path, pipe: Pipe) -> None:
         assert reader.read_exact(files[1].size) == small
         assert reader.read_exact(files[2].size) == b""
         reader.expect_eof()
-        assert sha256_of_fd(out_fd) == (hashlib.sha256(big).hexdigest(), len(big))
+        assert sha256_fd(out_fd) == (hashlib.sha256(big).hexdigest(), len(big))
     finally:
         os.close(out_fd)
         for _, fd in fds:
@@ -633,11 +633,11 @@ def test_install_file_replaces_an_existing_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.parent.iterdir()) == ["abc.cab"]
 
 
-def test_sha256_of_fd_rewinds(tmp_path: Path) -> None:
+def test_sha256_fd_hashes_the_whole_file_and_leaves_the_offset(tmp_path: Path) -> None:
     fd = _file_fd(tmp_path, "f", b"hello")
     try:
         os.read(fd, 2)
-        assert sha256_of_fd(fd) == (hashlib.sha256(b"hello").hexdigest(), 5)
-        assert os.read(fd, 10) == b"hello"
+        assert sha256_fd(fd) == (hashlib.sha256(b"hello").hexdigest(), 5)
+        assert os.read(fd, 10) == b"llo"
     finally:
         os.close(fd)

@@ -42,6 +42,9 @@ class JcatBlob:
 class JcatItem:
     id: str
     blobs: tuple[JcatBlob, ...]
+    # the LVFS names its item after the generation (firmware-07078-stable.xml.gz) and lists
+    # the served names (firmware.xml.zst, ...) here
+    alias_ids: tuple[str, ...] = ()
 
     def of_kind(self, kind: BlobKind) -> tuple[JcatBlob, ...]:
         return tuple(b for b in self.blobs if b.kind == kind)
@@ -52,14 +55,22 @@ class Jcat:
     items: tuple[JcatItem, ...]
 
     def item_for(self, name: str) -> JcatItem:
-        """The item that speaks for the file we call ``name``.
+        """The item that speaks for the file we call ``name``, looked up as libjcat does
+        (jcat_file_get_item_by_id): an item with that id, else one with that alias; two
+        candidates at either step are refused, never chosen between.
 
-        The name is ours (the file we are about to store), never taken from the jcat.
-        An item with that id wins; a jcat with a single item may use another id (mirrors
-        rename files), since its checksum and signature must still bind our bytes."""
-        for item in self.items:
-            if item.id == name:
-                return item
+        The name is ours (the file we are about to store), never taken from the jcat. A
+        jcat with a single item that names neither still speaks for the file (fwupd takes
+        the default item; mirrors rename files): its checksum and signature must still
+        bind our bytes."""
+        for what, found in (
+            ("items with the id", [i for i in self.items if i.id == name]),
+            ("items with the alias", [i for i in self.items if name in i.alias_ids]),
+        ):
+            if len(found) > 1:
+                raise FormatError(f"jcat has {len(found)} {what} {name}")
+            if found:
+                return found[0]
         if len(self.items) == 1:
             return self.items[0]
         if not self.items:
@@ -103,6 +114,9 @@ def parse_jcat(data: bytes, max_bytes: int, max_json_bytes: int) -> Jcat:
         blobs_raw = untrusted_item.get("Blobs", [])
         if not isinstance(item_id, str) or not isinstance(blobs_raw, list):
             raise FormatError("jcat item lacks an Id string or a Blobs list")
+        aliases = untrusted_item.get("AliasIds", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise FormatError("jcat item has an AliasIds that is not a list of strings")
         blobs = []
         for untrusted_blob in blobs_raw:
             if not isinstance(untrusted_blob, dict):
@@ -118,12 +132,15 @@ def parse_jcat(data: bytes, max_bytes: int, max_json_bytes: int) -> Jcat:
             ):
                 raise FormatError("jcat blob has a malformed Kind, Data or Timestamp")
             blobs.append(JcatBlob(kind=kind, data=blob_data, timestamp=stamp))
-        items.append(JcatItem(id=item_id, blobs=tuple(blobs)))
+        items.append(JcatItem(id=item_id, blobs=tuple(blobs), alias_ids=tuple(aliases)))
     return Jcat(items=tuple(items))
 
 
-def build_jcat(items: dict[str, list[tuple[BlobKind, str]]]) -> bytes:
-    """Serialise a jcat (used by the sandbox's LVFS and by tests that forge them)."""
+def build_jcat(
+    items: dict[str, list[tuple[BlobKind, str]]],
+    aliases: dict[str, list[str]] | None = None,
+) -> bytes:
+    """Serialise a jcat (dom0's own for fwupd, the sandbox's LVFS, tests that forge them)."""
     now = int(time.time())
     doc = {
         "JcatVersionMajor": 0,
@@ -131,6 +148,7 @@ def build_jcat(items: dict[str, list[tuple[BlobKind, str]]]) -> bytes:
         "Items": [
             {
                 "Id": item_id,
+                **({"AliasIds": aliases[item_id]} if aliases and item_id in aliases else {}),
                 "Blobs": [
                     {"Kind": int(kind), "Flags": 1, "Timestamp": now, "Data": data}
                     for kind, data in blobs

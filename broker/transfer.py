@@ -26,7 +26,10 @@ from broker.errors import FormatError, LimitExceeded, TransferError
 
 CHUNK = 256 * 1024
 FRAME_VERSION = 1
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+# NAME_MAX: the LVFS names cabs <sha1>-<Vendor>-<Model>-<version>.cab, 187 chars at most
+# today; the name never reaches a path in dom0 (cabs are stored by sha256)
+MAX_FILE_NAME = 255
+_FILE_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._+-]{{0,{MAX_FILE_NAME - 1}}}$")
 
 
 def is_file_name(name: str) -> bool:
@@ -201,7 +204,10 @@ class UntrustedFiles:
         self.fds: dict[str, int] = {}
 
     def create(self, name: str) -> int:
-        path = self.dir / f"{self.prefix}.{name}.UNTRUSTED"
+        if name in self.paths:
+            raise FileExistsError(f"{name} was already received")
+        # by position, not by name: a 255-character name must not make the path too long
+        path = self.dir / f"{self.prefix}.{len(self.paths)}.UNTRUSTED"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         self.paths[name], self.fds[name] = path, fd
         return fd

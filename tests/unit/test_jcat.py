@@ -146,6 +146,45 @@ def test_item_for_picks_by_name_or_the_only_item() -> None:
     assert _parse(build_jcat({"renamed-by-mirror": []})).item_for("c").id == "renamed-by-mirror"
 
 
+def test_item_for_looks_up_an_lvfs_generation_item_by_its_alias() -> None:
+    """Since 2024 the LVFS names its item after the generation and aliases the served
+    names; the id wins over an alias, as in libjcat's jcat_file_get_item_by_id."""
+    served = ["firmware.xml.gz", "firmware.xml.zst", "firmware.xml.xz"]
+    jcat = _parse(
+        build_jcat(
+            {"firmware-07078-stable.xml.gz": [], "firmware.xml.xz": [], "other": []},
+            {"firmware-07078-stable.xml.gz": served},
+        )
+    )
+    assert jcat.items[0].alias_ids == tuple(served)
+    assert jcat.item_for("firmware.xml.zst").id == "firmware-07078-stable.xml.gz"
+    assert jcat.item_for("firmware-07078-stable.xml.gz").id == "firmware-07078-stable.xml.gz"
+    assert jcat.item_for("firmware.xml.xz").id == "firmware.xml.xz"  # the id, not the alias
+    with pytest.raises(FormatError, match=r"3 items and none for firmware\.xml$"):
+        jcat.item_for("firmware.xml")
+
+
+@pytest.mark.parametrize(
+    ("items", "what"),
+    [
+        ([{"Id": "f.zst", "Blobs": []}, {"Id": "f.zst", "Blobs": []}], "2 items with the id f.zst"),
+        (
+            [{"Id": "g1", "AliasIds": ["f.zst"]}, {"Id": "g2", "AliasIds": ["f.zst"]}],
+            "2 items with the alias f.zst",
+        ),
+    ],
+)
+def test_item_for_refuses_two_candidates(items: list[dict[str, Any]], what: str) -> None:
+    with pytest.raises(FormatError, match=what):
+        _parse(_gz({"Items": items})).item_for("f.zst")
+
+
+@pytest.mark.parametrize("aliases", ["f.zst", [1], [None], {"a": 1}])
+def test_malformed_alias_ids_are_refused(aliases: object) -> None:
+    with pytest.raises(FormatError, match="AliasIds"):
+        _parse(_gz({"Items": [{"Id": "g", "AliasIds": aliases, "Blobs": []}]}))
+
+
 # --- whatever the bytes, only BrokerError -----------------------------------------------
 
 _json = st.recursive(

@@ -345,7 +345,9 @@ def test_parse_header_accepts_a_valid_header() -> None:
 
 
 def test_parse_header_accepts_the_longest_name() -> None:
-    name = "a" * 128
+    # an LVFS-style name (<sha1>-<Vendor>-<Model>-<version>.cab) at NAME_MAX
+    name = ("0123456789abcdef" * 3)[:40] + "-" + "V" * 204 + "-1.2.3.cab"
+    assert len(name) == 255
     _, files = parse_header(_header([{"name": name, "size": 1}]))
     assert files[0].name == name
 
@@ -431,7 +433,7 @@ def test_parse_header_refuses_entries_that_are_not_objects(entry: object) -> Non
         "a\x7fb",
         "a b",
         "a\\b",
-        "a" * 129,
+        "a" * 256,
         "caf\u00e9.cab",
         "a\u202eb",
         None,
@@ -455,8 +457,8 @@ def test_parse_header_refuses_a_name_with_a_trailing_newline() -> None:
         ("firmware.xml.zst", True),
         ("a", True),
         ("A-b_c+1.cab", True),
-        ("a" * 128, True),
-        ("a" * 129, False),
+        ("a" * 255, True),
+        ("a" * 256, False),
         ("", False),
         (".", False),
         ("..", False),
@@ -545,7 +547,7 @@ def test_untrusted_files_are_private_and_removed_on_exit(tmp_path: Path) -> None
         os.write(fd, b"data")
         path = u.paths["a.cab"]
         assert path.parent == d
-        assert path.name == "n1.a.cab.UNTRUSTED"
+        assert path.name == "n1.0.UNTRUSTED"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
         assert path.read_bytes() == b"data"
@@ -569,7 +571,7 @@ def test_untrusted_files_are_removed_on_exception(tmp_path: Path) -> None:
 def test_untrusted_files_refuse_an_existing_name(tmp_path: Path) -> None:
     d = tmp_path / "untrusted"
     d.mkdir()
-    existing = d / "n3.a.cab.UNTRUSTED"
+    existing = d / "n3.0.UNTRUSTED"
     existing.write_bytes(b"planted")
     with UntrustedFiles(d, "n3") as u, pytest.raises(FileExistsError):
         u.create("a.cab")
@@ -590,7 +592,7 @@ def test_untrusted_files_refuse_a_planted_symlink(tmp_path: Path, dangling: bool
     target = tmp_path / "victim"
     if not dangling:
         target.write_bytes(b"precious")
-    (d / "n5.a.cab.UNTRUSTED").symlink_to(target)
+    (d / "n5.0.UNTRUSTED").symlink_to(target)
     with UntrustedFiles(d, "n5") as u:
         with pytest.raises(FileExistsError):
             u.create("a.cab")
@@ -600,7 +602,7 @@ def test_untrusted_files_refuse_a_planted_symlink(tmp_path: Path, dangling: bool
     else:
         assert target.read_bytes() == b"precious"
     # the planted link was not ours to remove, and nothing was written through it
-    assert (d / "n5.a.cab.UNTRUSTED").is_symlink()
+    assert (d / "n5.0.UNTRUSTED").is_symlink()
 
 
 # --------------------------------------------------------------------------- install_file

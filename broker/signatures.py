@@ -30,10 +30,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import gnupg
@@ -241,6 +242,71 @@ def _ca_problems(trust: TrustStore) -> list[str]:
     return [f"{p.name}: {s.problem}" for p in trust.ca_files if (s := _ca_status(p)).problem]
 
 
+_SIG_ALGS = "2.16.840.1.101.3.4.3"  # NIST CSOR sigAlgs arc
+_PQ_NAMES = (
+    # pure ML-DSA, FIPS 204 (RFC 9881 for X.509, RFC 9882 for CMS)
+    (17, "ML-DSA-44"),
+    (18, "ML-DSA-65"),
+    (19, "ML-DSA-87"),
+    # pure SLH-DSA, FIPS 205 (RFC 9909 for X.509, RFC 9814 for CMS)
+    (20, "SLH-DSA-SHA2-128s"),
+    (21, "SLH-DSA-SHA2-128f"),
+    (22, "SLH-DSA-SHA2-192s"),
+    (23, "SLH-DSA-SHA2-192f"),
+    (24, "SLH-DSA-SHA2-256s"),
+    (25, "SLH-DSA-SHA2-256f"),
+    (26, "SLH-DSA-SHAKE-128s"),
+    (27, "SLH-DSA-SHAKE-128f"),
+    (28, "SLH-DSA-SHAKE-192s"),
+    (29, "SLH-DSA-SHAKE-192f"),
+    (30, "SLH-DSA-SHAKE-256s"),
+    (31, "SLH-DSA-SHAKE-256f"),
+    # pre-hash HashML-DSA and HashSLH-DSA (NIST CSOR)
+    (32, "HashML-DSA-44 with SHA-512"),
+    (33, "HashML-DSA-65 with SHA-512"),
+    (34, "HashML-DSA-87 with SHA-512"),
+    (35, "HashSLH-DSA-SHA2-128s with SHA-256"),
+    (36, "HashSLH-DSA-SHA2-128f with SHA-256"),
+    (37, "HashSLH-DSA-SHA2-192s with SHA-512"),
+    (38, "HashSLH-DSA-SHA2-192f with SHA-512"),
+    (39, "HashSLH-DSA-SHA2-256s with SHA-512"),
+    (40, "HashSLH-DSA-SHA2-256f with SHA-512"),
+    (41, "HashSLH-DSA-SHAKE-128s with SHAKE128"),
+    (42, "HashSLH-DSA-SHAKE-128f with SHAKE128"),
+    (43, "HashSLH-DSA-SHAKE-192s with SHAKE256"),
+    (44, "HashSLH-DSA-SHAKE-192f with SHAKE256"),
+    (45, "HashSLH-DSA-SHAKE-256s with SHAKE256"),
+    (46, "HashSLH-DSA-SHAKE-256f with SHAKE256"),
+)
+PQ_SIGNATURE_ALGORITHMS: Mapping[str, str] = MappingProxyType(
+    {f"{_SIG_ALGS}.{arc}": name for arc, name in _PQ_NAMES}
+)
+"""Dotted OID -> name of the post-quantum signature algorithms (RFC 9882 ML-DSA in CMS,
+RFC 9814 SLH-DSA): this openssl (3.0) cannot check them, so a SignerInfo that names one
+is skipped by that name and reported, never tried and failed."""
+
+
+def _der_oid(dotted: str) -> bytes:
+    """The content octets of an OBJECT IDENTIFIER (X.690 8.19)."""
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytearray([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        while arc > 0x7F:
+            arc >>= 7
+            chunk.append(0x80 | (arc & 0x7F))
+        out += bytes(reversed(chunk))
+    return bytes(out)
+
+
+_PQ_BY_DER = {_der_oid(oid): name for oid, name in PQ_SIGNATURE_ALGORITHMS.items()}
+
+
+class Unverifiable(VerificationError):
+    """A signature this machine cannot check (post-quantum): skipped by name, reported,
+    never counted, and never mistaken for a failure."""
+
+
 _OID_SIGNED_DATA = bytes.fromhex("2a864886f70d010702")
 _OID_SIGNING_TIME = bytes.fromhex("2a864886f70d010905")
 # openssl 3.0 still verifies SHA-1 CMS signatures; the digest binds the file, so only SHA-2
@@ -300,9 +366,16 @@ def _parse_time(tag: int, raw: bytes) -> datetime:
         raise _DerError("signingTime is not a date") from e
 
 
-def _signer_infos(der: bytes) -> tuple[list[datetime], set[bytes]]:
-    """The signingTime of each SignerInfo's *signed* attributes (RFC 5652 5.3), and the
-    digest algorithms the signers used."""
+@dataclass(frozen=True)
+class _SignerInfos:
+    times: list[datetime]
+    digests: set[bytes]
+    post_quantum: list[str]  # names of the PQ signature algorithms the signers used
+
+
+def _signer_infos(der: bytes) -> _SignerInfos:
+    """The signingTime of each SignerInfo's *signed* attributes (RFC 5652 5.3), the
+    digest algorithms the signers used, and which of them sign post-quantum."""
     content_info = _der_children(der, *_only(_der_children(der, 0, len(der)), _SEQUENCE))
     if (
         len(content_info) != 2
@@ -316,6 +389,7 @@ def _signer_infos(der: bytes) -> tuple[list[datetime], set[bytes]]:
         raise _DerError("SignedData does not end with its SignerInfos")
     times: list[datetime] = []
     digests: set[bytes] = set()
+    post_quantum: list[str] = []
     for tag, start, end in _der_children(der, *signed_data[-1][1:]):
         if tag != _SEQUENCE:
             raise _DerError("SignerInfo is not a SEQUENCE")
@@ -328,7 +402,18 @@ def _signer_infos(der: bytes) -> tuple[list[datetime], set[bytes]]:
         if not algorithm or algorithm[0][0] != _OID:
             raise _DerError("malformed digestAlgorithm")
         digests.add(der[algorithm[0][1] : algorithm[0][2]])
-        if len(fields) < 4 or fields[3][0] != _CONTEXT_0:
+        # signatureAlgorithm follows digestAlgorithm, after the [0] signedAttrs if present
+        has_attrs = len(fields) > 3 and fields[3][0] == _CONTEXT_0
+        sig_at = 4 if has_attrs else 3
+        if len(fields) <= sig_at or fields[sig_at][0] != _SEQUENCE:
+            raise _DerError("SignerInfo lacks its signatureAlgorithm")
+        sig_algorithm = _der_children(der, *fields[sig_at][1:])
+        if not sig_algorithm or sig_algorithm[0][0] != _OID:
+            raise _DerError("malformed signatureAlgorithm")
+        pq = _PQ_BY_DER.get(der[sig_algorithm[0][1] : sig_algorithm[0][2]])
+        if pq:
+            post_quantum.append(pq)
+        if not has_attrs:
             continue
         found = []
         for attr_tag, a_start, a_end in _der_children(der, *fields[3][1:]):
@@ -346,7 +431,7 @@ def _signer_infos(der: bytes) -> tuple[list[datetime], set[bytes]]:
         if len(found) > 1:
             raise _DerError("a signer has more than one signingTime")
         times.extend(found)
-    return times, digests
+    return _SignerInfos(times, digests, post_quantum)
 
 
 def _signer_cn(signer_pem: Path) -> str | None:
@@ -392,9 +477,17 @@ def verify_pkcs7(fd: int, pem: str, trust: TrustStore) -> Signature:
             if ran.returncode:
                 raise VerificationError("not a PKCS#7 signature openssl can read")
             try:
-                times, digests = _signer_infos(sig_der.read_bytes())
+                infos = _signer_infos(sig_der.read_bytes())
             except _DerError as e:
                 raise VerificationError(f"cannot read its signer information: {e}") from e
+            if infos.post_quantum:
+                # decided by name before openssl is asked: it would only report a chain
+                # failure, indistinguishable from a signature by an untrusted key
+                raise Unverifiable(
+                    f"{', '.join(dict.fromkeys(infos.post_quantum))} (post-quantum): "
+                    "this openssl cannot check it"
+                )
+            times, digests = infos.times, infos.digests
             if not digests <= _STRONG_DIGESTS:
                 raise VerificationError("signed with a weak digest (not SHA-256/384/512)")
             failure = "not signed by a trusted CA"
@@ -705,6 +798,9 @@ def verify_file(
             else:
                 signatures.append(_verify_gpg(fd, blob.data, trust, unverifiable))
             verified_blobs.append(blob)
+        except Unverifiable as e:
+            unverifiable.append(f"{kind}: {e}")
+            continue
         except VerificationError as e:
             causes.append(f"{kind}: {e}")
         if kind == "pkcs7":
@@ -713,8 +809,9 @@ def verify_file(
     if _file_state(fd) != before:
         raise VerificationError(f"{name}: changed while it was being verified")
     if not signatures:
+        skipped = [f"{u} (skipped)" for u in unverifiable if u.startswith(("pkcs7:", "gpg:"))]
         raise VerificationError(
-            f"{name}: no trusted signature ({'; '.join(dict.fromkeys(causes))})"
+            f"{name}: no trusted signature ({'; '.join(dict.fromkeys(causes + skipped))})"
         )
     return Verified(
         sha256=digests["sha256"],

@@ -240,6 +240,103 @@ def test_pq_ca_beside_a_trusted_ca_is_unverifiable_not_fatal(
     assert verified.unverifiable == (PQ_UNLOADABLE,)
 
 
+# --- post-quantum signatures: skipped by name ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pq_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """(the PQ CA, an ML-DSA-87 PKCS#7 over CONTENT, one over OTHER), made at run time as
+    the LVFS's second signature is (broker.sandbox.pq)."""
+    pq = pytest.importorskip("broker.sandbox.pq")
+    try:
+        pki = pq.create_pq_pki(tmp_path_factory.mktemp("pq"))
+    except Exception as e:  # an older cryptography: no ML-DSA certificates
+        pytest.skip(f"cannot make ML-DSA-87 certificates here: {e}")
+    d = tmp_path_factory.mktemp("pq-content")
+    (d / "content").write_bytes(CONTENT)
+    (d / "other").write_bytes(OTHER)
+    return pki.ca_pem, pq.sign_pkcs7_pq(pki, d / "content"), pq.sign_pkcs7_pq(pki, d / "other")
+
+
+def _with_pq_ca(trust_dir: Path, pq_ca: Path, tmp_path: Path) -> TrustStore:
+    both = tmp_path / "with-pq"
+    shutil.copytree(trust_dir, both)
+    shutil.copy(pq_ca, both / "sandbox-2025PQ.pem")
+    return TrustStore.from_dirs([both])
+
+
+@pytest.mark.parametrize("order", ["classic first", "pq first"])
+def test_lvfs_style_item_verifies_by_its_classic_signature_and_names_the_pq_one(
+    trust_dir: Path,
+    signed: Signed,
+    pq_signed: tuple[Path, str, str],
+    tmp_path: Path,
+    open_fd: OpenFd,
+    order: str,
+) -> None:
+    """The LVFS's item: sha256, sha512, a classic and an ML-DSA-87 PKCS#7, GPG. The PQ one
+    is named and skipped, and never dropped into the failures: the classic ones count."""
+    pq_ca, pq_blob, _ = pq_signed
+    pkcs7 = [(BlobKind.PKCS7, signed.pkcs7), (BlobKind.PKCS7, pq_blob)]
+    item = _item(
+        _sha256(CONTENT),
+        (BlobKind.SHA512, hashlib.sha512(CONTENT).hexdigest()),
+        *(pkcs7 if order == "classic first" else pkcs7[::-1]),
+        (BlobKind.GPG, signed.gpg),
+    )
+    verified = verify_file(open_fd(CONTENT), item, _with_pq_ca(trust_dir, pq_ca, tmp_path))
+    assert sorted(s.kind for s in verified.signatures) == ["gpg", "pkcs7"]
+    assert [b.data for b in verified.verified_blobs if b.kind == BlobKind.PKCS7] == [signed.pkcs7]
+    assert "pkcs7: ML-DSA-87 (post-quantum): this openssl cannot check it" in (
+        verified.unverifiable
+    )
+
+
+def test_a_pq_signature_alone_never_counts(
+    trust_dir: Path, pq_signed: tuple[Path, str, str], tmp_path: Path, open_fd: OpenFd
+) -> None:
+    pq_ca, pq_blob, _ = pq_signed
+    item = _item(_sha256(CONTENT), (BlobKind.PKCS7, pq_blob))
+    message = _refused(open_fd(CONTENT), item, _with_pq_ca(trust_dir, pq_ca, tmp_path))
+    assert message == (
+        "firmware.bin: no trusted signature "
+        "(pkcs7: ML-DSA-87 (post-quantum): this openssl cannot check it (skipped))"
+    )
+
+
+def test_a_pq_signature_is_skipped_by_name_before_openssl_verifies(
+    trust: TrustStore,
+    pq_signed: tuple[Path, str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    open_fd: OpenFd,
+) -> None:
+    """Skipped because of what it is, not because a check failed: openssl cms -verify is
+    never run on it (it would print a chain failure, like an untrusted signer's)."""
+    _, pq_blob, _ = pq_signed
+    ran: list[list[str]] = []
+    real_run = signatures._run
+
+    def spy(argv: list[str], **kw: object) -> object:
+        ran.append(list(argv))
+        return real_run(argv, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(signatures, "_run", spy)
+    with pytest.raises(signatures.Unverifiable, match="ML-DSA-87"):
+        verify_pkcs7(open_fd(CONTENT), pq_blob, trust)
+    assert not [a for a in ran if "-verify" in a]
+
+
+def test_a_pq_signature_over_other_bytes_is_still_only_unverifiable(
+    trust: TrustStore, signed: Signed, pq_signed: tuple[Path, str, str], open_fd: OpenFd
+) -> None:
+    """It cannot be checked either way: it neither helps nor sinks a file that a classic
+    signature binds."""
+    _, _, pq_other = pq_signed
+    item = _item(_sha256(CONTENT), (BlobKind.PKCS7, pq_other), (BlobKind.PKCS7, signed.pkcs7))
+    verified = verify_file(open_fd(CONTENT), item, trust)
+    assert [s.kind for s in verified.signatures] == ["pkcs7"]
+
+
 # --- sandbox PKI: what verifies -------------------------------------------------------
 
 

@@ -52,6 +52,8 @@ class Limits:
     session_seconds: float = 1800.0  # a dom0 session (nonce) expires after this
     usbvm_seconds: float = 120.0  # sys-usb GetDevices / Refresh (Install gets transfer_seconds)
     max_devices: int = 1024
+    # releases a daemon may offer for one device (the LVFS's largest component has ~80)
+    max_offered_releases: int = 1024
     max_string_chars: int = 4096
 
 
@@ -184,7 +186,12 @@ class Config:
     updatevm: str = "sys-firewall"
     usbvm: str | None = "sys-usb"
     remotes: tuple[Remote, ...] = (
-        Remote("lvfs", "https://cdn.fwupd.org/downloads/firmware.xml.zst"),
+        # fwupd's own lvfs.conf: FirmwareBaseURI=https://fwupd.org/downloads
+        Remote(
+            "lvfs",
+            "https://cdn.fwupd.org/downloads/firmware.xml.zst",
+            "https://fwupd.org/downloads",
+        ),
     )
     limits: Limits = field(default_factory=Limits)
     # metadata signed longer ago than this is "stale": flagged, blocks unattended installs

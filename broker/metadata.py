@@ -8,7 +8,10 @@ Rules, each enforced in one place below:
 - stale ("freeze"): metadata signed longer ago than the max age is flagged;
 - decompression is capped in size and ratio while streaming (:func:`open_catalog`);
 - no DOCTYPE, no entities, no network, no huge trees (:func:`parse_catalog`);
-- download URLs come only from this verified catalog, rebased onto a configured mirror.
+- download URLs come only from this verified catalog, built as fwupd builds them: the
+  remote's FirmwareBaseURI plus the basename of the release's https location;
+- one odd release is skipped with its reason (:class:`Skipped`), never offered, and never
+  sinks the catalog; only structural faults refuse the whole file.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import zstandard
 from lxml import etree
 
+from broker import versions
 from broker.config import Config, Limits, Paths, Remote, check_url
 from broker.errors import (
     ConfigError,
@@ -52,6 +57,8 @@ _GENERATION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\.[0-9a-f]{12}")
 
 @dataclass(frozen=True)
 class Release:
+    """One release of dom0's verified catalog: what may cross, and from where."""
+
     remote_id: str
     component_id: str
     name: str
@@ -64,26 +71,45 @@ class Release:
     size: int
     urgency: str
     description: str
+    # the component's LVFS::VersionFormat ("" when it names none); fwupd's rules apply
+    version_format: str = ""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A release dom0 will never offer, and why (one odd release never sinks a catalog)."""
+
+    component_id: str
+    version: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.component_id} {self.version}: {self.reason}"
 
 
 @dataclass(frozen=True)
 class Catalog:
     remote_id: str
     releases: tuple[Release, ...]
+    skipped: tuple[Skipped, ...] = ()
 
     def releases_for(self, guids: tuple[str, ...]) -> list[Release]:
-        """Releases for any of these GUIDs, newest version first."""
+        """Releases for any of these GUIDs, newest first by fwupd's version rules."""
         wanted = {g.lower() for g in guids}
         found = [r for r in self.releases if wanted & {g.lower() for g in r.guids}]
-        return sorted(found, key=lambda r: version_key(r.version), reverse=True)
+        return sorted(
+            found,
+            key=lambda r: versions.sort_key(versions.version_format(r.version_format))(r.version),
+            reverse=True,
+        )
 
-
-def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    """Order dotted versions numerically where they are numbers (1.2.10 > 1.2.9)."""
-    # isdigit() is true for "²", which int() refuses: ASCII decimals only
-    return tuple(
-        (0, int(p)) if p.isascii() and p.isdecimal() else (1, p) for p in version.split(".")
-    )
+    def find(self, sha256: str, guids: tuple[str, ...]) -> list[Release]:
+        """The releases of the cab with this container sha256 that are for one of these
+        GUIDs (a cab may ship several components)."""
+        wanted = {g.lower() for g in guids}
+        return [
+            r for r in self.releases if r.sha256 == sha256 and wanted & {g.lower() for g in r.guids}
+        ]
 
 
 # --------------------------------------------------------------------------- decompression
@@ -133,47 +159,179 @@ def open_catalog(fd: int, name: str, limits: Limits) -> IO[bytes]:
 
 
 # --------------------------------------------------------------------------- parsing
+_HEX = frozenset("0123456789abcdef")
+_VERSION = re.compile(r"[A-Za-z0-9._+~-]{1,64}")
+
+
+class _Skip(Exception):
+    """This release is odd: skip it (with its reason), keep the catalog."""
+
+
 def _text(el: etree._Element | None) -> str:
     return "".join(str(t) for t in el.itertext()).strip() if el is not None else ""
 
 
-def _release_from(remote: Remote, comp: etree._Element, rel: etree._Element) -> Release | None:
-    location = rel.findtext("location")
-    sha256 = rel.findtext("checksum[@type='sha256'][@target='container']")
-    size = rel.findtext("size[@type='download']")
-    version = rel.get("version")
-    if not (location and sha256 and size and version):
-        return None  # not installable through us: no location or no container checksum
-    location = location.strip()
-    filename = location.rsplit("/", 1)[-1]
-    if not is_file_name(filename):
-        raise FormatError(f"release {version}: location does not end in a plain file name")
-    url = location
-    if remote.firmware_base_uri:
-        url = remote.firmware_base_uri.rstrip("/") + "/" + filename
-    check_url(url, f"release {version} location")
-    sha256 = sha256.strip().lower()
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise FormatError(f"release {version}: malformed sha256")
-    size = size.strip()
-    if not (size.isascii() and size.isdecimal()):
-        raise FormatError(f"release {version}: malformed download size")
-    size_i = int(size)
-    guids = tuple(_text(g) for g in comp.iterfind("provides/firmware[@type='flashed']") if _text(g))
+def _one(values: list[str], what: str) -> str | None:
+    distinct = set(values)
+    if len(distinct) > 1:
+        raise _Skip(f"{what} given {len(distinct)} different ways")
+    return values[0] if values else None
+
+
+def _sha256(value: str) -> str:
+    value = value.strip().lower()
+    if len(value) != 64 or not _HEX.issuperset(value):
+        raise _Skip("malformed sha256")
+    return value
+
+
+def _size(value: str) -> int:
+    value = value.strip()
+    if not (value.isascii() and value.isdecimal()) or len(value) > 18:
+        raise _Skip("malformed download size")
+    return int(value)
+
+
+@dataclass
+class _Sources:
+    """What one place (the binary artifact, or the legacy tags) says about the cab."""
+
+    locations: list[str] = dataclasses.field(default_factory=list)
+    sha256: list[str] = dataclasses.field(default_factory=list)
+    sha1_only: bool = False
+    sizes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _artifact_sources(rel: etree._Element) -> _Sources | None:
+    """fwupd reads the first binary artifact, unless it names a file that is not a cab
+    (src/fu-release.c: such artifacts carried content checksums, not the container's)."""
+    for artifacts in rel.iterchildren("artifacts"):
+        for artifact in artifacts.iterchildren("artifact"):
+            if artifact.get("type") != "binary":
+                continue
+            src = _Sources()
+            for child in artifact.iterchildren():
+                tag = child.tag
+                if tag == "filename":
+                    if not (child.text or "").strip().lower().endswith(".cab"):
+                        return None
+                elif tag == "location":
+                    src.locations.append((child.text or "").strip())
+                elif tag == "checksum":
+                    if child.get("type") == "sha256":
+                        src.sha256.append(_sha256(child.text or ""))
+                    elif child.get("type") == "sha1":
+                        src.sha1_only = True
+                elif tag == "size" and child.get("type") == "download":
+                    src.sizes.append(child.text or "")
+            return src
+    return None
+
+
+def _legacy_sources(rel: etree._Element) -> _Sources:
+    src = _Sources()
+    for child in rel.iterchildren("location", "checksum", "size"):
+        tag = child.tag
+        if tag == "location":
+            src.locations.append((child.text or "").strip())
+        elif tag == "checksum" and child.get("target") == "container":
+            if child.get("type") == "sha256":
+                src.sha256.append(_sha256(child.text or ""))
+            elif child.get("type") == "sha1":
+                src.sha1_only = True
+        elif tag == "size" and child.get("type") == "download":
+            src.sizes.append(child.text or "")
+    return src
+
+
+def _download_url(remote: Remote, locations: list[str]) -> tuple[str, str]:
+    """(url, file name) as fwupd builds it: the remote's FirmwareBaseURI plus the basename
+    of the location's path. Only https locations count (ipfs:// and others are for
+    other clients); query and fragment never reach the URL."""
+    for location in locations:
+        if not location.lower().startswith("https://"):
+            continue
+        try:
+            check_url(location, "location")
+        except ConfigError as e:
+            raise _Skip(str(e).removeprefix("location: ")) from e
+        path = urlsplit(location).path
+        filename = path.rsplit("/", 1)[-1]
+        if not is_file_name(filename):
+            raise _Skip("location does not end in a plain file name")
+        parts = urlsplit(location)
+        base = remote.firmware_base_uri or urlunsplit(
+            (parts.scheme, parts.netloc, path.rsplit("/", 1)[0], "", "")
+        )
+        return check_url(base.rstrip("/") + "/" + filename, "release URL"), filename
+    schemes = sorted({_scheme(loc) for loc in locations})
+    raise _Skip("no https location" + (f" (only {', '.join(schemes)})" if schemes else ""))
+
+
+def _scheme(location: str) -> str:
+    scheme, sep, _ = location.partition(":")
+    return scheme.lower() if sep and scheme.isascii() and scheme.isalnum() else "no scheme"
+
+
+def _release_from(remote: Remote, comp: _Component, rel: etree._Element) -> Release:
+    version = rel.get("version") or ""
+    if not _VERSION.fullmatch(version):
+        raise _Skip("version is missing or not a plain version string")
+    artifact, legacy = _artifact_sources(rel), _legacy_sources(rel)
+    # artifact first, legacy tags as fallback, as fwupd; both must agree where both speak
+    sha256 = _one((artifact.sha256 if artifact else []) + legacy.sha256, "container sha256")
+    if sha256 is None:
+        if (artifact and artifact.sha1_only) or legacy.sha1_only:
+            raise _Skip("sha1 only (no container sha256)")
+        raise _Skip("no container sha256")
+    size = _one(
+        [s.strip() for s in (artifact.sizes if artifact else []) + legacy.sizes],
+        "download size",
+    )
+    if size is None:
+        raise _Skip("no download size")
+    locations = artifact.locations if artifact and artifact.locations else legacy.locations
+    url, filename = _download_url(remote, locations)
     return Release(
         remote_id=remote.id,
-        component_id=comp.findtext("id", "").strip(),
-        name=comp.findtext("name", "").strip(),
-        summary=comp.findtext("summary", "").strip(),
+        component_id=comp.id,
+        name=comp.name,
+        summary=comp.summary,
         version=version,
-        guids=guids,
+        guids=comp.guids,
         url=url,
         filename=filename,
         sha256=sha256,
-        size=size_i,
+        size=_size(size),
         urgency=rel.get("urgency", ""),
         description=_text(rel.find("description")),
+        version_format=comp.version_format,
     )
+
+
+@dataclass(frozen=True)
+class _Component:
+    id: str
+    name: str
+    summary: str
+    guids: tuple[str, ...]
+    version_format: str
+
+    @classmethod
+    def of(cls, comp: etree._Element) -> _Component:
+        fmt = ""
+        for value in comp.iterfind("custom/value"):
+            if value.get("key") == "LVFS::VersionFormat":
+                fmt = (value.text or "").strip()
+        return cls(
+            id=comp.findtext("id", "").strip(),
+            name=comp.findtext("name", "").strip(),
+            summary=comp.findtext("summary", "").strip(),
+            guids=tuple(
+                _text(g) for g in comp.iterfind("provides/firmware[@type='flashed']") if _text(g)
+            ),
+            version_format=fmt,
+        )
 
 
 def safe_iterparse(source: Any, events: tuple[str, ...], **extra: Any) -> Any:
@@ -195,6 +353,7 @@ def safe_iterparse(source: Any, events: tuple[str, ...], **extra: Any) -> Any:
 def parse_catalog(stream: IO[bytes], remote: Remote) -> Catalog:
     """Releases from an AppStream catalog. Only ever call on verified bytes."""
     releases: list[Release] = []
+    skipped: list[Skipped] = []
     context = safe_iterparse(stream, ("start", "end"))
     seen_root = False
     try:
@@ -204,17 +363,19 @@ def parse_catalog(stream: IO[bytes], remote: Remote) -> Catalog:
                 if el.getroottree().docinfo.doctype or el.tag != "components":
                     raise FormatError("metadata has a DOCTYPE or is not a components document")
             if event == "end" and el.tag == "component":
+                comp = _Component.of(el)
                 for rel in el.iterfind("releases/release"):
-                    r = _release_from(remote, el, rel)
-                    if r is not None:
-                        releases.append(r)
+                    try:
+                        releases.append(_release_from(remote, comp, rel))
+                    except _Skip as e:
+                        skipped.append(Skipped(comp.id, rel.get("version") or "?", str(e)))
                 el.clear()
                 parent = el.getparent()
                 if parent is not None:
                     parent.remove(el)
     except etree.XMLSyntaxError as e:
         raise FormatError(f"metadata is not well-formed XML: {e}") from e
-    return Catalog(remote.id, tuple(releases))
+    return Catalog(remote.id, tuple(releases), tuple(skipped))
 
 
 # --------------------------------------------------------------------------- acceptance

@@ -31,6 +31,9 @@ from broker.session import Outcome, Session, Sessions, check_nonce
 from broker.signatures import TrustStore
 from broker.transfer import FrameFile, StreamReader, UntrustedFiles, install_file, parse_header
 
+# a signed catalog could make every release odd: the log names the first ones only
+_MAX_SKIP_LINES = 200
+
 
 def _check_files(session: Session, files: tuple[FrameFile, ...]) -> None:
     expected = {f.name: f for f in session.files}
@@ -105,11 +108,20 @@ def _receive_for(
                     (data_fd, untrusted.paths[remote.metadata_name]),
                     verified,
                 )
+            # one line per release dom0 will never offer, and why: the catalog stands
+            for skipped in catalog.skipped[:_MAX_SKIP_LINES]:
+                log(paths, f"metadata for {remote.id}: skipped {printable(str(skipped), 300)}")
+            if len(catalog.skipped) > _MAX_SKIP_LINES:
+                more = len(catalog.skipped) - _MAX_SKIP_LINES
+                log(paths, f"metadata for {remote.id}: skipped {more} more releases")
+            for note in verified.unverifiable:
+                log(paths, f"metadata for {remote.id}: not checked: {printable(note, 300)}")
             kinds = ", ".join(sorted({s.kind for s in verified.signatures}))
+            skipped_note = f" ({len(catalog.skipped)} skipped)" if catalog.skipped else ""
             return Outcome(
                 True,
                 f"metadata for {remote.id} accepted: signed {verified.signed_at:%Y-%m-%d %H:%M}"
-                f" ({kinds}), {len(catalog.releases)} releases",
+                f" ({kinds}), {len(catalog.releases)} releases{skipped_note}",
                 stored=(str(paths.metadata_dir / remote.id),),
             )
 

@@ -34,12 +34,13 @@ from tests.adversarial.hostile import (
     one_line,
     publish_real,
     publish_variant,
+    restore_mirror,
     sign_bytes,
     sign_pkcs7_without_time,
     trusted_signer,
     untrusted_signer,
 )
-from tests.sandbox_helpers import call_from, manager
+from tests.sandbox_helpers import call_from, manager, qube_paths
 
 pytestmark = pytest.mark.sandbox
 
@@ -133,9 +134,10 @@ LOCAL_FILE_LOCATION = """<?xml version="1.0"?>
 <provides><firmware type="flashed">b585990a-003e-5270-89d5-3705a17f9a43</firmware></provides>
 <releases><release version="9.9.9">
 <location>file:///etc/shadow</location>
+<checksum type="sha1" target="container">{sha1}</checksum>
 <checksum type="sha256" target="container">{sha}</checksum><size type="download">1</size>
 </release></releases></component></components>
-""".format(sha="0" * 64)
+""".format(sha="0" * 64, sha1="0" * 40)
 
 Plan = Callable[[Ctx], list[Any]]
 
@@ -185,8 +187,6 @@ CASES: list[tuple[str, Plan, str]] = [
     ("catalog-nested-10000-deep", lambda c: c.signed(zst(
         "<components>" + "<a>" * 10000 + "</a>" * 10000 + "</components>")),
      "metadata is not well-formed XML"),
-    ("catalog-location-local-file", lambda c: c.signed(zst(LOCAL_FILE_LOCATION)),
-     "is not an http(s) URL"),
     ("jcat-gzip-bomb", lambda c: c.push(c.data, gzip.compress(b" " * (64 * MiB))),
      "jcat decompresses to more than"),
     # framing with the right nonce: names, counts and sizes are dom0's, not the UpdateVM's
@@ -232,6 +232,33 @@ def test_refresh_refuses_what_a_compromised_updatevm_pushes(
     assert_clean(sandbox, before)
     # the refusal is dom0's own, from its receive service
     assert ctx.vm.results()[-1]["stderr"].startswith(f"{RECEIVE}: ")
+
+
+def test_a_release_at_a_local_file_is_skipped_and_its_offer_refused(
+    sandbox: Sandbox, ctx: Ctx
+) -> None:
+    """A trusted-signed catalog whose one release lives at file:///etc/shadow: dom0 takes
+    the catalog (one odd release never sinks it) but never holds that release; fwupd, given
+    the catalog, offers it, and dom0 refuses the offer with one line, fetching nothing."""
+    try:
+        ctx.vm.plan(ctx.signed(zst(LOCAL_FILE_LOCATION)))
+        r = manager(sandbox, "refresh")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "0 releases (1 skipped)" in r.stdout, r.stdout
+        log = (qube_paths(sandbox, "dom0").log_file).read_text()
+        assert "org.fwupd.fakedevice.firmware 9.9.9: no https location (only file)" in log
+        before = baseline(sandbox)
+        for verb in (["get-updates"], ["update", "-y"]):
+            r = manager(sandbox, *verb)
+            assert r.returncode == 1, r.stdout + r.stderr
+            line = one_line(r.stderr)
+            assert "offered org.fwupd.fakedevice.firmware 9.9.9, refused: dom0's verified " in line
+            assert "holds no release with sha256 0000000000000000" in line
+            assert_printable(r.stdout, r.stderr)
+            assert_clean(sandbox, before)
+    finally:
+        with ctx.vm.honest():
+            restore_mirror(sandbox)
 
 
 def test_second_push_with_the_same_nonce_is_refused(sandbox: Sandbox, ctx: Ctx) -> None:

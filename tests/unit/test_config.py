@@ -43,7 +43,14 @@ def test_no_file_means_defaults(tmp_path: Path) -> None:
     assert config == Config()
     assert config.updatevm == "sys-firewall"
     assert config.usbvm == "sys-usb"
-    assert config.remotes == (Remote("lvfs", "https://cdn.fwupd.org/downloads/firmware.xml.zst"),)
+    # fwupd's own lvfs.conf, FirmwareBaseURI included
+    assert config.remotes == (
+        Remote(
+            "lvfs",
+            "https://cdn.fwupd.org/downloads/firmware.xml.zst",
+            "https://fwupd.org/downloads",
+        ),
+    )
     assert config.limits == Limits()
     assert config.metadata_max_age_days == 30
 

@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 from xml.sax.saxutils import escape, quoteattr
 
 import pytest
 import zstandard
 
-from broker.config import Limits, Paths, Remote
+from broker.config import Config, Limits, Paths, Remote
 from broker.errors import ConfigError, FormatError, LimitExceeded, NothingToDo, RollbackError
 from broker.jcat import BlobKind, JcatBlob, parse_jcat
 from broker.metadata import (
@@ -31,7 +31,6 @@ from broker.metadata import (
     check_rollback,
     open_catalog,
     parse_catalog,
-    version_key,
 )
 from broker.signatures import Signature, Verified
 from broker.transfer import UntrustedFiles
@@ -418,30 +417,53 @@ def test_releases_without_location_checksum_or_size_are_skipped() -> None:
             ]
         )
     )
-    assert [r.version for r in _parse(doc).releases] == ["5"]
+    catalog = _parse(doc)
+    assert [r.version for r in catalog.releases] == ["5"]
+    assert [(s.version, s.reason) for s in catalog.skipped] == [
+        ("1", "no https location"),  # none at all
+        ("2", "sha1 only (no container sha256)"),
+        ("3", "no download size"),
+        ("4", "sha1 only (no container sha256)"),
+    ]
 
 
 def test_release_without_version_is_skipped() -> None:
     doc = catalog_xml(Comp(releases=[Rel("1")])).replace(b' version="1"', b"")
-    assert _parse(doc).releases == ()
+    catalog = _parse(doc)
+    assert catalog.releases == ()
+    assert [s.version for s in catalog.skipped] == ["?"]
+
+
+def _skip_reason(doc: bytes, remote: Remote = REMOTE) -> str:
+    """The one release of doc is skipped, and the catalog survives it: its reason."""
+    catalog = _parse(doc + b"", remote)
+    assert catalog.releases == ()
+    (skipped,) = catalog.skipped
+    return skipped.reason
 
 
 @pytest.mark.parametrize("sha", ["a" * 63, "a" * 65, "g" * 64, "a" * 32 + " " + "a" * 31, "x"])
-def test_malformed_sha256_is_refused(sha: str) -> None:
-    with pytest.raises(FormatError, match=r"release 1\.0: malformed sha256"):
-        _parse(catalog_xml(Comp(releases=[Rel("1.0", sha256=sha)])))
+def test_malformed_sha256_skips_the_release(sha: str) -> None:
+    assert _skip_reason(catalog_xml(Comp(releases=[Rel("1.0", sha256=sha)]))) == "malformed sha256"
 
 
-@pytest.mark.parametrize("size", ["big", "1.5", "0x10", "1e3"])
-def test_malformed_download_size_is_refused(size: str) -> None:
+@pytest.mark.parametrize("size", ["big", "1.5", "0x10", "1e3", "-5", "9" * 19])
+def test_malformed_download_size_skips_the_release(size: str) -> None:
     doc = catalog_xml(Comp(releases=[Rel("1.0", size=size)]))
-    with pytest.raises(FormatError, match=r"release 1\.0: malformed download size"):
-        _parse(doc)
+    assert _skip_reason(doc) == "malformed download size"
 
 
-def test_negative_download_size_is_refused() -> None:
-    with pytest.raises(FormatError, match="malformed download size"):
-        _parse(catalog_xml(Comp(releases=[Rel("1.0", size="-5")])))
+def test_one_odd_release_does_not_sink_the_catalog() -> None:
+    doc = catalog_xml(
+        Comp(releases=[Rel("1.0", sha256="x"), Rel("1.1", location="ftp://h/fw.cab")]),
+        Comp(cid="com.example.Good", releases=[Rel("2.0", sha256=SHA_2)]),
+    )
+    catalog = _parse(doc)
+    assert [(r.component_id, r.version) for r in catalog.releases] == [("com.example.Good", "2.0")]
+    assert [str(s) for s in catalog.skipped] == [
+        "com.example.Firmware 1.0: malformed sha256",
+        "com.example.Firmware 1.1: no https location (only ftp)",
+    ]
 
 
 def test_firmware_base_uri_rebases_urls() -> None:
@@ -455,76 +477,159 @@ def test_firmware_base_uri_rebases_urls() -> None:
     assert r.remote_id == "mirror"
 
 
-@pytest.mark.parametrize(
-    "location",
-    [
-        "javascript:alert(1)//fw.cab",
-        "file:///etc/passwd",
-        "ftp://fwupd.org/fw.cab",
-        "https://user:pw@fwupd.org/fw.cab",
-        "https:///fw.cab",
-        "//fwupd.org/fw.cab",
-        "fw.cab",
-        "https://fwupd.org/a b/fw.cab",
-    ],
-)
-def test_unsafe_locations_are_refused(location: str) -> None:
-    with pytest.raises(ConfigError, match=r"release 1\.0 location"):
-        _parse(catalog_xml(Comp(releases=[Rel("1.0", location=location)])))
+def test_the_default_lvfs_remote_builds_urls_as_fwupd_does() -> None:
+    """fwupd's lvfs.conf carries FirmwareBaseURI=https://fwupd.org/downloads: whatever host
+    or path the catalog names, the URL is that base plus the location's basename."""
+    (lvfs,) = Config().remotes
+    doc = catalog_xml(
+        Comp(releases=[Rel("1.0", location="https://attacker.example/x/../downloads/a-fw.cab")])
+    )
+    (r,) = _parse(doc, lvfs).releases
+    assert r.url == "https://fwupd.org/downloads/a-fw.cab"
 
 
 @pytest.mark.parametrize(
-    "location",
+    ("location", "url"),
     [
-        "javascript:alert(1)",
-        "https://fwupd.org/fw.cab#frag",
-        "https://fwupd.org/..",
-        "https://fwupd.org/",
-        "https://fwupd.org/.hidden.cab",
-        "https://fwupd.org/fw.cab?x=1",
-        "https://fwupd.org/fw\u202e.cab",
+        # query and fragment never reach the URL (fwupd takes the path's basename)
+        ("https://fwupd.org/downloads/fw.cab?x=1", "https://fwupd.org/downloads/fw.cab"),
+        ("https://FWUPD.org:443/d/fw.cab", "https://FWUPD.org:443/d/fw.cab"),
+        ("HTTPS://fwupd.org/fw.cab", "https://fwupd.org/fw.cab"),
     ],
 )
-def test_locations_not_ending_in_a_plain_file_name_are_refused(location: str) -> None:
-    with pytest.raises(FormatError, match=r"release 1\.0: location does not end in a plain file"):
-        _parse(catalog_xml(Comp(releases=[Rel("1.0", location=location)])))
+def test_without_a_base_the_location_directory_is_the_base(location: str, url: str) -> None:
+    (r,) = _parse(catalog_xml(Comp(releases=[Rel("1.0", location=location)]))).releases
+    assert r.url == url
+    assert r.filename == "fw.cab"
+
+
+@pytest.mark.parametrize(
+    ("location", "reason"),
+    [
+        ("javascript:alert(1)//fw.cab", "no https location"),
+        ("file:///etc/passwd", "no https location"),
+        ("ftp://fwupd.org/fw.cab", "no https location"),
+        ("http://fwupd.org/fw.cab", "no https location"),
+        ("ipfs://QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "no https location"),
+        ("//fwupd.org/fw.cab", "no https location"),
+        ("fw.cab", "no https location"),
+        ("https://user:pw@fwupd.org/fw.cab", "must not carry credentials"),
+        ("https:///fw.cab", "not an http(s) URL with a host"),
+        ("https://fwupd.org/a b/fw.cab", "spaces, control or non-ASCII"),
+        ("https://[fe80::1/fw.cab", "does not parse"),
+        ("https://fwupd.org/fw.cab#frag", "must not carry credentials or a fragment"),
+        ("https://fwupd.org/..", "plain file name"),
+        ("https://fwupd.org/", "plain file name"),
+        ("https://fwupd.org/.hidden.cab", "plain file name"),
+        ("https://fwupd.org/fw%20x.cab", "plain file name"),
+        ("https://fwupd.org/fw\u202e.cab", "non-ASCII"),
+    ],
+)
+def test_unusable_locations_skip_the_release(location: str, reason: str) -> None:
+    assert reason in _skip_reason(catalog_xml(Comp(releases=[Rel("1.0", location=location)])))
 
 
 def test_rebased_location_is_still_checked_for_its_file_name() -> None:
     mirror = Remote("mirror", "https://mirror.example/firmware.xml.zst", "https://m.example/")
-    with pytest.raises(FormatError, match="plain file name"):
-        _parse(catalog_xml(Comp(releases=[Rel("1.0", location="https://h/..")])), mirror)
+    doc = catalog_xml(Comp(releases=[Rel("1.0", location="https://h/..")]))
+    assert _skip_reason(doc, mirror) == "location does not end in a plain file name"
 
 
-def test_location_with_a_broken_ipv6_host_is_refused() -> None:
-    with pytest.raises(ConfigError, match="location"):
-        _parse(catalog_xml(Comp(releases=[Rel("1.0", location="https://[fe80::1/fw.cab")])))
+# --------------------------------------------------------------------------- release shapes
+NAME = "0123456789abcdef0123456789abcdef01234567-Vendor-Model-1.2.3.cab"
+LONG = "0123456789abcdef0123456789abcdef01234567-" + "V" * 145 + "-Model-1.2.cab"
+URL = "https://fwupd.org/downloads/"
+IPFS = "ipfs://QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
+
+
+def _legacy(name: str = NAME, sha256: str | None = SHA_1, size: str = "4096") -> str:
+    out = f"<location>{URL}{name}</location>"
+    out += f'<checksum type="sha1" filename="{name}" target="container">{"d" * 40}</checksum>'
+    if sha256:
+        out += f'<checksum type="sha256" filename="{name}" target="container">{sha256}</checksum>'
+    out += '<checksum type="sha1" filename="fw.bin" target="content">' + "e" * 40 + "</checksum>"
+    return out + f'<size type="installed">8000</size><size type="download">{size}</size>'
+
+
+def _artifact(
+    *locations: str,
+    name: str = NAME,
+    sha256: str | None = SHA_1,
+    size: str = "4096",
+    kind: str = "binary",
+) -> str:
+    out = f'<artifacts><artifact type="{kind}">'
+    out += "".join(f"<location>{loc}</location>" for loc in (locations or (URL + name,)))
+    out += f"<filename>{name}</filename>"
+    out += f'<checksum type="sha1">{"d" * 40}</checksum>'
+    if sha256:
+        out += f'<checksum type="sha256">{sha256}</checksum>'
+    out += f'<size type="download">{size}</size><size type="installed">8000</size>'
+    return out + "</artifact></artifacts>"
+
+
+def _shape_doc(release_body: str, version_format: str = "triplet") -> bytes:
+    return (
+        '<components origin="lvfs" version="0.9"><component type="firmware">'
+        "<id>com.example.Shape</id><name>Shape</name>"
+        f'<provides><firmware type="flashed">{GUID_A}</firmware></provides>'
+        '<requires><id compare="ge" version="1.5.0">org.freedesktop.fwupd</id></requires>'
+        f'<releases><release version="1.2.3" urgency="high" id="65546">{release_body}'
+        "<description><p>Fixes.</p></description></release></releases>"
+        f'<custom><value key="LVFS::VersionFormat">{version_format}</value></custom>'
+        "</component></components>"
+    ).encode()
+
+
+SHAPES = [
+    # (shape, release body, version format, expected: (filename, sha256, size) or skip reason)
+    ("legacy only", _legacy(), "triplet", (NAME, SHA_1, 4096)),
+    ("artifact only", _artifact(), "triplet", (NAME, SHA_1, 4096)),
+    ("both agreeing", _legacy() + _artifact(), "triplet", (NAME, SHA_1, 4096)),
+    ("both disagreeing", _legacy() + _artifact(sha256=SHA_2), "triplet",
+     "container sha256 given 2 different ways"),
+    ("sizes disagreeing", _legacy() + _artifact(size="4097"), "triplet",
+     "download size given 2 different ways"),
+    ("ipfs first, then https", _legacy() + _artifact(IPFS, URL + NAME), "triplet",
+     (NAME, SHA_1, 4096)),
+    ("ipfs only", _artifact(IPFS), "triplet", "no https location (only ipfs)"),
+    ("a 200-character name", _legacy(LONG) + _artifact(name=LONG), "triplet",
+     (LONG, SHA_1, 4096)),
+    ("sha1 only", _legacy(sha256=None) + _artifact(sha256=None), "triplet",
+     "sha1 only (no container sha256)"),
+    ("an unknown version format", _legacy(), "weird-format", (NAME, SHA_1, 4096)),
+    ("a source artifact too", _legacy() + _artifact(kind="source", sha256=SHA_2), "triplet",
+     (NAME, SHA_1, 4096)),
+    # fwupd ignores a binary artifact naming a non-cab: it carried content checksums
+    ("a binary artifact naming a .bin", _legacy() + _artifact(name="fw.bin", sha256=SHA_2),
+     "triplet", (NAME, SHA_1, 4096)),
+    ("artifact without locations: legacy location",
+     _legacy() + _artifact().replace(f"<location>{URL}{NAME}</location>", ""), "triplet",
+     (NAME, SHA_1, 4096)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "version_format", "expected"),
+    [pytest.param(b, f, e, id=shape) for shape, b, f, e in SHAPES],
+)
+def test_release_shapes(body: str, version_format: str, expected: object) -> None:
+    assert len(LONG) == 200
+    catalog = _parse(_shape_doc(body, version_format), Config().remotes[0])
+    if isinstance(expected, str):
+        assert catalog.releases == ()
+        assert [str(s) for s in catalog.skipped] == [f"com.example.Shape 1.2.3: {expected}"]
+        return
+    filename, sha256, size = cast(tuple[str, str, int], expected)
+    (r,) = catalog.releases
+    assert catalog.skipped == ()
+    assert (r.filename, r.sha256, r.size) == (filename, sha256, size)
+    assert r.url == "https://fwupd.org/downloads/" + filename
+    assert r.version_format == version_format
+    assert r.guids == (GUID_A,)
 
 
 # --------------------------------------------------------------------------- versions
-def test_version_key_orders_numerically() -> None:
-    assert version_key("1.2.10") > version_key("1.2.9")
-    assert version_key("2.0") > version_key("1.99.99")
-    assert version_key("1.2.3.1") > version_key("1.2.3")
-    assert version_key("10") > version_key("9")
-    assert version_key("1.2.3") == version_key("1.2.3")
-    # a non-numeric part sorts after numbers in the same place, and among itself by text
-    assert version_key("1.2.rc1") > version_key("1.2.99")
-    assert version_key("1.2b") > version_key("1.2a")
-    assert sorted(["1.10", "1.9", "1.a", "1.0.1", "0x10", "1"], key=version_key) == [
-        "1",
-        "1.0.1",
-        "1.9",
-        "1.10",
-        "1.a",
-        "0x10",
-    ]
-
-
-def test_version_key_survives_non_decimal_digits() -> None:
-    assert version_key("1.²") != version_key("1.2")
-
-
 def test_releases_for_newest_first_guid_case_insensitive() -> None:
     doc = catalog_xml(
         Comp(releases=[Rel("1.2.9"), Rel("1.2.10"), Rel("1.10.0")]),
@@ -537,6 +642,17 @@ def test_releases_for_newest_first_guid_case_insensitive() -> None:
     assert [r.version for r in catalog.releases_for((GUID_B,))] == ["9.9", "1.3"]
     assert catalog.releases_for(("00000000-0000-0000-0000-000000000000",)) == []
     assert catalog.releases_for(()) == []
+
+
+def test_find_matches_sha256_and_a_device_guid() -> None:
+    doc = catalog_xml(
+        Comp(releases=[Rel("1.0", sha256=SHA_1)]),
+        Comp(cid="other", guids=(GUID_B,), releases=[Rel("2.0", sha256=SHA_2)]),
+    )
+    catalog = _parse(doc)
+    assert [r.version for r in catalog.find(SHA_1, (GUID_A.upper(),))] == ["1.0"]
+    assert catalog.find(SHA_1, (GUID_B,)) == []  # right cab, another device's
+    assert catalog.find(SHA_3, (GUID_A,)) == []
 
 
 # --------------------------------------------------------------------------- rollback

@@ -18,6 +18,8 @@ from typing import Any
 from broker.cabinet import ExpectedRelease
 from broker.config import Config, Limits, Paths, Remote
 from broker.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
     BrokerError,
     LimitExceeded,
     NothingToDo,
@@ -25,8 +27,9 @@ from broker.errors import (
     VerificationError,
     exit_code_for,
 )
-from broker.fwupd import FwupdClient
-from broker.metadata import MetadataStore, Release, iter_catalogs, staleness, version_key
+from broker.fwupd import FwupdClient, OfferedRelease
+from broker.metadata import MetadataStore, Release, iter_catalogs, staleness
+from broker.offers import Refusal, decide
 from broker.qrexec import Transport, call, check, transport_from_env
 from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
@@ -100,23 +103,39 @@ class App:
             store.accepted(remote_id), self.config.metadata_max_age_days, datetime.now(UTC)
         )
 
-    def updates(self, devices: list[QubeDevice]) -> list[tuple[QubeDevice, list[Release]]]:
-        catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
-        out = []
+    def offers(
+        self, kind: str, devices: list[QubeDevice]
+    ) -> dict[tuple[str, str], list[OfferedRelease]]:
+        """What each device's own fwupd offers it, one call per qube. A device its daemon
+        refuses to answer for is left out, as fwupdmgr get-updates leaves it out."""
+        out: dict[tuple[str, str], list[OfferedRelease]] = {}
+        by_qube: dict[str, list[QubeDevice]] = {}
         for qd in devices:
-            if not qd.device.updatable:
-                continue
-            current = version_key(qd.device.version)
-            newer = [
-                r
-                for cat in catalogs
-                for r in cat.releases_for(qd.device.guids)
-                if version_key(r.version) > current
-            ]
-            newer.sort(key=lambda r: version_key(r.version), reverse=True)
-            if newer:
-                out.append((qd, newer))
+            by_qube.setdefault(qd.qube, []).append(qd)
+        for qube, qds in by_qube.items():
+            ids = [qd.device.device_id for qd in qds]
+            if qube == DOM0:
+                found = FwupdClient().offers(kind, ids)
+            else:
+                usbvm = self.usbvm()
+                assert usbvm is not None  # noqa: S101  routing only names the usbvm when set
+                found = usbvm.offers(kind, ids)
+            for qd in qds:
+                offered = found.get(qd.device.device_id, [])
+                if not isinstance(offered, str):
+                    out[qd.key] = offered
         return out
+
+    def updates(
+        self, devices: list[QubeDevice]
+    ) -> tuple[list[tuple[QubeDevice, list[Release]]], list[Refusal]]:
+        """Per device, the upgrades its owner offers that dom0's catalog binds; and the
+        offers refused, each to be reported on its own line."""
+        asked = [qd for qd in devices if qd.device.has_updates_to_ask_for]
+        catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
+        decided = decide(catalogs, asked, self.offers("upgrades", asked))
+        found = [(qd, decided.releases[qd.key]) for qd in asked if qd.key in decided.releases]
+        return found, decided.refused
 
 
 def _p(text: str) -> str:
@@ -197,8 +216,15 @@ def _release_json(r: Release) -> dict[str, Any]:
     }
 
 
+def _report_refusals(refused: list[Refusal]) -> int:
+    """One line per refused offer; the exit code then says that part failed."""
+    for refusal in refused:
+        print(f"qubes-fwupdmgr: {refusal}", file=sys.stderr)
+    return EXIT_FAILURE if refused else EXIT_OK
+
+
 def cmd_get_updates(app: App, args: argparse.Namespace) -> int:
-    found = app.updates(app.devices())
+    found, refused = app.updates(app.devices())
     if args.json:
         doc = {
             "Devices": [
@@ -216,6 +242,8 @@ def cmd_get_updates(app: App, args: argparse.Namespace) -> int:
                 )
         if not found:
             print("No updates available")
+    if refused:
+        return _report_refusals(refused)
     return 0 if found else NothingToDo.exit_code
 
 
@@ -226,12 +254,16 @@ def _matches(qd: QubeDevice, selector: str) -> bool:
 
 
 def cmd_update(app: App, args: argparse.Namespace) -> int:
-    found = app.updates(app.devices())
+    found, refused = app.updates(app.devices())
     if args.device:
         found = [(qd, rs) for qd, rs in found if _matches(qd, args.device)]
+        refused = [r for r in refused if _matches(r.device, args.device)]
     if not found:
+        if refused:
+            return _report_refusals(refused)
         raise NothingToDo("no updates available" + (f" for {args.device}" if args.device else ""))
     for qd, releases in found:
+        # the owner offered these newest first, by its version rules: take its first
         release = releases[0]
         desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> {_p(release.version)}"
         if reason := app.stale(release.remote_id):
@@ -261,7 +293,7 @@ def cmd_update(app: App, args: argparse.Namespace) -> int:
         _install(app, qd, release)
         after = _version_now(app, qd)
         print(f"Updated {desc}: now {_p(after)}")
-    return 0
+    return _report_refusals(refused)
 
 
 def expected_release(release: Release) -> ExpectedRelease:

@@ -27,7 +27,9 @@ T = TypeVar("T")
 # FwupdDeviceFlags (libfwupd/fwupd-enums.h)
 FLAG_INTERNAL = 1 << 0
 FLAG_UPDATABLE = 1 << 1
+FLAG_SUPPORTED = 1 << 5  # the daemon holds metadata with a release for it
 FLAG_NEEDS_REBOOT = 1 << 8
+FLAG_UPDATABLE_HIDDEN = 1 << 37
 # FwupdInstallFlags
 INSTALL_ALLOW_REINSTALL = 1 << 1
 INSTALL_ALLOW_OLDER = 1 << 2
@@ -48,6 +50,14 @@ class Device:
     @property
     def updatable(self) -> bool:
         return bool(self.flags & FLAG_UPDATABLE)
+
+    @property
+    def has_updates_to_ask_for(self) -> bool:
+        """The devices fwupdmgr get-updates asks about (src/fu-util.c): updatable, even if
+        hidden, and supported by the metadata its daemon holds."""
+        return bool(self.flags & (FLAG_UPDATABLE | FLAG_UPDATABLE_HIDDEN)) and bool(
+            self.flags & FLAG_SUPPORTED
+        )
 
     @property
     def needs_reboot(self) -> bool:
@@ -81,6 +91,53 @@ def device_from_dbus(raw: dict[str, Any]) -> Device:
         protocols=tuple(p for p in str(raw.get("Protocol", "")).split(",") if p),
         flags=int(raw.get("Flags", 0)),
     )
+
+
+@dataclass(frozen=True)
+class OfferedRelease:
+    """A release a fwupd daemon offers for a device (GetUpgrades/GetDowngrades/GetReleases),
+    after it applied the component's requirements, version format and device flags.
+
+    It says *which* release fwupd would take, never where it comes from or what it is:
+    dom0 looks it up in its own verified catalog by container sha256 (broker.offers)."""
+
+    appstream_id: str
+    version: str
+    checksums: tuple[str, ...]  # lowercase hex, sha1 and sha256 as fwupd lists them
+    remote_id: str
+
+    @property
+    def sha256s(self) -> tuple[str, ...]:
+        return tuple(c for c in self.checksums if len(c) == 64)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "AppstreamId": self.appstream_id,
+            "Version": self.version,
+            "Checksum": list(self.checksums),
+            "RemoteId": self.remote_id,
+        }
+
+
+def release_from_dbus(raw: dict[str, Any]) -> OfferedRelease:
+    """From fwupd's a{sv} (values unwrapped): Checksum is one comma-joined string there."""
+    checksums = raw.get("Checksum", "")
+    if isinstance(checksums, str):
+        checksums = checksums.split(",")
+    return OfferedRelease(
+        appstream_id=str(raw.get("AppstreamId", "")),
+        version=str(raw.get("Version", "")),
+        checksums=tuple(str(c).strip().lower() for c in checksums if str(c).strip()),
+        remote_id=str(raw.get("RemoteId", "")),
+    )
+
+
+# what fwupdmgr calls them -> fwupd's D-Bus methods, each taking a device id
+OFFER_KINDS = {
+    "upgrades": "call_get_upgrades",
+    "downgrades": "call_get_downgrades",
+    "releases": "call_get_releases",
+}
 
 
 def _unwrap(d: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +187,28 @@ class FwupdClient:
     def get_devices(self) -> list[Device]:
         async def op(fw: Any) -> list[Device]:
             return [device_from_dbus(_unwrap(d)) for d in await fw.call_get_devices()]
+
+        return self._run(op)
+
+    def offers(self, kind: str, device_ids: list[str]) -> dict[str, list[OfferedRelease] | str]:
+        """What this daemon offers each device (``kind``: upgrades, downgrades, releases),
+        on one bus connection. fwupd's NothingToDo is an empty list; any other refusal is
+        kept as that device's one-line error, so one odd device does not hide the rest."""
+        method = OFFER_KINDS[kind]
+
+        async def op(fw: Any) -> dict[str, list[OfferedRelease] | str]:
+            out: dict[str, list[OfferedRelease] | str] = {}
+            for device_id in device_ids:
+                try:
+                    raw = await getattr(fw, method)(device_id)
+                except DBusError as e:
+                    if e.type.endswith(".NothingToDo"):
+                        out[device_id] = []
+                    else:
+                        out[device_id] = printable(e.text or e.type, 300)
+                    continue
+                out[device_id] = [release_from_dbus(_unwrap(r)) for r in raw]
+            return out
 
         return self._run(op)
 

@@ -21,7 +21,12 @@ from typing import Any
 from broker.cabinet import ExpectedRelease, inspect_cab
 from broker.config import Limits, Remote
 from broker.errors import FormatError, LimitExceeded, TransferError, VerificationError
-from broker.fwupd import Device, FwupdClient, device_from_dbus
+from broker.fwupd import (
+    Device,
+    FwupdClient,
+    OfferedRelease,
+    device_from_dbus,
+)
 from broker.metadata import Release, verify_metadata_files
 from broker.qrexec import Transport, call, check
 from broker.sanitize import printable
@@ -42,6 +47,12 @@ _VERSION = re.compile(r"^[A-Za-z0-9._+~-]{1,64}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9._:-]{0,128}$")
 _REMOTE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_APPSTREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
+_CHECKSUM = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64}|[0-9a-f]{128})$")
+# qubes.FwupdUsbvm+<argument> -> what the agent asks its fwupd (OFFER_KINDS)
+OFFER_ARGUMENTS = {"GetUpgrades": "upgrades", "GetDowngrades": "downgrades",
+                   "GetReleases": "releases"}  # fmt: skip
+_MAX_CHECKSUMS = 8
 
 
 # --------------------------------------------------------------------------- dom0 side
@@ -107,6 +118,58 @@ def parse_devices_reply(untrusted_reply: bytes, limits: Limits) -> list[Device]:
     return devices
 
 
+def _offered_release(untrusted: object) -> OfferedRelease:
+    if not isinstance(untrusted, dict):
+        raise FormatError("sys-usb reply: a release is not an object")
+    untrusted_sums = untrusted.get("Checksum")
+    if not isinstance(untrusted_sums, list) or len(untrusted_sums) > _MAX_CHECKSUMS:
+        raise FormatError("sys-usb reply: Checksum is not a short list")
+    return OfferedRelease(
+        appstream_id=_match(untrusted.get("AppstreamId"), _APPSTREAM_ID, "AppstreamId"),
+        version=_match(untrusted.get("Version"), _VERSION, "Version"),
+        checksums=tuple(_match(c, _CHECKSUM, "Checksum") for c in untrusted_sums),
+        remote_id=_match(untrusted.get("RemoteId"), _REMOTE_ID, "RemoteId"),
+    )
+
+
+def parse_offers_reply(
+    untrusted_reply: bytes, asked: list[str], limits: Limits
+) -> dict[str, list[OfferedRelease] | str]:
+    """Per device id dom0 asked about: the releases sys-usb's fwupd offers, or its one-line
+    error. Only ids dom0 asked about; every field checked; nothing else believed."""
+    if len(untrusted_reply) > limits.reply_max_bytes:
+        raise LimitExceeded("sys-usb reply is too large")
+    try:
+        untrusted_doc = json.loads(untrusted_reply.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError("sys-usb reply is not valid JSON") from e
+    untrusted_offers = untrusted_doc.get("offers") if isinstance(untrusted_doc, dict) else None
+    if not isinstance(untrusted_offers, dict):
+        raise FormatError("sys-usb reply is not an object with an offers object")
+    if set(untrusted_offers) - set(asked):
+        raise FormatError("sys-usb reply names a device dom0 did not ask about")
+    out: dict[str, list[OfferedRelease] | str] = {}
+    for device_id in asked:
+        untrusted_entry = untrusted_offers.get(device_id)
+        if untrusted_entry is None:
+            out[device_id] = "sys-usb did not answer for this device"
+            continue
+        if not isinstance(untrusted_entry, dict) or len(untrusted_entry) != 1:
+            raise FormatError("sys-usb reply: an offer entry is not {releases} or {error}")
+        if "error" in untrusted_entry:
+            out[device_id] = _string(untrusted_entry["error"], "error", 300)
+            continue
+        untrusted_releases = untrusted_entry.get("releases")
+        if not isinstance(untrusted_releases, list):
+            raise FormatError("sys-usb reply: releases is not a list")
+        if len(untrusted_releases) > limits.max_offered_releases:
+            raise LimitExceeded(
+                f"sys-usb offers more than {limits.max_offered_releases} releases for a device"
+            )
+        out[device_id] = [_offered_release(r) for r in untrusted_releases]
+    return out
+
+
 @dataclass(frozen=True)
 class UsbvmClient:
     """dom0's handle on the sys-usb agent."""
@@ -122,6 +185,20 @@ class UsbvmClient:
             self.qube, f"{SERVICE}+GetDevices",
         )  # fmt: skip
         return parse_devices_reply(result.stdout, self.limits)
+
+    def offers(self, kind: str, device_ids: list[str]) -> dict[str, list[OfferedRelease] | str]:
+        """What sys-usb's fwupd offers each device (kind: upgrades, downgrades, releases),
+        in one call; validated as hostile input."""
+        argument = next(a for a, k in OFFER_ARGUMENTS.items() if k == kind)
+        service = f"{SERVICE}+{argument}"
+        header = {"device_ids": device_ids}
+        result = check(
+            call(self.transport, self.qube, service,
+                 feed=lambda out: write_frame(out, header, []),
+                 max_stdout=self.limits.reply_max_bytes, timeout=self.limits.usbvm_seconds),
+            self.qube, service,
+        )  # fmt: skip
+        return parse_offers_reply(result.stdout, device_ids, self.limits)
 
     def refresh(self, remote: Remote, data_fd: int, jcat_fd: int) -> bool:
         """Push verified metadata; False when sys-usb's fwupd already had it."""
@@ -185,6 +262,27 @@ def agent(ctx: ServiceContext) -> int:
         return 0
     reader = StreamReader(ctx.stdin_fd, time.monotonic() + limits.transfer_seconds)
     header, files = parse_header(reader.readline(limits.header_max_bytes))
+    if ctx.argument in OFFER_ARGUMENTS:
+        device_ids = header.get("device_ids")
+        if files or not isinstance(device_ids, list) or len(device_ids) > limits.max_devices:
+            raise FormatError(f"{ctx.argument} needs a list of device ids and no files")
+        reader.expect_eof()
+        ids = [_match(d, _DEVICE_ID, "device id") for d in device_ids]
+        offers = client.offers(OFFER_ARGUMENTS[ctx.argument], ids)
+        _reply(
+            ctx,
+            {
+                "offers": {
+                    device_id: (
+                        {"error": found}
+                        if isinstance(found, str)
+                        else {"releases": [r.to_json() for r in found]}
+                    )
+                    for device_id, found in offers.items()
+                }
+            },
+        )
+        return 0
     with UntrustedFiles(ctx.paths.untrusted_dir, f"usbvm{os.getpid()}") as untrusted:
         if ctx.argument == "Refresh":
             remote_id = _match(header.get("remote"), _REMOTE_ID, "remote id")

@@ -2,7 +2,8 @@
 
 up      --dir DIR     PKI, qube trees, LVFS mirror, two fwupd daemons, qrexec daemon
 status  --dir DIR     recorded processes and whether they are alive
-publish --dir DIR CAB...   add cabs to the mirror and re-sign its metadata
+publish --dir DIR [--generated N] [CAB...]   add cabs to the mirror (and N LVFS-shaped
+                      components) and re-sign its metadata
 down    --dir DIR     stop exactly what `up` started
 """
 
@@ -62,6 +63,8 @@ def write_qube_config(sandbox: Sandbox, qube: str) -> None:
         f"usbvm = {USBVM}\n\n"
         f"[remote {daemons.REMOTE_ID}]\n"
         f"metadata_url = {base_url(sandbox)}/firmware.xml.zst\n"
+        # as fwupd's FirmwareBaseURI: the catalog's https locations, rebased on the mirror
+        f"firmware_base_uri = {base_url(sandbox)}\n"
     )
 
 
@@ -104,7 +107,7 @@ def up(sandbox: Sandbox) -> None:
         )  # fmt: skip
     table.record("mirror", "-", proc.pid)
     mirror.wait_for_port(port_file, 10.0, proc)
-    lvfs.publish(sandbox.lvfs_dir, [c for c in DEFAULT_CABS if c.exists()], pki, base_url(sandbox))
+    lvfs.publish(sandbox.lvfs_dir, [c for c in DEFAULT_CABS if c.exists()], pki)
 
     for qube in QUBES:
         daemons.install_trust_store(sandbox.root(qube), pki)
@@ -177,7 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--dir", type=Path, default=os.environ.get("QUBES_FWUPD_SANDBOX"))
         if name == "publish":
-            p.add_argument("cabs", nargs="+", type=Path)
+            p.add_argument("cabs", nargs="*", type=Path)
+            p.add_argument(
+                "--generated",
+                type=int,
+                default=0,
+                metavar="N",
+                help="also N LVFS-shaped components (4400: the LVFS's size today)",
+            )
     args = parser.parse_args(argv)
     if args.dir is None:
         parser.error("--dir is required (or set QUBES_FWUPD_SANDBOX)")
@@ -199,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             down(sandbox)
         elif args.command == "publish":
             pki = create_pki(sandbox.pki_dir)
-            for path in lvfs.publish(sandbox.lvfs_dir, args.cabs, pki, base_url(sandbox)):
+            for path in lvfs.publish(sandbox.lvfs_dir, args.cabs, pki, generated=args.generated):
                 print(f"published {path}")
     except (SandboxError, OSError, subprocess.CalledProcessError) as e:
         print(f"qubes-fwupd-sandbox: {e}", file=sys.stderr)

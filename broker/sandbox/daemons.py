@@ -28,6 +28,7 @@ from dbus_next.message import Message
 from broker.config import Paths
 from broker.sandbox.launcher import Launcher, Sandbox
 from broker.sandbox.pki import SandboxPki
+from broker.sandbox.pq import create_pq_pki
 from broker.sandbox.processes import ProcessTable
 
 FWUPD_BIN = "/usr/libexec/fwupd/fwupd"
@@ -40,6 +41,9 @@ FWUPD_NAME = "org.freedesktop.fwupd"
 DBUS_NAME = "org.freedesktop.DBus"
 HOST_PKI_DIRS = (Path("/etc/pki/fwupd"), Path("/etc/pki/fwupd-metadata"))
 CA_NAME = "qubes-fwupd-sandbox-CA.pem"
+# beside it, as LVFS-CA-2025PQ.pem beside LVFS-CA.pem: an ML-DSA-87 CA (keyUsage set: one
+# CA without it breaks every PKCS#7 check in libjcat)
+PQ_CA_NAME = "qubes-fwupd-sandbox-CA-2025PQ.pem"
 GPG_KEY_NAME = "GPG-KEY-qubes-fwupd-sandbox"
 START_TIMEOUT = 30.0
 _SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -154,6 +158,7 @@ def install_trust_store(root: Path, pki: SandboxPki) -> None:
                 if src.is_file():
                     shutil.copyfile(src, dest / src.name)
         shutil.copyfile(pki.ca_pem, dest / CA_NAME)
+        shutil.copyfile(create_pq_pki(pki.pq_dir).ca_pem, dest / PQ_CA_NAME)
         shutil.copyfile(pki.gpg_public_key, dest / GPG_KEY_NAME)
 
 

@@ -27,8 +27,10 @@ import zstandard
 from cabarchive import CabArchive
 from lxml import etree
 
-from broker.jcat import BlobKind, build_jcat
+from broker.jcat import BlobKind, build_jcat, parse_jcat
+from broker.sandbox.lvfs_catalog import generate
 from broker.sandbox.pki import SandboxPki, sign_gpg, sign_pkcs7
+from broker.sandbox.pq import create_pq_pki, sign_pkcs7_pq
 from broker.transfer import fsync_dir
 
 # gzip for remotes whose id lacks "lvfs", zstd for the others: fwupd rewrites the
@@ -40,6 +42,13 @@ _PARSER = etree.XMLParser(
     resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
     remove_blank_text=True,
 )  # fmt: skip
+
+# where the LVFS's catalog says its cabs are; clients rebuild the URL from their remote's
+# FirmwareBaseURI and the basename (the sandbox's remote points at its mirror)
+LOCATION_BASE = "https://fwupd.org/downloads"
+# the generation the sandbox's jcat items are named after, as the LVFS names them
+# (firmware-07078-stable.xml.gz), with the served file as an alias
+GENERATION = "firmware-{:05d}-stable"
 
 # coarse kernel clocks (file mtimes, openssl's time()) may lag time.time() by a tick
 _CLOCK_MARGIN = 0.05
@@ -65,7 +74,7 @@ def _release_timestamp(release: etree._Element, cab: Path) -> int:
     return int(cab.stat().st_mtime)
 
 
-def _components_of(cab: Path, base_url: str) -> list[etree._Element]:
+def _components_of(cab: Path, location_base: str) -> list[etree._Element]:
     """Each metainfo component of one cab, reduced to the release this cab ships and
     annotated as the LVFS annotates it."""
     data = cab.read_bytes()
@@ -75,7 +84,7 @@ def _components_of(cab: Path, base_url: str) -> list[etree._Element]:
     metainfos = sorted(n for n in members if n.lower().endswith(".metainfo.xml"))
     if not metainfos:
         raise ValueError(f"{cab.name} holds no *.metainfo.xml")
-    location = f"{base_url.rstrip('/')}/{urllib.parse.quote(cab.name)}"
+    location = f"{location_base.rstrip('/')}/{urllib.parse.quote(cab.name)}"
     components = []
     for name in metainfos:
         component = etree.fromstring(archive[name].buf, _PARSER)
@@ -121,39 +130,66 @@ def _newest_first(component: etree._Element) -> tuple[tuple[tuple[int, int | str
     return _version_key(release.get("version", "")), int(release.get("timestamp", "0"))
 
 
-def catalog_xml(lvfs_dir: Path, base_url: str) -> bytes:
-    """The unsigned AppStream catalog for every *.cab in ``lvfs_dir``."""
+def cab_components(lvfs_dir: Path, location_base: str = LOCATION_BASE) -> list[etree._Element]:
+    """One component per component id of the *.cab in ``lvfs_dir``, sorted by id: the
+    newest release's metainfo describes the device, older cabs add releases only."""
     by_id: dict[str, list[etree._Element]] = {}
     for cab in sorted(lvfs_dir.glob("*.cab")):
         if not cab.is_file():
             continue
-        for component in _components_of(cab, base_url):
+        for component in _components_of(cab, location_base):
             by_id.setdefault(component.findtext("id") or "", []).append(component)
-    root = etree.Element("components", origin="lvfs", version="0.9")
+    merged_components = []
     for cid in sorted(by_id):
-        # the newest release's metainfo describes the device; older ones add releases only
         ordered = sorted(by_id[cid], key=_newest_first, reverse=True)
         merged = ordered[0]
         releases = merged.find("releases")
         for older in ordered[1:]:
             if releases is not None:
                 releases.extend(older.findall("releases/release"))
-        root.append(merged)
+        merged_components.append(merged)
+    return merged_components
+
+
+def catalog_xml(lvfs_dir: Path, location_base: str = LOCATION_BASE, generated: int = 0) -> bytes:
+    """The unsigned AppStream catalog for every *.cab in ``lvfs_dir``; with ``generated``,
+    those components follow an LVFS-scale catalog of that many generated ones
+    (broker.sandbox.lvfs_catalog, seed 0: the same bytes every time)."""
+    components = cab_components(lvfs_dir, location_base)
+    if generated:
+        return generate(generated, extra_components=components).xml
+    root = etree.Element("components", origin="lvfs", version="0.9")
+    root.extend(components)
     return bytes(etree.tostring(root, encoding="UTF-8", xml_declaration=True, pretty_print=True))
 
 
-def _jcat_for(pki: SandboxPki, content: Path, item_id: str) -> bytes:
-    # fwupd wants exactly one item, a sha256 (sha1 does not count) and a signature
-    sha256 = hashlib.sha256(content.read_bytes()).hexdigest()
+def _jcat_for(pki: SandboxPki, content: Path, item_id: str, aliases: Sequence[str] = ()) -> bytes:
+    """One item, as the LVFS signs: sha256 and sha512, PKCS#7 and GPG. fwupd wants exactly
+    one item, a sha256 or sha512 (sha1 does not count) and a signature."""
+    data = content.read_bytes()
     return build_jcat(
         {
             item_id: [
-                (BlobKind.SHA256, sha256),
+                (BlobKind.SHA256, hashlib.sha256(data).hexdigest()),
+                (BlobKind.SHA512, hashlib.sha512(data).hexdigest()),
                 (BlobKind.PKCS7, sign_pkcs7(pki.signer_pem, pki.signer_key, content)),
+                # the 2025PQ CA's ML-DSA-87 signature, which no openssl 3.0 can check
+                (BlobKind.PKCS7, sign_pkcs7_pq(create_pq_pki(pki.pq_dir), content)),
                 (BlobKind.GPG, sign_gpg(pki, content)),
             ]
-        }
+        },
+        {item_id: list(aliases)} if aliases else None,
     )
+
+
+def _next_generation(lvfs_dir: Path) -> int:
+    """One more than the generation the served jcat names (1 for a new mirror)."""
+    served = lvfs_dir / f"{METADATA_NAMES[0]}.jcat"
+    if not served.exists():
+        return 1
+    jcat = parse_jcat(served.read_bytes(), 1 << 20, 4 << 20)
+    numbers = [int(m[1]) for i in jcat.items if (m := re.fullmatch(r"firmware-(\d+)-.*", i.id))]
+    return max(numbers, default=0) + 1
 
 
 def sign_file(pki: SandboxPki, path: Path) -> bytes:
@@ -210,12 +246,20 @@ def _compress(name: str, xml: bytes) -> bytes:
     if name.endswith(".gz"):
         return gzip.compress(xml, compresslevel=9, mtime=0)
     if name.endswith(".zst"):
-        return bytes(zstandard.ZstdCompressor(level=19).compress(xml))
+        # 19 takes 9 s on an LVFS-scale catalog, 9 takes 0.2 s and is 20% larger
+        return bytes(zstandard.ZstdCompressor(level=9).compress(xml))
     raise ValueError(f"no compression known for {name}")
 
 
-def publish(lvfs_dir: Path, cabs: Sequence[Path], pki: SandboxPki, base_url: str) -> list[Path]:
-    """Add ``cabs`` to ``lvfs_dir`` and re-sign the catalog of every cab there.
+def publish(
+    lvfs_dir: Path,
+    cabs: Sequence[Path],
+    pki: SandboxPki,
+    location_base: str = LOCATION_BASE,
+    generated: int = 0,
+) -> list[Path]:
+    """Add ``cabs`` to ``lvfs_dir`` and re-sign the catalog of every cab there (after
+    ``generated`` LVFS-shaped components, see :func:`catalog_xml`).
 
     Returns the paths written: the copied cabs, then each metadata file and its jcat."""
     lvfs_dir.mkdir(parents=True, exist_ok=True)
@@ -227,8 +271,9 @@ def publish(lvfs_dir: Path, cabs: Sequence[Path], pki: SandboxPki, base_url: str
         if not (dest.exists() and dest.samefile(cab)):
             _copy_atomic(cab, dest)
         written.append(dest)
-    xml = catalog_xml(lvfs_dir, base_url)
+    xml = catalog_xml(lvfs_dir, location_base, generated)
     _wait_past_previous_signing(lvfs_dir)
+    generation = GENERATION.format(_next_generation(lvfs_dir))
     for name in METADATA_NAMES:
         final, jcat = lvfs_dir / name, lvfs_dir / f"{name}.jcat"
         # sign the temp file and rename both at the end: a reader meets a mismatched
@@ -237,7 +282,9 @@ def publish(lvfs_dir: Path, cabs: Sequence[Path], pki: SandboxPki, base_url: str
             f.write(_compress(name, xml))
             f.flush()
             os.fsync(f.fileno())
-            signature = _jcat_for(pki, tmp, name)
+            # the LVFS names the item after the generation, the served name is an alias
+            item_id = generation + name.removeprefix("firmware")
+            signature = _jcat_for(pki, tmp, item_id, [name])
             os.replace(tmp, final)
         _write_atomic(jcat, signature)
         written += [final, jcat]

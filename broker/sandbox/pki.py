@@ -40,6 +40,11 @@ class SandboxPki:
         return self.dir / "signer.key"
 
     @property
+    def pq_dir(self) -> Path:
+        """The post-quantum (ML-DSA-87) CA and signer: broker.sandbox.pq."""
+        return self.dir / "pq"
+
+    @property
     def gpg_home(self) -> Path:
         return self.dir / "gnupg"
 

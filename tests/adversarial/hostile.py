@@ -40,7 +40,7 @@ from lxml import etree
 from broker.cabinet import ExpectedRelease
 from broker.jcat import BlobKind, build_jcat
 from broker.sandbox import lvfs
-from broker.sandbox.cli import DEFAULT_CABS, base_url
+from broker.sandbox.cli import DEFAULT_CABS
 from broker.sandbox.launcher import Sandbox
 from broker.sandbox.pki import SandboxPki, create_pki, make_ca, sign_pkcs7, stop_gpg_agent
 from broker.session import ExpectedFile, Outcome, Sessions
@@ -284,10 +284,13 @@ import json, os, sys
 from pathlib import Path
 
 here = Path({dir!r})
-if os.environ.get("QREXEC_SERVICE_ARGUMENT") != "GetDevices":
+argument = os.environ.get("QREXEC_SERVICE_ARGUMENT", "")
+plans = json.loads((here / "plan.json").read_text())
+if argument not in plans:
     os.execv({original!r}, [{original!r}, *sys.argv[1:]])
-plan = json.loads((here / "plan.json").read_text())
-out = (here / "reply.bin").read_bytes()
+plan = plans[argument]
+(here / f"{{argument}}.request").write_bytes(sys.stdin.buffer.read())
+out = (here / f"{{argument}}.reply").read_bytes()
 view = memoryview(out)
 try:
     while view:
@@ -301,8 +304,8 @@ sys.exit(plan["exit"])
 
 
 class MaliciousUsbvm(_SwappedService):
-    """sys-usb's qubes.FwupdUsbvm answering GetDevices with planned bytes (other arguments
-    go to the real service). Restored on exit."""
+    """sys-usb's qubes.FwupdUsbvm answering planned arguments (GetDevices, GetUpgrades...)
+    with planned bytes; other arguments go to the real service. Restored on exit."""
 
     def __init__(self, sandbox: Sandbox) -> None:
         super().__init__(sandbox, "sys-usb", "qubes.FwupdUsbvm", "usbvm")
@@ -313,9 +316,19 @@ class MaliciousUsbvm(_SwappedService):
             python=sys.executable, dir=str(self.dir), original=self._original
         )
 
-    def answer(self, reply: bytes, exit_code: int = 0, stderr: str = "") -> None:
-        (self.dir / "reply.bin").write_bytes(reply)
-        (self.dir / "plan.json").write_text(json.dumps({"exit": exit_code, "stderr": stderr}))
+    def answer(
+        self, reply: bytes, exit_code: int = 0, stderr: str = "", argument: str = "GetDevices"
+    ) -> None:
+        """From now on, ``argument`` gets ``reply`` (earlier plans for others stay)."""
+        plan_file = self.dir / "plan.json"
+        plans = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+        plans[argument] = {"exit": exit_code, "stderr": stderr}
+        (self.dir / f"{argument}.reply").write_bytes(reply)
+        plan_file.write_text(json.dumps(plans))
+
+    def request(self, argument: str) -> bytes:
+        """What dom0 sent with its last call of ``argument``."""
+        return (self.dir / f"{argument}.request").read_bytes()
 
 
 # --------------------------------------------------------------------------- cabs
@@ -567,8 +580,8 @@ def publish_catalog(
     lvfs_dir = sandbox.lvfs_dir
     for old in lvfs_dir.glob(f"{HOSTILE_PREFIX}*.cab"):
         old.unlink()
-    url = base_url(sandbox)
-    root = etree.fromstring(lvfs.catalog_xml(lvfs_dir, url))
+    url = lvfs.LOCATION_BASE
+    root = etree.fromstring(lvfs.catalog_xml(lvfs_dir))
     if cab is not None:
         cab_name = f"{HOSTILE_PREFIX}{hashlib.sha256(cab).hexdigest()[:12]}.cab"
         lvfs._write_atomic(lvfs_dir / cab_name, cab)
@@ -601,7 +614,7 @@ def publish_variant(sandbox: Sandbox, tag: str) -> None:
     new (and a later re-publish of the real catalog is new again)."""
     for old in sandbox.lvfs_dir.glob(f"{HOSTILE_PREFIX}*.cab"):
         old.unlink()
-    xml = lvfs.catalog_xml(sandbox.lvfs_dir, base_url(sandbox))
+    xml = lvfs.catalog_xml(sandbox.lvfs_dir)
     _sign_catalog(sandbox, xml + f"<!-- {tag} {time.time()} -->\n".encode())
 
 
@@ -610,7 +623,7 @@ def publish_real(sandbox: Sandbox) -> None:
     for old in sandbox.lvfs_dir.glob(f"{HOSTILE_PREFIX}*.cab"):
         old.unlink()
     cabs = [c for c in DEFAULT_CABS if c.exists()]
-    lvfs.publish(sandbox.lvfs_dir, cabs, _mirror_pki(sandbox), base_url(sandbox))
+    lvfs.publish(sandbox.lvfs_dir, cabs, _mirror_pki(sandbox))
 
 
 def restore_mirror(sandbox: Sandbox) -> None:

@@ -74,8 +74,14 @@ def _jcat(path: Path) -> Jcat:
 
 
 def _blob(jcat: Jcat, kind: BlobKind) -> str:
+    """The item's one blob of this kind; for PKCS#7 the classic one (the second is the
+    ML-DSA-87 signature, checked in test_jcat_carries_a_post_quantum_signature_too)."""
     (item,) = jcat.items
-    (blob,) = item.of_kind(kind)
+    blobs = item.of_kind(kind)
+    if kind == BlobKind.PKCS7:
+        assert len(blobs) == 2
+        return blobs[0].data
+    (blob,) = blobs
     return blob.data
 
 
@@ -190,10 +196,30 @@ def test_jcat_has_one_item_that_binds_the_file(
 ) -> None:
     content = published / name
     jcat = _jcat(published / f"{name}.jcat")
-    assert [item.id for item in jcat.items] == [name]
+    # as the LVFS: the item is named after the generation, the served name is an alias
+    (item,) = jcat.items
+    assert item.id == "firmware-00001-stable" + name.removeprefix("firmware")
+    assert item.alias_ids == (name,)
+    assert jcat.item_for(name) is item
     assert _blob(jcat, BlobKind.SHA256) == hashlib.sha256(content.read_bytes()).hexdigest()
+    assert _blob(jcat, BlobKind.SHA512) == hashlib.sha512(content.read_bytes()).hexdigest()
     assert _pkcs7_verifies(pki, _blob(jcat, BlobKind.PKCS7), content)
     assert _gpg_verifies(gpg_verifier, _blob(jcat, BlobKind.GPG), content) == pki.gpg_fingerprint
+
+
+@pytest.mark.parametrize("name", lvfs.METADATA_NAMES)
+def test_jcat_carries_a_post_quantum_signature_too(
+    published: Path, pki: SandboxPki, name: str
+) -> None:
+    """As the LVFS signs since 2025: a second PKCS#7, ML-DSA-87 under the 2025PQ CA, which
+    cryptography can check over the signed attributes (openssl 3.0 cannot)."""
+    pq = pytest.importorskip("broker.sandbox.pq")
+    (item,) = _jcat(published / f"{name}.jcat").items
+    _classic, post_quantum = item.of_kind(BlobKind.PKCS7)
+    assert post_quantum.data.startswith("-----BEGIN PKCS7-----")
+    der = base64.b64decode("".join(post_quantum.data.splitlines()[1:-1]))
+    assert bytes.fromhex("0609608648016503040313") in der  # id-ml-dsa-87
+    assert pq.create_pq_pki(pki.pq_dir).ca_pem.exists()
 
 
 def test_signatures_reject_other_bytes(
@@ -242,6 +268,7 @@ def test_publish_again_adds_cabs_and_signs_strictly_later(pki: SandboxPki, tmp_p
     lvfs.publish(tmp_path, [CAB124], pki, BASE_URL)
     for m in lvfs.METADATA_NAMES:
         jcat = _jcat(tmp_path / f"{m}.jcat")
+        assert jcat.items[0].id.startswith("firmware-00002-stable.")  # the next generation
         # fwupd: "signing timestamp was not newer" unless strictly later, 1 s resolution
         assert _signing_time(_blob(jcat, BlobKind.PKCS7)) > before[m]
         assert _pkcs7_verifies(pki, _blob(jcat, BlobKind.PKCS7), tmp_path / m)

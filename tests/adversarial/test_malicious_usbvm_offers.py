@@ -1,0 +1,191 @@
+"""A malicious sys-usb naming the releases its devices "may take" (qubes.FwupdUsbvm+
+GetUpgrades): it decides nothing that crosses into dom0.
+
+dom0 keeps an offer only if its own verified catalog holds a release with the offer's
+container sha256, for the device's GUID, of the same component and version; location,
+size and sha256 then come from dom0's catalog. Anything else is refused with one line on
+stderr, nothing is downloaded, and dom0's trusted cache, sessions and untrusted dir are
+unchanged."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from broker.config import Config
+from broker.metadata import MetadataStore, Release
+from broker.sandbox.launcher import Sandbox
+from tests.adversarial.hostile import (
+    FAKE_ID,
+    WEBCAM_GUID,
+    MaliciousUsbvm,
+    assert_clean,
+    assert_printable,
+    baseline,
+    one_line,
+)
+from tests.sandbox_helpers import manager, qube_paths
+
+pytestmark = pytest.mark.sandbox
+
+WEBCAM_ID = "08d460be0f1f9f128413f816022a6439e0078018"
+# updatable | supported: a device fwupdmgr get-updates would ask about
+WEBCAM: dict[str, Any] = {
+    "DeviceId": WEBCAM_ID, "Name": "Integrated Webcam", "Version": "1.2.2",
+    "Guid": [WEBCAM_GUID], "Vendor": "ACME Corp.", "VendorId": "USB:0x046D",
+    "Plugin": "test", "Protocol": "com.acme.test", "Flags": (1 << 1) | (1 << 5),
+}  # fmt: skip
+UNKNOWN_SHA = "5" * 64
+
+
+@pytest.fixture
+def usbvm(sandbox: Sandbox) -> Iterator[MaliciousUsbvm]:
+    with MaliciousUsbvm(sandbox) as vm:
+        vm.answer(json.dumps({"devices": [WEBCAM]}).encode())
+        yield vm
+
+
+@pytest.fixture
+def held(sandbox: Sandbox) -> dict[str, Release]:
+    """dom0's verified releases of the webcam, by version (refreshed if need be: 2 when
+    an earlier test already did)."""
+    r = manager(sandbox, "refresh")
+    assert r.returncode in (0, 2), r.stdout + r.stderr
+    paths = qube_paths(sandbox, "dom0")
+    config = Config.load(paths)
+    catalog = MetadataStore(paths).catalog(config.remotes[0], config.limits)
+    assert catalog is not None
+    found = {r.version: r for r in catalog.releases_for((WEBCAM_GUID,))}
+    assert {"1.2.3", "1.2.4"} <= set(found), found
+    return found
+
+
+def offer(version: str, sha256: str, component: str = FAKE_ID, remote: str = "lvfs") -> Any:
+    return {"AppstreamId": component, "Version": version, "RemoteId": remote,
+            "Checksum": ["0" * 40, sha256]}  # fmt: skip
+
+
+def offers_reply(*releases: Any) -> bytes:
+    return json.dumps({"offers": {WEBCAM_ID: {"releases": list(releases)}}}).encode()
+
+
+def downloads(sandbox: Sandbox) -> int:
+    """How many times dom0 has asked the UpdateVM for anything so far."""
+    log = (sandbox.log_dir / "qrexec.log").read_text()
+    return log.count("dom0 -> sys-firewall qubes.FwupdDownload")
+
+
+# (id, what sys-usb offers for the webcam, what dom0's one line must name)
+REFUSED = [
+    ("sha256-dom0-lacks", lambda held: offer("9.9.9", UNKNOWN_SHA),
+     "offered org.fwupd.fakedevice.firmware 9.9.9, refused: dom0's verified catalog holds no "
+     "release with sha256 5555555555555555"),
+    ("real-version-other-checksum", lambda held: offer("1.2.4", UNKNOWN_SHA),
+     "offered org.fwupd.fakedevice.firmware 1.2.4, refused: dom0's verified catalog holds no "
+     "release with sha256"),
+    ("real-checksum-other-version", lambda held: offer("1.2.4", held["1.2.3"].sha256),
+     "offered org.fwupd.fakedevice.firmware 1.2.4, refused: dom0's verified catalog names that "
+     "cab org.fwupd.fakedevice.firmware 1.2.3"),
+    ("real-checksum-other-component", lambda held: offer(
+        "1.2.4", held["1.2.4"].sha256, component="com.evil.firmware"),
+     "refused: dom0's verified catalog names that cab org.fwupd.fakedevice.firmware 1.2.4"),
+    ("remote-dom0-never-verified", lambda held: offer("1.2.4", held["1.2.4"].sha256, remote="evil"),
+     "refused: remote 'evil' has no metadata dom0 verified"),
+    ("sha1-only", lambda held: {**offer("1.2.4", held["1.2.4"].sha256), "Checksum": ["1" * 40]},
+     "refused: it names no sha256 checksum"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("make", "cause"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+@pytest.mark.parametrize("verb", [("get-updates",), ("update", "-y")])
+def test_an_offer_dom0s_catalog_does_not_bind_is_refused_and_nothing_is_fetched(
+    sandbox: Sandbox,
+    usbvm: MaliciousUsbvm,
+    held: dict[str, Release],
+    make: Any,
+    cause: str,
+    verb: tuple[str, ...],
+) -> None:
+    usbvm.answer(offers_reply(make(held)), argument="GetUpgrades")
+    before, fetched = baseline(sandbox), downloads(sandbox)
+    r = manager(sandbox, *verb)
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = one_line(r.stderr)
+    assert line.startswith(f"qubes-fwupdmgr: sys-usb: Integrated Webcam ({WEBCAM_ID[:12]}): ")
+    assert cause in line, line
+    assert_printable(r.stdout, r.stderr)
+    assert downloads(sandbox) == fetched  # nothing was asked of the UpdateVM
+    assert_clean(sandbox, before)
+    # dom0 asked sys-usb only about the device it listed
+    request = usbvm.request("GetUpgrades").split(b"\n", 1)[0]
+    assert json.loads(request)["device_ids"] == [WEBCAM_ID]
+
+
+def test_a_refused_offer_does_not_hide_the_ones_dom0_can_bind(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm, held: dict[str, Release]
+) -> None:
+    """The honest part of the answer still counts: 1.2.4 is listed (from dom0's catalog),
+    the forged 9.9.9 is refused on its own line, and the exit code says part failed."""
+    good = offer("1.2.4", held["1.2.4"].sha256)
+    usbvm.answer(offers_reply(offer("9.9.9", UNKNOWN_SHA), good), argument="GetUpgrades")
+    before = baseline(sandbox)
+    r = manager(sandbox, "get-updates", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "9.9.9, refused" in one_line(r.stderr)
+    (device,) = json.loads(r.stdout)["Devices"]
+    (release,) = device["Releases"]
+    # what dom0 hands on comes from its own verified catalog, not from sys-usb's answer
+    assert (release["Version"], release["Checksum"], release["Size"]) == (
+        "1.2.4", held["1.2.4"].sha256, held["1.2.4"].size,
+    )  # fmt: skip
+    assert release["Uri"] == held["1.2.4"].url
+    assert_clean(sandbox, before)
+
+
+MALFORMED = [
+    ("not-json", b"{offers", "sys-usb reply is not valid JSON"),
+    ("device-not-asked-about", json.dumps({"offers": {"0" * 40: {"releases": []}}}).encode(),
+     "sys-usb reply names a device dom0 did not ask about"),
+    ("checksum-with-escape", offers_reply({**offer("1.2.4", UNKNOWN_SHA),
+                                           "Checksum": ["\x1b[2J" + "a" * 60]}),
+     "sys-usb reply: malformed Checksum"),
+    ("version-with-newline", offers_reply(offer("1.2.4\n", UNKNOWN_SHA)),
+     "sys-usb reply: malformed Version"),
+    ("too-many-releases", offers_reply(*[offer("1.2.4", UNKNOWN_SHA)] * 1025),
+     "sys-usb offers more than 1024 releases for a device"),
+    ("entry-both-error-and-releases",
+     json.dumps({"offers": {WEBCAM_ID: {"error": "x", "releases": []}}}).encode(),
+     "an offer entry is not {releases} or {error}"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("reply", "cause"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+)
+def test_a_malformed_offers_reply_is_refused_with_one_line(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm, reply: bytes, cause: str
+) -> None:
+    usbvm.answer(reply, argument="GetUpgrades")
+    before, fetched = baseline(sandbox), downloads(sandbox)
+    r = manager(sandbox, "update", "-y")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert cause in one_line(r.stderr)
+    assert_printable(r.stdout, r.stderr)
+    assert downloads(sandbox) == fetched
+    assert_clean(sandbox, before)
+
+
+def test_a_device_sys_usb_cannot_answer_for_is_left_out_like_fwupdmgr_does(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm
+) -> None:
+    reply = json.dumps({"offers": {WEBCAM_ID: {"error": "\x1b]0;pwned\x07 not supported"}}})
+    usbvm.answer(reply.encode(), argument="GetUpgrades")
+    before = baseline(sandbox)
+    r = manager(sandbox, "get-updates")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout.strip() == "No updates available"
+    assert_printable(r.stdout, r.stderr)
+    assert_clean(sandbox, before)

@@ -201,6 +201,18 @@ class _Sources:
     sha1_only: bool = False
     sizes: list[str] = dataclasses.field(default_factory=list)
 
+    def take(self, child: etree._Element) -> None:
+        """A <location>, container <checksum> or <size> element; others say nothing."""
+        tag, kind, text = child.tag, child.get("type"), child.text or ""
+        if tag == "location":
+            self.locations.append(text.strip())
+        elif tag == "checksum" and kind == "sha256":
+            self.sha256.append(_sha256(text))
+        elif tag == "checksum" and kind == "sha1":
+            self.sha1_only = True
+        elif tag == "size" and kind == "download":
+            self.sizes.append(text)
+
 
 def _artifact_sources(rel: etree._Element) -> _Sources | None:
     """fwupd reads the first binary artifact, unless it names a file that is not a cab
@@ -215,15 +227,8 @@ def _artifact_sources(rel: etree._Element) -> _Sources | None:
                 if tag == "filename":
                     if not (child.text or "").strip().lower().endswith(".cab"):
                         return None
-                elif tag == "location":
-                    src.locations.append((child.text or "").strip())
-                elif tag == "checksum":
-                    if child.get("type") == "sha256":
-                        src.sha256.append(_sha256(child.text or ""))
-                    elif child.get("type") == "sha1":
-                        src.sha1_only = True
-                elif tag == "size" and child.get("type") == "download":
-                    src.sizes.append(child.text or "")
+                else:
+                    src.take(child)
             return src
     return None
 
@@ -231,16 +236,9 @@ def _artifact_sources(rel: etree._Element) -> _Sources | None:
 def _legacy_sources(rel: etree._Element) -> _Sources:
     src = _Sources()
     for child in rel.iterchildren("location", "checksum", "size"):
-        tag = child.tag
-        if tag == "location":
-            src.locations.append((child.text or "").strip())
-        elif tag == "checksum" and child.get("target") == "container":
-            if child.get("type") == "sha256":
-                src.sha256.append(_sha256(child.text or ""))
-            elif child.get("type") == "sha1":
-                src.sha1_only = True
-        elif tag == "size" and child.get("type") == "download":
-            src.sizes.append(child.text or "")
+        # the release's own checksums also cover the payload inside (target="content")
+        if child.tag != "checksum" or child.get("target") == "container":
+            src.take(child)
     return src
 
 

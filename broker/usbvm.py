@@ -68,14 +68,19 @@ def _match(untrusted: object, pattern: re.Pattern[str], field: str) -> str:
     return untrusted
 
 
-def parse_devices_reply(untrusted_reply: bytes, limits: Limits) -> list[Device]:
-    """Devices from sys-usb's JSON, or FormatError; never trusts a field unchecked."""
+def _load_reply(untrusted_reply: bytes, limits: Limits) -> object:
+    """sys-usb's reply as JSON, within the size cap; what it holds is still unchecked."""
     if len(untrusted_reply) > limits.reply_max_bytes:
         raise LimitExceeded("sys-usb reply is too large")
     try:
-        untrusted_doc = json.loads(untrusted_reply.decode("utf-8"))
+        return json.loads(untrusted_reply.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError("sys-usb reply is not valid JSON") from e
+
+
+def parse_devices_reply(untrusted_reply: bytes, limits: Limits) -> list[Device]:
+    """Devices from sys-usb's JSON, or FormatError; never trusts a field unchecked."""
+    untrusted_doc = _load_reply(untrusted_reply, limits)
     if not isinstance(untrusted_doc, dict) or not isinstance(untrusted_doc.get("devices"), list):
         raise FormatError("sys-usb reply is not an object with a devices list")
     untrusted_devices = untrusted_doc["devices"]
@@ -137,12 +142,7 @@ def parse_offers_reply(
 ) -> dict[str, list[OfferedRelease] | str]:
     """Per device id dom0 asked about: the releases sys-usb's fwupd offers, or its one-line
     error. Only ids dom0 asked about; every field checked; nothing else believed."""
-    if len(untrusted_reply) > limits.reply_max_bytes:
-        raise LimitExceeded("sys-usb reply is too large")
-    try:
-        untrusted_doc = json.loads(untrusted_reply.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError("sys-usb reply is not valid JSON") from e
+    untrusted_doc = _load_reply(untrusted_reply, limits)
     untrusted_offers = untrusted_doc.get("offers") if isinstance(untrusted_doc, dict) else None
     if not isinstance(untrusted_offers, dict):
         raise FormatError("sys-usb reply is not an object with an offers object")

@@ -20,7 +20,10 @@ GPG_UID = "qubes-fwupd sandbox LVFS <sandbox-lvfs@example.invalid>"
 
 
 @dataclass(frozen=True)
-class SandboxPki:
+class CaFiles:
+    """A CA and a signer under it, as files in one directory (made by make_ca, or by
+    broker.sandbox.pq for the post-quantum one)."""
+
     dir: Path
 
     @property
@@ -38,6 +41,11 @@ class SandboxPki:
     @property
     def signer_key(self) -> Path:
         return self.dir / "signer.key"
+
+
+@dataclass(frozen=True)
+class SandboxPki(CaFiles):
+    """The sandbox LVFS's keys: the classic CA and signer, GPG, and the PQ ones beside."""
 
     @property
     def pq_dir(self) -> Path:

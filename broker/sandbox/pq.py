@@ -29,6 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
+from broker.sandbox.pki import CaFiles
 from broker.signatures import PQ_SIGNATURE_ALGORITHMS
 
 if TYPE_CHECKING:
@@ -47,24 +48,8 @@ _DIGEST_OIDS: Mapping[str, str] = MappingProxyType(
 
 
 @dataclass(frozen=True)
-class PqPki:
-    dir: Path
-
-    @property
-    def ca_pem(self) -> Path:
-        return self.dir / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.dir / "ca.key"
-
-    @property
-    def signer_pem(self) -> Path:
-        return self.dir / "signer.pem"
-
-    @property
-    def signer_key(self) -> Path:
-        return self.dir / "signer.key"
+class PqPki(CaFiles):
+    """The ML-DSA-87 CA and signer (the same file layout as the classic sandbox PKI)."""
 
 
 def _write_key(path: Path, key: MLDSA87PrivateKey) -> None:

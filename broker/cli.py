@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,9 +27,9 @@ from broker.errors import (
     VerificationError,
     exit_code_for,
 )
-from broker.fwupd import FwupdClient, OfferedRelease
+from broker.fwupd import Device, FwupdClient, OfferedRelease
 from broker.metadata import MetadataStore, Release, iter_catalogs, staleness
-from broker.offers import Refusal, decide
+from broker.offers import decide
 from broker.qrexec import Transport, call, check, transport_from_env
 from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
@@ -47,6 +47,9 @@ class App:
     paths: Paths
     config: Config
     transport: Transport
+    # what went wrong without stopping the command (a qube that failed, a refused offer):
+    # one line each on stderr at the end, and exit 1 (see :func:`_finish`)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def limits(self) -> Limits:
@@ -91,10 +94,22 @@ class App:
             sessions.close(session.nonce)
 
     # ------------------------------------------------------------------ views
+    def unreachable(self, qube: str, error: BrokerError) -> None:
+        cause = str(error).removeprefix(f"{qube}: ")  # qrexec errors name the qube too
+        self.problems.append(
+            f"{qube}: unreachable: {cause}; only the other qube's devices were handled"
+        )
+
     def devices(self) -> list[QubeDevice]:
         dom0 = FwupdClient().get_devices()
         usbvm = self.usbvm()
-        usb = usbvm.get_devices() if usbvm else []
+        usb: list[Device] = []
+        if usbvm:
+            # sys-usb must not be able to veto dom0's own updates (ARCHITECTURE.md)
+            try:
+                usb = usbvm.get_devices()
+            except BrokerError as e:
+                self.unreachable(usbvm.qube, e)
         return route(dom0, usb, self.config.usbvm)
 
     def stale(self, remote_id: str) -> str | None:
@@ -119,23 +134,26 @@ class App:
             else:
                 usbvm = self.usbvm()
                 assert usbvm is not None  # noqa: S101  routing only names the usbvm when set
-                found = usbvm.offers(kind, ids)
+                try:
+                    found = usbvm.offers(kind, ids)
+                except BrokerError as e:
+                    self.unreachable(qube, e)
+                    continue
             for qd in qds:
                 offered = found.get(qd.device.device_id, [])
                 if not isinstance(offered, str):
                     out[qd.key] = offered
         return out
 
-    def updates(
-        self, devices: list[QubeDevice]
-    ) -> tuple[list[tuple[QubeDevice, list[Release]]], list[Refusal]]:
-        """Per device, the upgrades its owner offers that dom0's catalog binds; and the
-        offers refused, each to be reported on its own line."""
+    def updates(self, devices: list[QubeDevice]) -> list[tuple[QubeDevice, list[Release]]]:
+        """Per device, the upgrades its owner offers that dom0's catalog binds; each
+        offer refused becomes a problem line."""
         asked = [qd for qd in devices if qd.device.has_updates_to_ask_for]
         catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
         decided = decide(catalogs, asked, self.offers("upgrades", asked))
+        self.problems += [str(r) for r in decided.refused]
         found = [(qd, decided.releases[qd.key]) for qd in asked if qd.key in decided.releases]
-        return found, decided.refused
+        return found
 
 
 def _p(text: str) -> str:
@@ -192,7 +210,7 @@ def cmd_get_devices(app: App, args: argparse.Namespace) -> int:
     devices = app.devices()
     if args.json:
         print(json.dumps({"Devices": [{"Qube": d.qube, **d.device.to_json()} for d in devices]}))
-        return 0
+        return _finish(app, EXIT_OK)
     for qd in devices:
         d = qd.device
         print(f"{_p(d.name)}  [{qd.qube}]")
@@ -200,7 +218,7 @@ def cmd_get_devices(app: App, args: argparse.Namespace) -> int:
         print(f"  Version:  {_p(d.version)}")
         print(f"  Vendor:   {_p(d.vendor)} ({_p(','.join(d.vendor_ids))})")
         print(f"  GUIDs:    {', '.join(d.guids)}")
-    return 0
+    return _finish(app, EXIT_OK)
 
 
 def _release_json(r: Release) -> dict[str, Any]:
@@ -216,15 +234,22 @@ def _release_json(r: Release) -> dict[str, Any]:
     }
 
 
-def _report_refusals(refused: list[Refusal]) -> int:
-    """One line per refused offer; the exit code then says that part failed."""
-    for refusal in refused:
-        print(f"qubes-fwupdmgr: {refusal}", file=sys.stderr)
-    return EXIT_FAILURE if refused else EXIT_OK
+_MAX_PROBLEM_LINES = 20
+
+
+def _finish(app: App, code: int) -> int:
+    """The command's exit code, after one line per problem (a hostile qube could cause
+    thousands: the first ones are shown, then a count)."""
+    for line in app.problems[:_MAX_PROBLEM_LINES]:
+        print(f"qubes-fwupdmgr: {printable(line, 400)}", file=sys.stderr)
+    if len(app.problems) > _MAX_PROBLEM_LINES:
+        more = len(app.problems) - _MAX_PROBLEM_LINES
+        print(f"qubes-fwupdmgr: … and {more} more problems like these", file=sys.stderr)
+    return EXIT_FAILURE if app.problems else code
 
 
 def cmd_get_updates(app: App, args: argparse.Namespace) -> int:
-    found, refused = app.updates(app.devices())
+    found = app.updates(app.devices())
     if args.json:
         doc = {
             "Devices": [
@@ -242,9 +267,7 @@ def cmd_get_updates(app: App, args: argparse.Namespace) -> int:
                 )
         if not found:
             print("No updates available")
-    if refused:
-        return _report_refusals(refused)
-    return 0 if found else NothingToDo.exit_code
+    return _finish(app, EXIT_OK if found else NothingToDo.exit_code)
 
 
 def _matches(qd: QubeDevice, selector: str) -> bool:
@@ -254,13 +277,12 @@ def _matches(qd: QubeDevice, selector: str) -> bool:
 
 
 def cmd_update(app: App, args: argparse.Namespace) -> int:
-    found, refused = app.updates(app.devices())
+    found = app.updates(app.devices())
     if args.device:
         found = [(qd, rs) for qd, rs in found if _matches(qd, args.device)]
-        refused = [r for r in refused if _matches(r.device, args.device)]
     if not found:
-        if refused:
-            return _report_refusals(refused)
+        if app.problems:
+            return _finish(app, EXIT_FAILURE)
         raise NothingToDo("no updates available" + (f" for {args.device}" if args.device else ""))
     for qd, releases in found:
         # the owner offered these newest first, by its version rules: take its first
@@ -293,7 +315,7 @@ def cmd_update(app: App, args: argparse.Namespace) -> int:
         _install(app, qd, release)
         after = _version_now(app, qd)
         print(f"Updated {desc}: now {_p(after)}")
-    return _report_refusals(refused)
+    return _finish(app, EXIT_OK)
 
 
 def expected_release(release: Release) -> ExpectedRelease:
@@ -361,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Launcher(sandbox).run("dom0", [sys.executable, "-m", "broker.cli", *args_list])
     args = build_parser().parse_args(args_list)
     paths = Paths.from_env()
+    app: App | None = None
     try:
         app = App(paths, Config.load(paths), transport_from_env())
         code: int = args.func(app, args)
@@ -368,11 +391,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokerError as e:
         if args.verbose:
             traceback.print_exc()
+        # what went wrong before the error still deserves its line
+        code = _finish(app, exit_code_for(e)) if app else exit_code_for(e)
         if isinstance(e, NothingToDo):
             print(printable(str(e)).capitalize())
         else:
             print(f"qubes-fwupdmgr: {printable(str(e))}", file=sys.stderr)
-        return exit_code_for(e)
+        return code
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gzip
 import io
 import json
@@ -103,13 +104,18 @@ class Catalog:
             reverse=True,
         )
 
+    @functools.cached_property
+    def by_sha256(self) -> dict[str, list[Release]]:
+        """Releases by container sha256 (a cab may ship several components)."""
+        index: dict[str, list[Release]] = {}
+        for r in self.releases:
+            index.setdefault(r.sha256, []).append(r)
+        return index
+
     def find(self, sha256: str, guids: tuple[str, ...]) -> list[Release]:
-        """The releases of the cab with this container sha256 that are for one of these
-        GUIDs (a cab may ship several components)."""
+        """The releases of the cab with this container sha256 for one of these GUIDs."""
         wanted = {g.lower() for g in guids}
-        return [
-            r for r in self.releases if r.sha256 == sha256 and wanted & {g.lower() for g in r.guids}
-        ]
+        return [r for r in self.by_sha256.get(sha256, ()) if wanted & {g.lower() for g in r.guids}]
 
 
 # --------------------------------------------------------------------------- decompression

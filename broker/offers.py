@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from broker import versions
 from broker.errors import VerificationError
 from broker.fwupd import OfferedRelease
 from broker.metadata import Catalog, Release
@@ -56,7 +58,7 @@ def match_offer(catalogs: Sequence[Catalog], qd: QubeDevice, offer: OfferedRelea
     found = [r for sha in offer.sha256s for r in catalog.find(sha, qd.device.guids)]
     if not found:
         sha = offer.sha256s[0]
-        elsewhere = any(r.sha256 == sha for r in catalog.releases)
+        elsewhere = sha in catalog.by_sha256
         raise OfferRefused(
             f"dom0's verified catalog holds sha256 {sha[:16]}… for other devices only"
             if elsewhere
@@ -74,8 +76,8 @@ def match_offer(catalogs: Sequence[Catalog], qd: QubeDevice, offer: OfferedRelea
 
 @dataclass(frozen=True)
 class Decided:
-    """Per device, the releases that may cross (in the owner's order: fwupd sorts them
-    newest first by its own version rules), and the offers refused."""
+    """Per device, the releases that may cross, newest first by fwupd's version rules, and
+    the offers refused."""
 
     releases: dict[tuple[str, str], list[Release]]
     refused: list[Refusal]
@@ -90,15 +92,19 @@ def decide(
     releases: dict[tuple[str, str], list[Release]] = {}
     refused: list[Refusal] = []
     for qd in devices:
-        kept: list[Release] = []
-        for offer in offers.get(qd.key, []):
+        kept: dict[Release, None] = {}
+        # a daemon that repeats an offer gets it judged once
+        for offer in dict.fromkeys(offers.get(qd.key, [])):
             try:
-                release = match_offer(catalogs, qd, offer)
+                kept[match_offer(catalogs, qd, offer)] = None
             except OfferRefused as e:
                 refused.append(Refusal(qd, offer, str(e)))
-                continue
-            if release not in kept:
-                kept.append(release)
         if kept:
-            releases[qd.key] = kept
+            # fwupd sends them newest first; dom0 does not take a (semi-trusted) daemon's
+            # word for the order: fwupd's version rules, stable for equal versions
+            releases[qd.key] = sorted(kept, key=_newest, reverse=True)
     return Decided(releases, refused)
+
+
+def _newest(release: Release) -> Any:
+    return versions.sort_key(versions.version_format(release.version_format))(release.version)

@@ -12,6 +12,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 def printable(text: str, max_chars: int = 512) -> str:
     """Text with every control, format (bidi overrides, zero-width) and unassigned
     character replaced by '?', and cut to ``max_chars``."""
+    # cut first: the work below is per character, and the input may be megabytes
+    text = text[: max_chars + 1]
     text = _CONTROL.sub("?", text)
     text = "".join(
         "?" if unicodedata.category(ch) in ("Cf", "Cs", "Co", "Cn", "Zl", "Zp") else ch

@@ -189,3 +189,47 @@ def test_a_device_sys_usb_cannot_answer_for_is_left_out_like_fwupdmgr_does(
     assert r.stdout.strip() == "No updates available"
     assert_printable(r.stdout, r.stderr)
     assert_clean(sandbox, before)
+
+
+def test_many_forged_offers_cost_dom0_a_bounded_report(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm
+) -> None:
+    """1,000 distinct forged offers (and each repeated): judged once each, reported in 20
+    lines and a count, not in a thousand."""
+    forged = [offer(f"9.{i}", f"{i:064x}") for i in range(1000)]
+    usbvm.answer(offers_reply(*forged, *forged[:24]), argument="GetUpgrades")
+    before = baseline(sandbox)
+    r = manager(sandbox, "get-updates")
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 21, lines[-3:]
+    assert lines[-1] == "qubes-fwupdmgr: … and 980 more problems like these"
+    assert_printable(r.stdout, r.stderr)
+    assert_clean(sandbox, before)
+
+
+def test_a_sys_usb_that_fails_does_not_veto_dom0s_devices(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm
+) -> None:
+    """GetDevices answered with garbage: sys-usb is reported unreachable on one line, and
+    dom0's own fwupd's devices are still listed (the webcam both report is then dom0's)."""
+    usbvm.answer(b"\x1b[2J not json")
+    before = baseline(sandbox)
+    r = manager(sandbox, "get-devices", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert one_line(r.stderr) == (
+        "qubes-fwupdmgr: sys-usb: unreachable: sys-usb reply is not valid JSON; only the "
+        "other qube's devices were handled"
+    )
+    devices = json.loads(r.stdout)["Devices"]
+    assert [(d["Qube"], d["DeviceId"]) for d in devices] == [("dom0", WEBCAM_ID)]
+    # and the offers path: a sys-usb that fails GetUpgrades leaves dom0's offers standing
+    usbvm.answer(json.dumps({"devices": [WEBCAM]}).encode())
+    usbvm.answer(b"", exit_code=1, stderr="fwupd crashed\n", argument="GetUpgrades")
+    r = manager(sandbox, "get-updates")
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = one_line(r.stderr)
+    assert line.startswith("qubes-fwupdmgr: sys-usb: unreachable: "), line
+    assert "fwupd crashed" in line
+    assert_printable(r.stdout, r.stderr)
+    assert_clean(sandbox, before)

@@ -153,3 +153,20 @@ def test_offers_reply_per_asked_device() -> None:
 def test_hostile_offers_replies_are_refused(raw: bytes, error: type[Exception], cause: str) -> None:
     with pytest.raises(error, match=cause):
         parse_offers_reply(raw, [ID_1], LIMITS)
+
+
+def test_decide_orders_by_fwupds_rules_and_judges_a_repeated_offer_once() -> None:
+    """A (semi-trusted) daemon's order is not taken: newest first by fwupd's version rules
+    (1.10 after 1.9), and an offer repeated a thousand times is one decision."""
+    catalog = Catalog(
+        "lvfs", (release("1.9", SHA_1), release("1.10", SHA_2), release("1.2", SHA_3))
+    )
+    a = qd()
+    forged = offer("6.6", "e" * 64)
+    decided = decide(
+        [catalog],
+        [a],
+        {a.key: [offer("1.2", SHA_3), offer("1.9", SHA_1), *[forged] * 1000, offer("1.10", SHA_2)]},
+    )
+    assert [r.version for r in decided.releases[a.key]] == ["1.10", "1.9", "1.2"]
+    assert [r.offer for r in decided.refused] == [forged]

@@ -17,7 +17,9 @@ from contextlib import contextmanager, nullcontext
 
 import pytest
 
+from broker import versions
 from broker.config import Config
+from broker.fwupd import FwupdClient
 from broker.metadata import MetadataStore
 from broker.sandbox import lvfs
 from broker.sandbox.launcher import Sandbox
@@ -28,10 +30,11 @@ from tests.adversarial.hostile import (
     signed_cab,
     trusted_signer,
 )
-from tests.sandbox_helpers import WEBCAM_GUID, manager, qube_paths, webcam_version
+from tests.sandbox_helpers import WEBCAM_GUID, manager, probe, qube_paths, webcam_version
 
 pytestmark = pytest.mark.sandbox
 
+WEBCAM_ID = "08d460be0f1f9f128413f816022a6439e0078018"
 OTHER_GUID = "3fa9e5b4-0000-4000-8000-00000000f1f1"  # no device has it
 # (component id suffix, version, requires): only the last is met by the fake webcam
 VARIANTS = (
@@ -185,3 +188,34 @@ def test_unmet_releases_are_in_dom0s_catalog_all_the_same(
     assert catalog is not None
     held = {r.sha256 for r in catalog.releases}
     assert set(requiring_cabs.values()) <= held
+
+
+def test_sys_usbs_releases_and_downgrades_arrive_as_its_fwupd_gives_them(
+    sandbox: Sandbox, requiring_cabs: dict[str, str]
+) -> None:
+    """qubes.FwupdUsbvm+GetReleases/+GetDowngrades/+GetUpgrades, called from dom0, carry
+    what sys-usb's fwupd answers over D-Bus (for the manager's install/downgrade verbs)."""
+    code = f"""
+import json
+from broker.config import Config, Paths
+from broker.qrexec import transport_from_env
+from broker.usbvm import UsbvmClient
+client = UsbvmClient(transport_from_env(), "sys-usb", Config.load(Paths.from_env()).limits)
+out = {{}}
+for kind in ("releases", "downgrades", "upgrades"):
+    found = client.offers(kind, ["{WEBCAM_ID}"])["{WEBCAM_ID}"]
+    out[kind] = found if isinstance(found, str) else [[r.version, r.checksums] for r in found]
+print(json.dumps(out))
+"""
+    through_qrexec = probe(sandbox, "dom0", code)
+    direct = FwupdClient(sandbox.bus_address("sys-usb")).offers("releases", [WEBCAM_ID])[WEBCAM_ID]
+    assert not isinstance(direct, str)
+    assert through_qrexec["releases"] == [[r.version, list(r.checksums)] for r in direct]
+    assert {"1.2.3", "1.2.4", "1.2.8"} <= {v for v, _ in through_qrexec["releases"]}
+    # every release the daemon lists names the container sha256 dom0 holds for it
+    sha_of = {v: s for v, s in through_qrexec["releases"]}
+    assert requiring_cabs["1.2.8"] in sha_of["1.2.8"]
+    current = webcam_version(sandbox, "sys-usb")
+    downgrades = through_qrexec["downgrades"]
+    assert isinstance(downgrades, list)
+    assert all(versions.compare(v, current) < 0 for v, _ in downgrades)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -90,6 +91,9 @@ class Signature:
     kind: str
     signer: str
     signed_at: datetime | None
+    # the blob as dom0 re-encoded what it verified (one PKCS7 PEM block of openssl's DER,
+    # or one PGP armor of the packets gpg checked): all that may travel on to a fwupd
+    canonical: str = ""
 
 
 @dataclass(frozen=True)
@@ -448,6 +452,28 @@ def _signer_cn(signer_pem: Path) -> str | None:
     return None
 
 
+_PEM_BLOCK = re.compile(
+    r"-----BEGIN (PKCS7|CMS)-----\r?\n([A-Za-z0-9+/=\r\n]*)-----END \1-----", re.ASCII
+)
+
+
+def _pem_block_der(text: str) -> bytes:
+    """The DER of the one PKCS7 (or CMS) PEM block that is the whole blob, whitespace
+    around it aside; anything else (a second block, headers, text) is refused."""
+    match = _PEM_BLOCK.fullmatch(text.strip())
+    if match is None:
+        raise VerificationError("not exactly one PEM block labelled PKCS7 (or CMS)")
+    try:
+        return base64.b64decode("".join(match[2].split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise VerificationError("PEM block is not valid base64") from e
+
+
+def _armor(label: str, der: bytes) -> str:
+    body = base64.encodebytes(der).decode("ascii")  # 76-column lines, as openssl reads
+    return f"-----BEGIN {label}-----\n{body}-----END {label}-----\n"
+
+
 def verify_pkcs7(fd: int, pem: str, trust: TrustStore) -> Signature:
     """A detached PKCS#7 over the file behind ``fd`` that chains to one CA file of ``trust``.
 
@@ -468,10 +494,12 @@ def verify_pkcs7(fd: int, pem: str, trust: TrustStore) -> Signature:
             sig_pem, sig_der, signer_pem = (
                 Path(tmp, n) for n in ("sig.pem", "sig.der", "signer.pem")
             )
-            sig_pem.write_text(pem, encoding="utf-8", errors="replace")
+            # one block, decoded here: openssl and libjcat pick different blocks out of
+            # a text holding several, so nothing but the one block may be there
+            sig_pem.write_bytes(_pem_block_der(pem))
             # verify what is walked: openssl's own DER re-encoding of what it parsed
             ran = _run(
-                ["openssl", "cms", "-cmsout", "-inform", "PEM", "-in", str(sig_pem),
+                ["openssl", "cms", "-cmsout", "-inform", "DER", "-in", str(sig_pem),
                  "-outform", "DER", "-out", str(sig_der)]
             )  # fmt: skip
             if ran.returncode:
@@ -503,7 +531,8 @@ def verify_pkcs7(fd: int, pem: str, trust: TrustStore) -> Signature:
                 if ran.returncode == 0:
                     cn = _signer_cn(signer_pem)
                     signer = f"{ca.name} ({cn})" if cn else ca.name
-                    return Signature("pkcs7", signer, max(times) if times else None)
+                    canonical = _armor("PKCS7", sig_der.read_bytes())
+                    return Signature("pkcs7", signer, max(times) if times else None, canonical)
                 if b"certificate verify error" not in ran.stderr:
                     # the chain to this CA held, so no other CA will make the content match
                     failure = (
@@ -530,11 +559,11 @@ _PGP_SIGNATURE_PACKET = 2
 
 def _dearmor_signature(armored: str) -> bytes:
     """The binary packets of one armored PGP signature; gpg is given these, not the text,
-    so that it sees exactly what was checked here."""
-    blocks = _ARMOR.findall(armored)
-    if len(blocks) != 1:
+    so that it sees exactly what was checked here. The armor must be the whole blob."""
+    match = _ARMOR.fullmatch(armored.strip())
+    if match is None or armored.count("-----BEGIN PGP") != 1:
         raise VerificationError("not one armored PGP signature")
-    lines = [line.strip() for line in blocks[0].splitlines()]
+    lines = [line.strip() for line in match[1].splitlines()]
     if "" not in lines:
         raise VerificationError("PGP armor lacks the blank line after its headers")
     body = lines[lines.index("") + 1 :]
@@ -546,6 +575,26 @@ def _dearmor_signature(armored: str) -> bytes:
         raise VerificationError("PGP armor is not valid base64") from e
     _check_signature_packets(data)
     return data
+
+
+def _crc24(data: bytes) -> int:
+    """The armor checksum of RFC 4880 6.1 (framing, not a signature)."""
+    crc = 0xB704CE
+    for byte in data:
+        crc ^= byte << 16
+        for _ in range(8):
+            crc <<= 1
+            if crc & 0x1000000:
+                crc ^= 0x1864CFB
+    return crc & 0xFFFFFF
+
+
+def _armor_signature(packets: bytes) -> str:
+    """dom0's own armor around the packets gpg verified (RFC 4880 6.2)."""
+    body = base64.b64encode(packets).decode("ascii")
+    lines = "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    crc = base64.b64encode(_crc24(packets).to_bytes(3, "big")).decode("ascii")
+    return f"-----BEGIN PGP SIGNATURE-----\n\n{lines}\n={crc}\n-----END PGP SIGNATURE-----\n"
 
 
 def _check_signature_packets(data: bytes) -> None:
@@ -743,7 +792,7 @@ def _verify_gpg(fd: int, armored: str, trust: TrustStore, problems: list[str]) -
     signature = _gpg_decision(statuses, int(result.returncode or 0), trusted)
     if not result.valid:
         raise VerificationError("gpg did not report a good signature")
-    return signature
+    return dataclasses.replace(signature, canonical=_armor_signature(binary))
 
 
 # --- the decision ---------------------------------------------------------------------
@@ -797,7 +846,8 @@ def verify_file(
                 signatures.append(verify_pkcs7(fd, blob.data, trust))
             else:
                 signatures.append(_verify_gpg(fd, blob.data, trust, unverifiable))
-            verified_blobs.append(blob)
+            # what verified, as dom0 re-encoded it: never the text that came in
+            verified_blobs.append(JcatBlob(blob.kind, signatures[-1].canonical, blob.timestamp))
         except Unverifiable as e:
             unverifiable.append(f"{kind}: {e}")
             continue

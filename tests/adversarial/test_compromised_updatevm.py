@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from broker.jcat import BlobKind, build_jcat
+from broker.jcat import BlobKind, build_jcat, parse_jcat
 from broker.sandbox.launcher import Sandbox
 from tests.adversarial.hostile import (
     RECEIVE,
@@ -95,6 +95,12 @@ def ctx(sandbox: Sandbox, tmp_path: Path, keys: tuple[Signer, UntrustedGpg]) -> 
         )  # fmt: skip
 
 
+def genuine_pkcs7(c: Ctx) -> str:
+    """The mirror's own, valid classic PKCS#7 over the metadata it serves."""
+    (item,) = parse_jcat(c.jcat, 1 << 20, 4 << 20).items
+    return item.of_kind(PKCS7)[0].data
+
+
 def flipped(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 1])
 
@@ -155,6 +161,12 @@ CASES: list[tuple[str, Plan, str]] = [
     ("pkcs7-garbage", lambda c: c.push(c.data, build_jcat({META: [(SHA256, c.sha()),
         (PKCS7, "-----BEGIN PKCS7-----\nMIIBAAAA\n-----END PKCS7-----\n")]})),
      "not a PKCS#7 signature openssl can read"),
+    # openssl reads the first block labelled CMS or PKCS7, libjcat the first labelled
+    # PKCS7: the genuine signature for dom0, the attacker's for fwupd's parser
+    ("pkcs7-genuine-relabelled-cms-then-an-attackers-block", lambda c: c.push(c.data, build_jcat(
+        {META: [(SHA256, c.sha()), (PKCS7, genuine_pkcs7(c).replace("PKCS7-----", "CMS-----")
+                                    + sign_bytes(c.evil, c.data, c.work))]})),
+     "pkcs7: not exactly one PEM block labelled PKCS7 (or CMS)"),
     ("gpg-garbage", lambda c: c.push(c.data, build_jcat({META: [(SHA256, c.sha()),
         (GPG, "trust me, I am a signature")]})), "not one armored PGP signature"),
     # untrusted CA or key

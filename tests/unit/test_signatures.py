@@ -657,10 +657,85 @@ def test_gpg_signature_compressed_into_many_is_refused_before_gpg(
         )
 
 
+def _relabel(pem: str, label: str) -> str:
+    return pem.replace("PKCS7-----", f"{label}-----")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["cms-then-pkcs7", "pkcs7-then-cms", "two-pkcs7", "text-before", "text-after", "header"],
+)
+def test_a_pkcs7_blob_is_one_pem_block_and_nothing_else(
+    shape: str, trust: TrustStore, signed: Signed, open_fd: OpenFd
+) -> None:
+    """openssl reads the first block labelled CMS or PKCS7, libjcat (in fwupd) the first
+    labelled PKCS7: a genuine signature relabelled CMS before an attacker's PKCS7 block
+    verifies in openssl while fwupd's parser gets the attacker's. Only one block passes."""
+    genuine, evil = signed.pkcs7, signed.pkcs7_foreign
+    blob = {
+        "cms-then-pkcs7": _relabel(genuine, "CMS") + evil,
+        "pkcs7-then-cms": genuine + _relabel(evil, "CMS"),
+        "two-pkcs7": genuine + genuine,
+        "text-before": "Signed by the LVFS\n" + genuine,
+        "text-after": genuine + "trailing words\n",
+        "header": genuine.replace("-----\n", "-----\nProc-Type: 4,ENCRYPTED\n", 1),
+    }[shape]
+    item = _item(_sha256(CONTENT), (BlobKind.PKCS7, blob))
+    message = _refused(open_fd(CONTENT), item, trust)
+    assert "not exactly one PEM block labelled PKCS7 (or CMS)" in message
+
+
+def test_fwupd_gets_dom0s_re_encoding_of_the_verified_signatures(
+    trust: TrustStore, signed: Signed, open_fd: OpenFd, tmp_path: Path
+) -> None:
+    """The blobs that travel on are dom0's: one PKCS7 block holding openssl's DER
+    re-encoding (a CMS-labelled, 64-column input comes out as libjcat reads it), and a
+    PGP armor dom0 wrote around the packets gpg checked, which verifies again."""
+    sent = _relabel(signed.pkcs7, "CMS").replace("\n", "\r\n")
+    sent_gpg = signed.gpg.replace("-----\n", "-----\nComment: sent by a mirror\n", 1)
+    item = _item(_sha256(CONTENT), (BlobKind.PKCS7, sent), (BlobKind.GPG, sent_gpg))
+    verified = verify_file(open_fd(CONTENT), item, trust)
+    pkcs7, gpg = (b.data for b in verified.verified_blobs)
+    assert pkcs7.startswith("-----BEGIN PKCS7-----\n") and pkcs7.count("-----BEGIN") == 1
+    der = base64.b64decode("".join(pkcs7.splitlines()[1:-1]))
+    (tmp_path / "sig.pem").write_text(signed.pkcs7)
+    reencoded = subprocess.run(
+        ["openssl", "cms", "-cmsout", "-inform", "PEM", "-in", str(tmp_path / "sig.pem"),
+         "-outform", "DER"],
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    assert der == reencoded
+    # the mirror's header is gone: dom0's armor is byte for byte what gpg itself writes
+    assert gpg == signed.gpg
+    again = verify_file(open_fd(CONTENT), _item(_sha256(CONTENT), (BlobKind.GPG, gpg)), trust)
+    assert [s.kind for s in again.signatures] == ["gpg"]
+
+
+@pytest.mark.parametrize(
+    "armored",
+    [
+        "Hash: SHA256\n{sig}",
+        "{sig}{sig}",
+        "{sig}-----BEGIN PGP SIGNATURE-----\n",
+        "{sig}trailing\n",
+    ],
+)
+def test_a_gpg_blob_is_one_armor_and_nothing_else(
+    armored: str, trust: TrustStore, signed: Signed, open_fd: OpenFd
+) -> None:
+    item = _item(_sha256(CONTENT), (BlobKind.GPG, armored.format(sig=signed.gpg)))
+    assert "gpg: not one armored PGP signature" in _refused(open_fd(CONTENT), item, trust)
+
+
+def test_armor_checksum_is_rfc4880s_crc24() -> None:
+    # RFC 4880 6.1's CRC-24 of "123456789" (the usual check value)
+    assert signatures._crc24(b"123456789") == 0x21CF02
+
+
 @pytest.mark.parametrize(
     ("blob", "cause"),
     [
-        ("not a signature", "not a PKCS#7 signature openssl can read"),
+        ("not a signature", r"not exactly one PEM block labelled PKCS7 \(or CMS\)"),
         ("-----BEGIN PKCS7-----\nAAAA\n-----END PKCS7-----\n", "openssl can read"),
         ("x" * 300_000, "larger than"),
     ],

@@ -67,11 +67,14 @@ class App:
         remote_id: str,
         wanted: list[Wanted],
         release: ExpectedRelease | None = None,
+        force: bool = False,
     ) -> Outcome:
         """Ask the UpdateVM for files; return dom0's own verdict on what it pushed."""
         sessions = Sessions(self.paths.sessions_dir)
         expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
-        session = sessions.open(kind, remote_id, expected, self.limits.session_seconds, release)
+        session = sessions.open(
+            kind, remote_id, expected, self.limits.session_seconds, release, force
+        )
         try:
             request = DownloadRequest(session.nonce, kind, remote_id, tuple(wanted)).to_json()
             updatevm = self.config.updatevm
@@ -175,6 +178,7 @@ def cmd_refresh(app: App, args: argparse.Namespace) -> int:
                     app.limits.jcat_max_bytes,
                 ),
             ],
+            force=args.force,
         )
         print(f"{remote.id}: {_p(outcome.message)}")
         if reason := app.stale(remote.id):
@@ -357,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("refresh", help="fetch metadata through the UpdateVM and load it")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="recover from accepted metadata whose signing time lies in the future: compare "
+        "with the signing time accepted before it (older metadata is still refused)",
+    )
     p.set_defaults(func=cmd_refresh)
     p = sub.add_parser("get-devices", help="devices of dom0 and sys-usb")
     p.add_argument("--json", action="store_true")

@@ -196,6 +196,9 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     # metadata signed longer ago than this is "stale": flagged, blocks unattended installs
     metadata_max_age_days: int = 30
+    # metadata signed further ahead of dom0's clock is refused (an UpdateVM's skewed clock
+    # is not the signer's; the LVFS's own clock is what signs)
+    metadata_future_margin_hours: int = 24
     # which signature kinds count; a file needs a matching sha256 and one trusted signature
     # of these kinds (a signature this machine cannot check never counts)
     trust: TrustPolicy = field(default_factory=TrustPolicy)
@@ -240,6 +243,12 @@ class Config:
             max_age = int(main.get("metadata_max_age_days", "30"))
         except ValueError as e:
             raise ConfigError("metadata_max_age_days must be a whole number") from e
+        try:
+            future_margin = int(main.get("metadata_future_margin_hours", "24"))
+        except ValueError as e:
+            raise ConfigError("metadata_future_margin_hours must be a whole number") from e
+        if future_margin < 0:
+            raise ConfigError("metadata_future_margin_hours must not be negative")
         kinds = frozenset(main.get("signature_kinds", "pkcs7 gpg").replace(",", " ").split())
         if not kinds or not kinds <= _SIGNATURE_KINDS:
             raise ConfigError(
@@ -250,5 +259,6 @@ class Config:
             usbvm=usbvm,
             remotes=tuple(remotes) or cls.remotes,
             metadata_max_age_days=max_age,
+            metadata_future_margin_hours=future_margin,
             trust=TrustPolicy(accepted=kinds),
         )

@@ -426,19 +426,51 @@ def verify_metadata(
     return verify_file(data_fd, item, trust, policy, name=remote.metadata_name)
 
 
-def check_rollback(verified: Verified, previous: dict[str, str] | None) -> None:
-    if verified.signed_at is None:
+def check_rollback(
+    verified: Verified,
+    previous: dict[str, str] | None,
+    now: datetime,
+    future_margin: timedelta,
+    force: bool = False,
+) -> datetime | None:
+    """Refuse metadata signed in the future (beyond ``future_margin`` of dom0's clock: it
+    would refuse every honest refresh until that date), the same file again ("nothing
+    new"), and anything not signed later than the accepted metadata (rollback).
+
+    Returns the signing time it was compared with (the rollback baseline). ``force`` (an
+    admin's ``refresh --force``) sets aside an accepted signing time that itself lies in
+    the future, and compares with the one accepted before it instead: older signatures
+    are still refused."""
+    signed = verified.signed_at
+    if signed is None:
         raise RollbackError("metadata signature carries no signing time")
+    if signed > now + future_margin:
+        raise VerificationError(
+            f"metadata signed {signed:%Y-%m-%d %H:%M:%S} is more than "
+            f"{_hours(future_margin)} ahead of dom0's clock ({now:%Y-%m-%d %H:%M:%S} UTC); "
+            "refused (a signing time in the future would block every later refresh)"
+        )
     if previous is None:
-        return
+        return None
     if previous.get("sha256") == verified.sha256:
         raise NothingToDo("metadata is already current")
-    before = datetime.fromisoformat(previous["signed_at"])
-    if verified.signed_at <= before:
+    baseline: datetime | None = datetime.fromisoformat(previous["signed_at"])
+    if force and baseline is not None and baseline > now + future_margin:
+        earlier = previous.get("previous_signed_at")
+        baseline = datetime.fromisoformat(earlier) if earlier else None
+    if baseline is not None and signed <= baseline:
         raise RollbackError(
-            f"metadata signed {verified.signed_at:%Y-%m-%d %H:%M:%S} is not newer than the "
-            f"accepted {before:%Y-%m-%d %H:%M:%S} (rollback refused)"
+            f"metadata signed {signed:%Y-%m-%d %H:%M:%S} is not newer than the "
+            f"accepted {baseline:%Y-%m-%d %H:%M:%S} (rollback refused"
+            + ("" if force or baseline <= now + future_margin else "; see refresh --force")
+            + ")"
         )
+    return baseline
+
+
+def _hours(delta: timedelta) -> str:
+    hours = delta.total_seconds() / 3600
+    return f"{hours:g} hour{'' if hours == 1 else 's'}"
 
 
 def is_stale(signed_at: datetime, max_age_days: int, now: datetime) -> bool:
@@ -498,6 +530,7 @@ class MetadataStore:
         remote: Remote,
         data: tuple[int, Path],
         verified: Verified,
+        baseline: datetime | None = None,
     ) -> Path:
         """Move the verified data into a new generation with a canonical jcat, switch to it.
 
@@ -531,6 +564,8 @@ class MetadataStore:
             "signed_at": verified.signed_at.isoformat(),
             "sha256": verified.sha256,
             "accepted_at": datetime.now(UTC).isoformat(),
+            # what refresh --force falls back on if this signing time proves poisoned
+            **({"previous_signed_at": baseline.isoformat()} if baseline else {}),
         }
         fsync_dir(base)
         write_atomic(self.paths.metadata_state_file, json.dumps(state, indent=1).encode())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 from broker.cabinet import inspect_cab
 from broker.errors import LimitExceeded, NothingToDo, TransferError, VerificationError
@@ -102,11 +103,15 @@ def _receive_for(
                 catalog = parse_catalog(stream, remote)
             store = MetadataStore(paths)
             with store.locked():
-                check_rollback(verified, store.accepted(remote.id))
-                store.store(
-                    remote,
-                    (data_fd, untrusted.paths[remote.metadata_name]),
+                baseline = check_rollback(
                     verified,
+                    store.accepted(remote.id),
+                    datetime.now(UTC),
+                    timedelta(hours=ctx.config.metadata_future_margin_hours),
+                    force=session.force,
+                )
+                store.store(
+                    remote, (data_fd, untrusted.paths[remote.metadata_name]), verified, baseline
                 )
             # one line per release dom0 will never offer, and why: the catalog stands
             for skipped in catalog.skipped[:_MAX_SKIP_LINES]:

@@ -41,6 +41,8 @@ class Session:
     expires: float
     # for cabs: what the cab's own metainfo must say, from dom0's verified metadata
     release: ExpectedRelease | None = None
+    # for metadata: the admin's refresh --force (see metadata.check_rollback)
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,13 @@ class Sessions:
         files: tuple[ExpectedFile, ...],
         ttl: float,
         release: ExpectedRelease | None = None,
+        force: bool = False,
     ) -> Session:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o770)
         self.sweep(ttl)
-        session = Session(secrets.token_hex(16), kind, remote_id, files, time.time() + ttl, release)
+        session = Session(
+            secrets.token_hex(16), kind, remote_id, files, time.time() + ttl, release, force
+        )
         doc = asdict(session)
         write_atomic(self.dir / f"{session.nonce}.pending", json.dumps(doc).encode())
         return session
@@ -113,6 +118,7 @@ class Sessions:
                 if doc.get("release")
                 else None
             ),
+            force=doc.get("force") is True,
         )
         if time.time() > session.expires:
             raise TransferError("dom0 session expired")

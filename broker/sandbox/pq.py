@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,7 +43,11 @@ PQ_ALGORITHM_OIDS: Mapping[str, str] = PQ_SIGNATURE_ALGORITHMS
 
 Digest = Literal["sha512", "shake256"]
 _DIGEST_OIDS: Mapping[str, str] = MappingProxyType(
-    {"sha512": "2.16.840.1.101.3.4.2.3", "shake256": "2.16.840.1.101.3.4.2.12"}
+    {
+        "sha256": "2.16.840.1.101.3.4.2.1",
+        "sha512": "2.16.840.1.101.3.4.2.3",
+        "shake256": "2.16.840.1.101.3.4.2.12",
+    }
 )
 
 
@@ -170,27 +174,58 @@ def sign_pkcs7_pq(
 ) -> str:
     """Detached CMS SignedData over ``content`` by the ML-DSA-87 signer of ``pki``, as PEM
     with the PKCS7 label that libjcat reads (like pki.sign_pkcs7)."""
-    from asn1crypto import algos, cms  # type: ignore[import-untyped]
-    from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA87PrivateKey
 
-    signer = x509.load_pem_x509_certificate(pki.signer_pem.read_bytes())
     key = serialization.load_pem_private_key(pki.signer_key.read_bytes(), password=None)
     if not isinstance(key, MLDSA87PrivateKey):
         raise TypeError(f"{pki.signer_key}: not an ML-DSA-87 private key")
+    return signed_data_pem(pki.signer_pem, content, signing_time, digest, ID_ML_DSA_87, key.sign)
 
+
+def sign_pkcs7_at(signer_pem: Path, signer_key: Path, content: Path, signing_time: datetime) -> str:
+    """A classic (RSA, SHA-256) detached PKCS#7 with the signingTime asked for, which
+    ``openssl cms -sign`` cannot be told: a compromised signing key dating its metadata
+    in the future, for the tests."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    key = serialization.load_pem_private_key(signer_key.read_bytes(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise TypeError(f"{signer_key}: not an RSA private key")
+    return signed_data_pem(
+        signer_pem, content, signing_time, "sha256", "1.2.840.113549.1.1.11",
+        lambda data: key.sign(data, padding.PKCS1v15(), hashes.SHA256()),
+    )  # fmt: skip
+
+
+def signed_data_pem(
+    signer_pem: Path,
+    content: Path,
+    signing_time: datetime | None,
+    digest: str,
+    signature_oid: str,
+    sign: Callable[[bytes], bytes],
+) -> str:
+    """CMS SignedData (RFC 5652) laid out with asn1crypto around a signature ``sign``
+    makes over the signed attributes: contentType, signingTime, messageDigest; sid by
+    issuer and serial; the signer's certificate only."""
+    from asn1crypto import algos, cms  # type: ignore[import-untyped]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    signer = x509.load_pem_x509_certificate(signer_pem.read_bytes())
     data = content.read_bytes()
-    if digest == "sha512":
-        message_digest = hashlib.sha512(data).digest()
-    else:
+    if digest == "shake256":
         message_digest = hashlib.shake_256(data).digest(64)
+    else:
+        message_digest = hashlib.new(digest, data).digest()
     when = (signing_time or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
     if not 1950 <= when.year < 2050:
         raise ValueError(f"signingTime {when} cannot be a UTCTime")
 
     # parameters absent, as RFC 5754 (SHA-2) and RFC 9882 (SHAKE256) have it; asn1crypto's
-    # DigestAlgorithm would write NULL for SHA-512, so it is loaded from a bare identifier
+    # DigestAlgorithm would write NULL for SHA-2, so it is loaded from a bare identifier
     digest_algorithm = algos.DigestAlgorithm.load(
         algos.AlgorithmIdentifier({"algorithm": _DIGEST_OIDS[digest]}).dump()
     )
@@ -201,7 +236,7 @@ def sign_pkcs7_pq(
             cms.CMSAttribute({"type": "message_digest", "values": [message_digest]}),
         ]
     )  # asn1crypto sorts a SET OF's members into DER order
-    signature = key.sign(signed_attrs_to_sign(signed_attrs.dump()))
+    signature = sign(signed_attrs_to_sign(signed_attrs.dump()))
 
     # the signer's certificate goes in as its DER, untouched: asn1crypto cannot parse an
     # ML-DSA SubjectPublicKeyInfo, and does not need to
@@ -222,7 +257,7 @@ def sign_pkcs7_pq(
             "digest_algorithm": digest_algorithm,
             "signed_attrs": signed_attrs,
             "signature_algorithm": algos.SignedDigestAlgorithm.load(
-                algos.AlgorithmIdentifier({"algorithm": ID_ML_DSA_87}).dump()
+                algos.AlgorithmIdentifier({"algorithm": signature_oid}).dump()
             ),
             "signature": signature,
         }

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import zstandard
 
 from broker.jcat import BlobKind, build_jcat, parse_jcat
 from broker.sandbox.launcher import Sandbox
+from broker.sandbox.pq import sign_pkcs7_at
 from tests.adversarial.hostile import (
     RECEIVE,
     CompromisedUpdateVM,
@@ -93,6 +96,13 @@ def ctx(sandbox: Sandbox, tmp_path: Path, keys: tuple[Signer, UntrustedGpg]) -> 
             (sandbox.lvfs_dir / META).read_bytes(), (sandbox.lvfs_dir / JCAT).read_bytes(),
             trusted_signer(sandbox), keys[0], keys[1],
         )  # fmt: skip
+
+
+def signed_at(c: Ctx, when: datetime) -> str:
+    """The trusted sandbox LVFS key's PKCS#7 over the mirror's metadata, dated ``when``."""
+    path = c.work / "dated"
+    path.write_bytes(c.data)
+    return sign_pkcs7_at(c.trusted.pem, c.trusted.key, path, when)
 
 
 def genuine_pkcs7(c: Ctx) -> str:
@@ -167,6 +177,10 @@ CASES: list[tuple[str, Plan, str]] = [
         {META: [(SHA256, c.sha()), (PKCS7, genuine_pkcs7(c).replace("PKCS7-----", "CMS-----")
                                     + sign_bytes(c.evil, c.data, c.work))]})),
      "pkcs7: not exactly one PEM block labelled PKCS7 (or CMS)"),
+    # a signing time in the future would freeze every later refresh until that date
+    ("pkcs7-signed-in-2049", lambda c: c.push(c.data, build_jcat({META: [(SHA256, c.sha()),
+        (PKCS7, signed_at(c, datetime(2049, 1, 1, tzinfo=UTC)))]})),
+     "metadata signed 2049-01-01 00:00:00 is more than 24 hours ahead of dom0's clock"),
     ("gpg-garbage", lambda c: c.push(c.data, build_jcat({META: [(SHA256, c.sha()),
         (GPG, "trust me, I am a signature")]})), "not one armored PGP signature"),
     # untrusted CA or key
@@ -271,6 +285,46 @@ def test_a_release_at_a_local_file_is_skipped_and_its_offer_refused(
     finally:
         with ctx.vm.honest():
             restore_mirror(sandbox)
+
+
+def test_a_state_poisoned_by_a_future_signing_time_recovers_with_refresh_force(
+    sandbox: Sandbox, ctx: Ctx
+) -> None:
+    """Metadata accepted (before this check existed, or through a clock set back) with a
+    signing time years ahead refuses every honest refresh; `refresh --force` compares with
+    the signing time accepted before it instead, and still refuses anything older."""
+    state_file = qube_paths(sandbox, "dom0").metadata_state_file
+    try:
+        with ctx.vm.honest():
+            publish_variant(sandbox, "before-poison")
+            r = manager(sandbox, "refresh")
+            assert r.returncode == 0, r.stdout + r.stderr
+            state = json.loads(state_file.read_text())
+            sane = datetime.fromisoformat(state["lvfs"]["signed_at"])
+            # the poison, as a dom0 without the check would have stored it
+            state["lvfs"] |= {"signed_at": "2049-01-01T00:00:00+00:00",
+                              "previous_signed_at": sane.isoformat()}  # fmt: skip
+            state_file.write_text(json.dumps(state))
+            publish_variant(sandbox, "honest")
+            before = baseline(sandbox)
+            r = manager(sandbox, "refresh")
+            assert r.returncode == 1, r.stdout + r.stderr
+            line = one_line(r.stderr)
+            assert "is not newer than the accepted 2049-01-01 00:00:00" in line, line
+            assert line.endswith("(rollback refused; see refresh --force)"), line
+            assert_clean(sandbox, before)
+            r = manager(sandbox, "refresh", "--force")
+            assert r.returncode == 0, r.stdout + r.stderr
+            after = json.loads(state_file.read_text())["lvfs"]
+            assert (
+                sane
+                < datetime.fromisoformat(after["signed_at"])
+                < datetime.now(UTC) + (timedelta(minutes=5))
+            )
+            assert after["previous_signed_at"] == sane.isoformat()
+    finally:
+        with ctx.vm.honest():
+            publish_real(sandbox)
 
 
 def test_second_push_with_the_same_nonce_is_refused(sandbox: Sandbox, ctx: Ctx) -> None:

@@ -22,7 +22,14 @@ import pytest
 import zstandard
 
 from broker.config import Config, Limits, Paths, Remote
-from broker.errors import ConfigError, FormatError, LimitExceeded, NothingToDo, RollbackError
+from broker.errors import (
+    ConfigError,
+    FormatError,
+    LimitExceeded,
+    NothingToDo,
+    RollbackError,
+    VerificationError,
+)
 from broker.jcat import BlobKind, JcatBlob, parse_jcat
 from broker.metadata import (
     Catalog,
@@ -671,34 +678,97 @@ def _state(signed_at: datetime, sha: str = SHA_2) -> dict[str, str]:
     return {"signed_at": signed_at.isoformat(), "sha256": sha, "accepted_at": T0.isoformat()}
 
 
+NOW = T0 + timedelta(days=2)  # dom0's clock in these tests
+DAY = timedelta(hours=24)
+
+
+def _rollback(
+    verified: Verified, previous: dict[str, str] | None, force: bool = False
+) -> datetime | None:
+    return check_rollback(verified, previous, NOW, DAY, force)
+
+
 def test_check_rollback_refuses_older_metadata_naming_both_dates() -> None:
     with pytest.raises(RollbackError) as e:
-        check_rollback(_verified(T0 - timedelta(days=3)), _state(T0))
+        _rollback(_verified(T0 - timedelta(days=3)), _state(T0))
     assert "2025-02-26 12:00:00" in str(e.value)
     assert "2025-03-01 12:00:00" in str(e.value)
-    assert "rollback refused" in str(e.value)
+    assert str(e.value).endswith("(rollback refused)")
 
 
 def test_check_rollback_refuses_the_same_signing_time() -> None:
     with pytest.raises(RollbackError, match="not newer"):
-        check_rollback(_verified(T0, SHA_1), _state(T0, SHA_2))
+        _rollback(_verified(T0, SHA_1), _state(T0, SHA_2))
 
 
 def test_check_rollback_same_file_is_nothing_to_do() -> None:
     with pytest.raises(NothingToDo, match="already current"):
-        check_rollback(_verified(T0, SHA_1), _state(T0, SHA_1))
+        _rollback(_verified(T0, SHA_1), _state(T0, SHA_1))
 
 
 def test_check_rollback_refuses_no_signing_time() -> None:
     with pytest.raises(RollbackError, match="no signing time"):
-        check_rollback(_verified(None), None)
+        _rollback(_verified(None), None)
     with pytest.raises(RollbackError, match="no signing time"):
-        check_rollback(Verified(SHA_1, 1, (), ()), _state(T0))
+        _rollback(Verified(SHA_1, 1, (), ()), _state(T0))
 
 
-def test_check_rollback_accepts_newer_or_first_metadata() -> None:
-    check_rollback(_verified(T0 + timedelta(seconds=1)), _state(T0))
-    check_rollback(_verified(T0), None)
+def test_check_rollback_accepts_newer_or_first_metadata_and_names_its_baseline() -> None:
+    assert _rollback(_verified(T0 + timedelta(seconds=1)), _state(T0)) == T0
+    assert _rollback(_verified(T0), None) is None
+
+
+@pytest.mark.parametrize(
+    ("ahead", "ok"),
+    [
+        (timedelta(minutes=5), True),  # a few minutes' skew is the LVFS's clock, fine
+        (DAY, True),
+        (DAY + timedelta(seconds=1), False),
+        (timedelta(days=365 * 20), False),
+    ],
+)
+def test_a_signing_time_in_the_future_is_refused_naming_both_times(
+    ahead: timedelta, ok: bool
+) -> None:
+    verified = _verified(NOW + ahead)
+    if ok:
+        assert _rollback(verified, _state(T0)) == T0
+        return
+    with pytest.raises(VerificationError) as e:
+        _rollback(verified, _state(T0))
+    signed = NOW + ahead
+    assert str(e.value) == (
+        f"metadata signed {signed:%Y-%m-%d %H:%M:%S} is more than 24 hours ahead of dom0's "
+        f"clock ({NOW:%Y-%m-%d %H:%M:%S} UTC); refused (a signing time in the future would "
+        "block every later refresh)"
+    )
+
+
+def _poisoned(previous_signed_at: datetime | None) -> dict[str, str]:
+    """State accepted before this check existed: signed years ahead of dom0's clock."""
+    state = _state(NOW + timedelta(days=3650))
+    if previous_signed_at is not None:
+        state["previous_signed_at"] = previous_signed_at.isoformat()
+    return state
+
+
+def test_a_poisoned_state_refuses_honest_metadata_and_names_the_way_out() -> None:
+    with pytest.raises(RollbackError, match=r"rollback refused; see refresh --force\)$"):
+        _rollback(_verified(NOW), _poisoned(T0))
+
+
+def test_refresh_force_sets_a_future_baseline_aside_for_the_one_before_it() -> None:
+    assert _rollback(_verified(NOW), _poisoned(T0), force=True) == T0
+    # older than what was accepted before the poison: still refused
+    with pytest.raises(RollbackError, match="not newer than the accepted 2025-03-01"):
+        _rollback(_verified(T0 - timedelta(seconds=1)), _poisoned(T0), force=True)
+    # nothing accepted before it: anything with a sane signing time
+    assert _rollback(_verified(T0 - timedelta(days=9)), _poisoned(None), force=True) is None
+
+
+def test_refresh_force_changes_nothing_for_a_sane_state() -> None:
+    with pytest.raises(RollbackError, match=r"\(rollback refused\)$"):
+        _rollback(_verified(T0 - timedelta(days=1)), _state(T0), force=True)
 
 
 def test_signed_at_is_the_latest_signature() -> None:
@@ -841,3 +911,16 @@ def test_store_lock_serialises_holders(tmp_path: Path) -> None:
         order.append("1")
     t.join(5)
     assert order == ["1", "2"]
+
+
+def test_store_keeps_the_rollback_baseline_for_refresh_force(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    store = MetadataStore(paths)
+    with UntrustedFiles(paths.untrusted_dir, "n9") as u, store.locked():
+        fd = u.create(REMOTE.metadata_name)
+        os.write(fd, b"catalog")
+        store.store(REMOTE, (fd, u.paths[REMOTE.metadata_name]), _verified(NOW), baseline=T0)
+    accepted = store.accepted(REMOTE.id)
+    assert accepted is not None
+    assert accepted["signed_at"] == NOW.isoformat()
+    assert accepted["previous_signed_at"] == T0.isoformat()

@@ -187,20 +187,24 @@ def cmd_refresh(app: App, args: argparse.Namespace) -> int:
             )
         any_new |= not outcome.nothing_new
         any_new |= _load_into_daemons(app, remote)
-    return 0 if any_new else NothingToDo.exit_code
+    return _finish(app, EXIT_OK if any_new else NothingToDo.exit_code)
 
 
 def _load_into_daemons(app: App, remote: Remote) -> bool:
-    current = MetadataStore(app.paths).current(remote)
-    if current is None:
+    opened = MetadataStore(app.paths).open_current(remote)
+    if opened is None:
         return False
-    data_fd, jcat_fd = os.open(current[0], os.O_RDONLY), os.open(current[1], os.O_RDONLY)
+    data_fd, jcat_fd = opened
     try:
         loaded = FwupdClient().update_metadata(remote.id, data_fd, jcat_fd)
         print(f"{remote.id}: dom0 fwupd {'loaded' if loaded else 'already had'} the metadata")
         usbvm = app.usbvm()
         if usbvm:
-            usb_loaded = usbvm.refresh(remote, data_fd, jcat_fd)
+            try:
+                usb_loaded = usbvm.refresh(remote, data_fd, jcat_fd)
+            except BrokerError as e:
+                app.unreachable(usbvm.qube, e)
+                return loaded
             loaded |= usb_loaded
             state = "loaded" if usb_loaded else "already had"
             print(f"{remote.id}: {usbvm.qube} fwupd {state} the metadata")

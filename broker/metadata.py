@@ -513,6 +513,28 @@ class MetadataStore:
         data, jcat = link / remote.metadata_name, link / remote.jcat_name
         return (data, jcat) if data.exists() and jcat.exists() else None
 
+    def open_current(self, remote: Remote) -> tuple[int, int] | None:
+        """The current metadata and its jcat as two open fds of one generation (None if
+        there is none yet): opened under the store's lock, and both relative to the one
+        generation directory, so a concurrent refresh can never pair two generations."""
+        with self.locked():
+            try:
+                gen = os.open(self.paths.metadata_dir / remote.id, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                return None
+            try:
+                fds: list[int] = []
+                try:
+                    for name in (remote.metadata_name, remote.jcat_name):
+                        fds.append(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=gen))
+                except FileNotFoundError:
+                    for fd in fds:
+                        os.close(fd)
+                    return None
+                return fds[0], fds[1]
+            finally:
+                os.close(gen)
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Serialises rollback check + store: two pushes for the same remote must not both

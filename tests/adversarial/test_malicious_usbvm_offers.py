@@ -233,3 +233,20 @@ def test_a_sys_usb_that_fails_does_not_veto_dom0s_devices(
     assert "fwupd crashed" in line
     assert_printable(r.stdout, r.stderr)
     assert_clean(sandbox, before)
+
+
+def test_a_sys_usb_that_fails_refresh_does_not_stop_dom0s_fwupd_loading(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm
+) -> None:
+    r = manager(sandbox, "refresh")  # dom0 current first: what follows changes nothing
+    assert r.returncode in (0, 2), r.stdout + r.stderr
+    usbvm.answer(b"", exit_code=1, stderr="\x1b[2Jdisk full\n", argument="Refresh")
+    before = baseline(sandbox)
+    r = manager(sandbox, "refresh")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "lvfs: dom0 fwupd already had the metadata" in r.stdout
+    line = one_line(r.stderr)
+    assert line.startswith("qubes-fwupdmgr: sys-usb: unreachable: qubes.FwupdUsbvm+Refresh"), line
+    assert "disk full" in line
+    assert_printable(r.stdout, r.stderr)
+    assert_clean(sandbox, before)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 from xml.sax.saxutils import escape, quoteattr
 
 import pytest
@@ -924,3 +924,44 @@ def test_store_keeps_the_rollback_baseline_for_refresh_force(tmp_path: Path) -> 
     assert accepted is not None
     assert accepted["signed_at"] == NOW.isoformat()
     assert accepted["previous_signed_at"] == T0.isoformat()
+
+
+def test_open_current_never_pairs_two_generations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh that switches generations between the two opens (as a concurrent run
+    could, were the opens by path) still yields the data and jcat of one generation."""
+    paths = Paths(tmp_path)
+    _push(paths, "n1", b"generation one", _verified(T0))
+    link = paths.metadata_dir / REMOTE.id
+    first_gen = link.resolve()
+    other = paths.metadata_dir / "lvfs.0123456789ab"
+    other.mkdir()
+    (other / REMOTE.metadata_name).write_bytes(b"generation two")
+    (other / REMOTE.jcat_name).write_bytes(b"jcat two")
+    real_open = os.open
+
+    def open_then_switch(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, flags, *args, **kwargs)
+        if str(path).endswith(REMOTE.metadata_name):
+            tmp_link = paths.metadata_dir / ".switch"
+            tmp_link.symlink_to(other.name)
+            os.replace(tmp_link, link)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_switch)
+    opened = MetadataStore(paths).open_current(REMOTE)
+    monkeypatch.undo()
+    assert opened is not None
+    data_fd, jcat_fd = opened
+    try:
+        assert os.pread(data_fd, 100, 0) == b"generation one"
+        jcat = os.pread(jcat_fd, 1 << 20, 0)
+        assert jcat == (first_gen / REMOTE.jcat_name).read_bytes() != b"jcat two"
+    finally:
+        os.close(data_fd)
+        os.close(jcat_fd)
+
+
+def test_open_current_without_metadata_is_none(tmp_path: Path) -> None:
+    assert MetadataStore(Paths(tmp_path)).open_current(REMOTE) is None

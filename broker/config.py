@@ -137,8 +137,9 @@ def check_qube_name(name: str, what: str) -> str:
     return name
 
 
-def check_url(url: str, what: str) -> str:
-    """A URL we may hand to the UpdateVM: http(s), a host, no credentials, no fragment."""
+def check_url(url: str, what: str, https_only: bool = False) -> str:
+    """A URL we may hand to the UpdateVM: https (or http where allowed), a host, no
+    credentials, no fragment."""
     # ASCII printable only: no C0/C1 controls, no spaces, no look-alike characters (IDNs
     # belong in punycode); checked before urlsplit sees it
     if not url.isascii() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
@@ -150,6 +151,11 @@ def check_url(url: str, what: str) -> str:
         raise ConfigError(f"{what}: URL does not parse: {e}") from e
     if parts.scheme not in ("https", "http") or not hostname:
         raise ConfigError(f"{what}: {url!r} is not an http(s) URL with a host")
+    if https_only and parts.scheme != "https":
+        raise ConfigError(
+            f"{what}: {url!r} is plain http (set allow_plain_http = yes for this remote "
+            "only if a signed catalog over http is what you want)"
+        )
     if parts.username or parts.password or parts.fragment:
         raise ConfigError(f"{what}: {url!r} must not carry credentials or a fragment")
     return url
@@ -165,6 +171,10 @@ class Remote:
     firmware_base_uri: str | None = None
     # "jcat" (LVFS) or "asc": a legacy detached GPG signature beside the metadata
     signature: str = "jcat"
+    # TLS is the default for metadata and cabs; a remote must opt out by name (a local
+    # mirror, the sandbox's on 127.0.0.1): signatures still bind every byte, but a plain
+    # connection shows the network which firmware this machine fetches
+    allow_plain_http: bool = False
 
     @property
     def metadata_name(self) -> str:
@@ -231,14 +241,18 @@ class Config:
             if not _REMOTE_ID.fullmatch(rid):
                 raise ConfigError(f"remote id {rid!r} is not valid")
             sec = parser[section]
-            url = check_url(sec.get("metadata_url", ""), f"remote {rid} metadata_url")
+            plain = sec.get("allow_plain_http", "no").strip().lower()
+            if plain not in ("yes", "no"):
+                raise ConfigError(f"remote {rid} allow_plain_http must be yes or no")
+            https_only = plain == "no"
+            url = check_url(sec.get("metadata_url", ""), f"remote {rid} metadata_url", https_only)
             base = sec.get("firmware_base_uri", "").strip() or None
             if base:
-                check_url(base, f"remote {rid} firmware_base_uri")
+                check_url(base, f"remote {rid} firmware_base_uri", https_only)
             signature = sec.get("signature", "jcat").strip()
             if signature not in ("jcat", "asc"):
                 raise ConfigError(f"remote {rid} signature must be jcat or asc")
-            remotes.append(Remote(rid, url, base, signature))
+            remotes.append(Remote(rid, url, base, signature, not https_only))
         try:
             max_age = int(main.get("metadata_max_age_days", "30"))
         except ValueError as e:

@@ -65,6 +65,8 @@ def write_qube_config(sandbox: Sandbox, qube: str) -> None:
         f"metadata_url = {base_url(sandbox)}/firmware.xml.zst\n"
         # as fwupd's FirmwareBaseURI: the catalog's https locations, rebased on the mirror
         f"firmware_base_uri = {base_url(sandbox)}\n"
+        # the mirror serves plain http on the UpdateVM's 127.0.0.1: opted out by name
+        "allow_plain_http = yes\n"
     )
 
 

@@ -548,7 +548,9 @@ def _sign_catalog(sandbox: Sandbox, xml: bytes) -> None:
         lvfs._write_atomic(lvfs_dir / f"{data.name}.jcat", jcat)
 
 
-def _release(version: str, cab_name: str, cab: bytes, url: str) -> etree._Element:
+def _release(
+    version: str, cab_name: str, cab: bytes, url: str, location: str | None = None
+) -> etree._Element:
     rel = etree.Element("release", version=version, urgency="critical")
     rel.set("timestamp", str(int(time.time())))
     etree.SubElement(etree.SubElement(rel, "description"), "p").text = "Hostile release"
@@ -560,7 +562,7 @@ def _release(version: str, cab_name: str, cab: bytes, url: str) -> etree._Elemen
         c = etree.SubElement(rel, "checksum", type=kind, filename=cab_name, target="container")
         c.text = digest
     etree.SubElement(rel, "size", type="download").text = str(len(cab))
-    etree.SubElement(rel, "location").text = f"{url}/{cab_name}"
+    etree.SubElement(rel, "location").text = location or f"{url}/{cab_name}"
     return rel
 
 
@@ -572,6 +574,7 @@ def publish_catalog(
     component_id: str = FAKE_ID,
     summary: str | None = None,
     size: int | None = None,
+    location: str | None = None,
 ) -> None:
     """The mirror serves the catalog of its real cabs plus one newer release for the
     webcam, signed with the trusted key: ``cab`` (written as hostile-*.cab) or an existing
@@ -600,7 +603,7 @@ def publish_catalog(
         component.find("summary").text = summary  # type: ignore[union-attr]
     releases = component.find("releases")
     assert releases is not None
-    release = _release(version, cab_name, cab, url)
+    release = _release(version, cab_name, cab, url, location)
     if size is not None:
         release.find("size").text = str(size)  # type: ignore[union-attr]
     releases.insert(0, release)

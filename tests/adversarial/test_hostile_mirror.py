@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.config import Config
 from broker.sandbox.launcher import Sandbox
 from tests.adversarial.hostile import (
     FAKE_ID,
@@ -205,3 +206,45 @@ def test_escape_sequences_in_signed_catalog_are_not_printed(mirror: Sandbox) -> 
     releases = [rel for d in json.loads(r.stdout)["Devices"] for rel in d["Releases"]]
     assert any(rel["Version"] == "9.9.10" for rel in releases)
     assert_clean(mirror, before)
+
+
+@pytest.mark.parametrize(
+    ("location", "offered"),
+    [
+        # another host, fwupd.org only in the query: no file name in the path at all
+        ("https://attacker.example/?x=fwupd.org/downloads/{cab}", False),
+        ("http://fwupd.org/downloads/{cab}", False),  # not TLS
+        ("ipfs://QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", False),
+        # a look-alike host and a path climbing out: only the basename counts
+        ("https://fwupd.org.attacker.example/downloads/{cab}", True),
+        ("https://fwupd.org/downloads/../../x/{cab}", True),
+    ],
+)
+def test_a_signed_catalog_cannot_send_the_updatevm_elsewhere(
+    mirror: Sandbox, tmp_path: Path, location: str, offered: bool
+) -> None:
+    """Every URL dom0 hands the UpdateVM is the remote's base plus a plain file name; a
+    release with no https location naming one is never offered (fwupd's offer of it is
+    refused with one line)."""
+    cab = signed_cab(tmp_path, metainfo("9.9.7"), trusted_signer(mirror))
+    publish_catalog(mirror, "9.9.7", cab, location=location.format(cab="x.cab"))
+    refresh(mirror)
+    base = _remote_base(mirror)
+    r = manager(mirror, "get-updates", "--json")
+    doc = json.loads(r.stdout) if r.stdout.strip() else {"Devices": []}
+    uris = [rel["Uri"] for d in doc["Devices"] for rel in d["Releases"]]
+    assert all(u.startswith(base + "/") and "/" not in u[len(base) + 1 :] for u in uris), uris
+    listed = [rel["Version"] for d in doc["Devices"] for rel in d["Releases"]]
+    if offered:
+        assert "9.9.7" in listed and f"{base}/x.cab" in uris
+        assert r.returncode == 0, r.stdout + r.stderr
+    else:
+        assert "9.9.7" not in listed
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "offered org.fwupd.fakedevice.firmware 9.9.7, refused" in one_line(r.stderr)
+
+
+def _remote_base(sandbox: Sandbox) -> str:
+    (remote,) = Config.load(qube_paths(sandbox, "dom0")).remotes
+    assert remote.firmware_base_uri is not None
+    return remote.firmware_base_uri.rstrip("/")

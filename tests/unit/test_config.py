@@ -34,6 +34,7 @@ metadata_url = https://cdn.fwupd.org/downloads/firmware.xml.zst
 [remote mirror.local]
 metadata_url = http://mirror.example:8080/lvfs/firmware.xml.xz
 firmware_base_uri = https://mirror.example/cabs/
+allow_plain_http = yes
 """
 
 
@@ -70,6 +71,7 @@ def test_full_file(tmp_path: Path) -> None:
             "mirror.local",
             "http://mirror.example:8080/lvfs/firmware.xml.xz",
             "https://mirror.example/cabs/",
+            allow_plain_http=True,
         ),
     )
     mirror = config.remote("mirror.local")
@@ -77,6 +79,27 @@ def test_full_file(tmp_path: Path) -> None:
     assert mirror.jcat_name == "firmware.xml.xz.jcat"
     with pytest.raises(ConfigError, match="no remote 'nope' configured"):
         config.remote("nope")
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        "metadata_url = http://mirror.example/firmware.xml.zst",
+        "metadata_url = https://mirror.example/firmware.xml.zst\n"
+        "firmware_base_uri = http://mirror.example/cabs",
+    ],
+)
+def test_plain_http_needs_the_remote_to_opt_out_by_name(tmp_path: Path, lines: str) -> None:
+    with pytest.raises(ConfigError, match=r"is plain http \(set allow_plain_http = yes"):
+        _load(tmp_path, f"[remote m]\n{lines}\n")
+    config = _load(tmp_path / "opted-out", f"[remote m]\n{lines}\nallow_plain_http = yes\n")
+    assert config.remote("m").allow_plain_http
+
+
+def test_allow_plain_http_is_yes_or_no(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="allow_plain_http must be yes or no"):
+        _load(tmp_path, "[remote m]\nmetadata_url = https://m.example/f.xml.zst\n"
+                        "allow_plain_http = true\n")  # fmt: skip
 
 
 def test_other_sections_are_ignored(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.cabinet import ExpectedRelease
+from broker.cabinet import ExpectedRelease, inspect_cab
 from broker.config import Config, Limits, Paths, Remote
 from broker.errors import (
     EXIT_FAILURE,
@@ -34,7 +34,7 @@ from broker.qrexec import Transport, call, check, transport_from_env
 from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
 from broker.session import ExpectedFile, Outcome, Sessions
-from broker.signatures import sha256_fd
+from broker.signatures import TrustStore, sha256_fd
 from broker.transfer import write_all
 from broker.updatevm import DownloadRequest, Wanted
 from broker.usbvm import UsbvmClient
@@ -292,6 +292,30 @@ def cmd_update(app: App, args: argparse.Namespace) -> int:
         if app.problems:
             return _finish(app, EXIT_FAILURE)
         raise NothingToDo("no updates available" + (f" for {args.device}" if args.device else ""))
+    limit = app.config.update_max_devices
+    if not args.device and len(found) > limit:
+        print(
+            f"qubes-fwupdmgr: {len(found) - limit} more devices have updates; one run updates "
+            f"at most update_max_devices={limit} unless a device is named: run again",
+            file=sys.stderr,
+        )
+        found = found[:limit]
+    installed: set[str] = set()
+    try:
+        _update_each(app, args, found, installed)
+    finally:
+        # installed: no longer worth their room in dom0's cache
+        for sha256 in installed:
+            (app.paths.cabs_dir / f"{sha256}.cab").unlink(missing_ok=True)
+    return _finish(app, EXIT_OK)
+
+
+def _update_each(
+    app: App,
+    args: argparse.Namespace,
+    found: list[tuple[QubeDevice, list[Release]]],
+    installed: set[str],
+) -> None:
     for qd, releases in found:
         # the owner offered these newest first, by its version rules: take its first
         release = releases[0]
@@ -313,17 +337,46 @@ def cmd_update(app: App, args: argparse.Namespace) -> int:
             raise LimitExceeded(
                 f"{release.filename} is {release.size} bytes, more than cab_max_bytes"
             )
-        print(f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
-        app.fetch(
-            "cab",
-            release.remote_id,
-            [Wanted(release.filename, release.url, release.size, release.sha256, release.size)],
-            expected_release(release),
-        )
+        if _cached(app, release):
+            print(f"Using {_p(release.filename)} from dom0's cache")
+        else:
+            print(f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
+            app.fetch(
+                "cab",
+                release.remote_id,
+                [Wanted(release.filename, release.url, release.size, release.sha256, release.size)],
+                expected_release(release),
+            )
         _install(app, qd, release)
+        installed.add(release.sha256)
         after = _version_now(app, qd)
         print(f"Updated {desc}: now {_p(after)}")
-    return _finish(app, EXIT_OK)
+
+
+def _cached(app: App, release: Release) -> bool:
+    """dom0's cache already holds this cab (its name is the sha256 dom0 verified when it
+    stored it): checked again against this release before it counts as fetched."""
+    cab = app.paths.cabs_dir / f"{release.sha256}.cab"
+    try:
+        fd = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if sha256_fd(fd)[0] != release.sha256:
+            return False
+        inspect_cab(
+            fd,
+            expected_release(release),
+            TrustStore.from_dirs(app.paths.pki_firmware_dirs),
+            app.limits,
+            app.paths.untrusted_dir,
+            app.config.trust,
+        )
+        return True
+    except BrokerError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def expected_release(release: Release) -> ExpectedRelease:

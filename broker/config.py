@@ -209,6 +209,12 @@ class Config:
     # metadata signed further ahead of dom0's clock is refused (an UpdateVM's skewed clock
     # is not the signer's; the LVFS's own clock is what signs)
     metadata_future_margin_hours: int = 24
+    # dom0's cab cache: cabs are deleted once installed; what stays (a failed or declined
+    # install) is pruned oldest first beyond this many MiB
+    cab_cache_max_mib: int = 1024
+    # one run installs on at most this many devices unless they are named (a hostile
+    # sys-usb could claim a device per catalog component)
+    update_max_devices: int = 8
     # which signature kinds count; a file needs a matching sha256 and one trusted signature
     # of these kinds (a signature this machine cannot check never counts)
     trust: TrustPolicy = field(default_factory=TrustPolicy)
@@ -257,12 +263,18 @@ class Config:
             max_age = int(main.get("metadata_max_age_days", "30"))
         except ValueError as e:
             raise ConfigError("metadata_max_age_days must be a whole number") from e
-        try:
-            future_margin = int(main.get("metadata_future_margin_hours", "24"))
-        except ValueError as e:
-            raise ConfigError("metadata_future_margin_hours must be a whole number") from e
-        if future_margin < 0:
-            raise ConfigError("metadata_future_margin_hours must not be negative")
+        numbers = {}
+        for key, default in (
+            ("metadata_future_margin_hours", cls.metadata_future_margin_hours),
+            ("cab_cache_max_mib", cls.cab_cache_max_mib),
+            ("update_max_devices", cls.update_max_devices),
+        ):
+            try:
+                numbers[key] = int(main.get(key, str(default)))
+            except ValueError as e:
+                raise ConfigError(f"{key} must be a whole number") from e
+            if numbers[key] < 0:
+                raise ConfigError(f"{key} must not be negative")
         kinds = frozenset(main.get("signature_kinds", "pkcs7 gpg").replace(",", " ").split())
         if not kinds or not kinds <= _SIGNATURE_KINDS:
             raise ConfigError(
@@ -273,6 +285,8 @@ class Config:
             usbvm=usbvm,
             remotes=tuple(remotes) or cls.remotes,
             metadata_max_age_days=max_age,
-            metadata_future_margin_hours=future_margin,
+            metadata_future_margin_hours=numbers["metadata_future_margin_hours"],
+            cab_cache_max_mib=numbers["cab_cache_max_mib"],
+            update_max_devices=numbers["update_max_devices"],
             trust=TrustPolicy(accepted=kinds),
         )

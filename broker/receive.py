@@ -30,7 +30,14 @@ from broker.sanitize import printable
 from broker.service import ServiceContext, log, run_service
 from broker.session import Outcome, Session, Sessions, check_nonce
 from broker.signatures import TrustStore
-from broker.transfer import FrameFile, StreamReader, UntrustedFiles, install_file, parse_header
+from broker.transfer import (
+    FrameFile,
+    StreamReader,
+    UntrustedFiles,
+    install_file,
+    parse_header,
+    prune_cabs,
+)
 
 # a signed catalog could make every release odd: the log names the first ones only
 _MAX_SKIP_LINES = 200
@@ -150,6 +157,10 @@ def _receive_for(
             )
             dest = paths.cabs_dir / f"{expected.sha256}.cab"
             install_file(cab_fd, untrusted.paths[expected.name], dest)
+            for name in prune_cabs(
+                paths.cabs_dir, ctx.config.cab_cache_max_mib * 1024 * 1024, keep=dest
+            ):
+                log(paths, f"cab cache over cab_cache_max_mib: removed {name}")
             return Outcome(
                 True,
                 f"{expected.name} accepted: sha256 verified, {info.component_id} "

@@ -232,3 +232,31 @@ def install_file(fd: int, untrusted_path: Path, dest: Path) -> None:
         dest.unlink()
         raise TransferError(f"{dest.name}: replaced between verification and storing")
     fsync_dir(dest.parent)
+
+
+_CACHED_CAB = re.compile(r"[0-9a-f]{64}\.cab")
+
+
+def prune_cabs(cabs_dir: Path, max_bytes: int, keep: Path | None = None) -> list[str]:
+    """Delete cached cabs (only ``<sha256>.cab`` files) oldest first until they total at
+    most ``max_bytes``; never ``keep``. Returns the names deleted."""
+    if not cabs_dir.is_dir():
+        return []
+    cabs = []
+    for path in cabs_dir.iterdir():
+        if not _CACHED_CAB.fullmatch(path.name) or path == keep:
+            continue
+        try:
+            st = path.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # a concurrent run's prune
+        cabs.append((st.st_mtime_ns, path.name, st.st_size))
+    total = sum(size for *_, size in cabs) + (keep.stat().st_size if keep else 0)
+    deleted = []
+    for _, name, size in sorted(cabs):
+        if total <= max_bytes:
+            break
+        (cabs_dir / name).unlink(missing_ok=True)
+        total -= size
+        deleted.append(name)
+    return deleted

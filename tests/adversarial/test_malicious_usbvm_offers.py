@@ -72,10 +72,13 @@ def offers_reply(*releases: Any) -> bytes:
     return json.dumps({"offers": {WEBCAM_ID: {"releases": list(releases)}}}).encode()
 
 
+def calls(sandbox: Sandbox, target_service: str) -> int:
+    """How many calls dom0 has made so far, e.g. "sys-firewall qubes.FwupdDownload"."""
+    return (sandbox.log_dir / "qrexec.log").read_text().count(f"allow dom0 -> {target_service}")
+
+
 def downloads(sandbox: Sandbox) -> int:
-    """How many times dom0 has asked the UpdateVM for anything so far."""
-    log = (sandbox.log_dir / "qrexec.log").read_text()
-    return log.count("dom0 -> sys-firewall qubes.FwupdDownload")
+    return calls(sandbox, "sys-firewall qubes.FwupdDownload")
 
 
 # (id, what sys-usb offers for the webcam, what dom0's one line must name)
@@ -249,4 +252,37 @@ def test_a_sys_usb_that_fails_refresh_does_not_stop_dom0s_fwupd_loading(
     assert line.startswith("qubes-fwupdmgr: sys-usb: unreachable: qubes.FwupdUsbvm+Refresh"), line
     assert "disk full" in line
     assert_printable(r.stdout, r.stderr)
+    assert_clean(sandbox, before)
+
+
+def test_a_sys_usb_claiming_many_devices_gets_a_bounded_run_and_dom0_keeps_no_cab(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm, held: dict[str, Release]
+) -> None:
+    """Twelve 'webcams', each offered the real 1.2.4: one run updates at most
+    update_max_devices (8) unless a device is named, fetches the cab once (then dom0's
+    verified cache serves it), and deletes it from dom0's cache once installed."""
+    # the real webcam among them, so dom0's own copy of it stays sys-usb's (routing)
+    ids = [WEBCAM_ID, *(f"{i:040x}" for i in range(1, 12))]
+    usbvm.answer(json.dumps({"devices": [{**WEBCAM, "DeviceId": i} for i in ids]}).encode())
+    good = offer("1.2.4", held["1.2.4"].sha256)
+    usbvm.answer(
+        json.dumps({"offers": {i: {"releases": [good]} for i in ids}}).encode(),
+        argument="GetUpgrades",
+    )
+    usbvm.answer(b'{"status": "installed"}\n', argument="Install")
+    cab = qube_paths(sandbox, "dom0").cabs_dir / f"{held['1.2.4'].sha256}.cab"
+    cab.unlink(missing_ok=True)
+    before = baseline(sandbox)
+    downloads_before = downloads(sandbox)
+    installs_before = calls(sandbox, "sys-usb qubes.FwupdUsbvm+Install")
+    r = manager(sandbox, "update", "-y")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert one_line(r.stderr) == (
+        "qubes-fwupdmgr: 4 more devices have updates; one run updates at most "
+        "update_max_devices=8 unless a device is named: run again"
+    )
+    assert downloads(sandbox) - downloads_before == 1, r.stdout
+    assert calls(sandbox, "sys-usb qubes.FwupdUsbvm+Install") - installs_before == 8
+    assert r.stdout.count("from dom0's cache") == 7
+    assert not cab.exists()  # installed: gone from dom0's cache
     assert_clean(sandbox, before)

@@ -28,6 +28,7 @@ from broker.transfer import (
     install_file,
     is_file_name,
     parse_header,
+    prune_cabs,
     write_frame,
 )
 from tests.properties import assert_user_message, expect_only_our_errors
@@ -643,3 +644,29 @@ def test_sha256_fd_hashes_the_whole_file_and_leaves_the_offset(tmp_path: Path) -
         assert os.read(fd, 10) == b"llo"
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- prune_cabs
+def _cab(d: Path, n: int, size: int, age: int) -> Path:
+    path = d / f"{n:064x}.cab"
+    path.write_bytes(b"c" * size)
+    os.utime(path, ns=(1_000_000_000 * age, 1_000_000_000 * age))
+    return path
+
+
+def test_prune_cabs_removes_the_oldest_until_under_the_cap_and_never_the_new_one(
+    tmp_path: Path,
+) -> None:
+    old, middle, new = (
+        _cab(tmp_path, 1, 400, 1),
+        _cab(tmp_path, 2, 400, 2),
+        _cab(tmp_path, 3, 400, 3),
+    )
+    other = tmp_path / "notes.txt"  # not ours to judge
+    other.write_bytes(b"x" * 10_000)
+    assert prune_cabs(tmp_path, 900, keep=new) == [old.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([middle.name, new.name, other.name])
+    # a new cab larger than the cap alone: everything else goes, it stays
+    assert prune_cabs(tmp_path, 100, keep=new) == [middle.name]
+    assert new.exists() and other.exists()
+    assert prune_cabs(tmp_path / "missing", 0) == []

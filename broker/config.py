@@ -175,6 +175,9 @@ class Remote:
     # mirror, the sandbox's on 127.0.0.1): signatures still bind every byte, but a plain
     # connection shows the network which firmware this machine fetches
     allow_plain_http: bool = False
+    # who may sign this remote's metadata (TrustPolicy.signers); None only for the
+    # UpdateVM's and sys-usb's own checks, which never stand in for dom0's
+    metadata_signers: frozenset[str] | None = None
 
     @property
     def metadata_name(self) -> str:
@@ -191,6 +194,38 @@ class Remote:
         return self.metadata_name + ".jcat"
 
 
+# The LVFS service's own certificate, which signs its metadata jcat (and, the LVFS being
+# one service, also firmware: a residual the README's threat model names). Issued by
+# LVFS-CA.pem, valid 2025-01-16 to 2035-01-16; its subject stays valid for a re-issue.
+LVFS_METADATA_SIGNERS = frozenset(
+    {"1AE8CBE206091736DEC0C8A722575FF883DFFB4C1C342175514C3FE5721B202F", "CN=fwupd.org 2025"}
+)
+_HEX = re.compile(r"(?:[0-9A-F]{40}|[0-9A-F]{64})")
+
+
+def parse_signers(value: str, what: str) -> frozenset[str]:
+    """One per line: a certificate SHA-256 fingerprint, a GPG key fingerprint (hex, colons
+    and spaces allowed: as openssl and gpg print them), or a certificate subject
+    as openssl -nameopt RFC2253 prints it (it holds a '=')."""
+    signers = set()
+    for raw in value.splitlines():
+        token = raw.strip()
+        if not token:
+            continue
+        hex_form = token.removeprefix("sha256:").replace(":", "").replace(" ", "").upper()
+        if _HEX.fullmatch(hex_form):
+            signers.add(hex_form)
+        elif "=" in token and token.isascii() and token.isprintable():
+            signers.add(token)
+        else:
+            raise ConfigError(
+                f"{what}: {token[:80]!r} is neither a fingerprint nor a subject (CN=...)"
+            )
+    if not signers:
+        raise ConfigError(f"{what} names no signer")
+    return frozenset(signers)
+
+
 @dataclass(frozen=True)
 class Config:
     updatevm: str = "sys-firewall"
@@ -201,6 +236,7 @@ class Config:
             "lvfs",
             "https://cdn.fwupd.org/downloads/firmware.xml.zst",
             "https://fwupd.org/downloads",
+            metadata_signers=LVFS_METADATA_SIGNERS,
         ),
     )
     limits: Limits = field(default_factory=Limits)
@@ -258,7 +294,13 @@ class Config:
             signature = sec.get("signature", "jcat").strip()
             if signature not in ("jcat", "asc"):
                 raise ConfigError(f"remote {rid} signature must be jcat or asc")
-            remotes.append(Remote(rid, url, base, signature, not https_only))
+            if "metadata_signers" in sec:
+                signers = parse_signers(sec["metadata_signers"], f"remote {rid} metadata_signers")
+            elif rid == "lvfs":
+                signers = LVFS_METADATA_SIGNERS
+            else:
+                raise ConfigError(f"remote {rid} needs metadata_signers: who may sign its metadata")
+            remotes.append(Remote(rid, url, base, signature, not https_only, signers))
         try:
             max_age = int(main.get("metadata_max_age_days", "30"))
         except ValueError as e:

@@ -406,7 +406,10 @@ def verify_metadata(
 ) -> Verified:
     """The metadata behind data_fd, checked against its jcat or, for a legacy remote, its
     detached .asc (then: one trusted GPG signature; no sha256 is served to compare, and
-    the signature binds the bytes anyway)."""
+    the signature binds the bytes anyway). Only the signers the remote names for its
+    metadata count, however their certificates chain."""
+    if remote.metadata_signers is not None:
+        policy = dataclasses.replace(policy, signers=remote.metadata_signers)
     if remote.signature == "asc":
         if "gpg" not in policy.accepted:
             raise VerificationError(

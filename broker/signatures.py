@@ -42,6 +42,7 @@ import gnupg
 
 from broker.errors import VerificationError
 from broker.jcat import BlobKind, JcatBlob, JcatItem
+from broker.sanitize import printable
 
 _CHUNK = 1024 * 1024
 _TIMEOUT_S = 30.0
@@ -84,6 +85,10 @@ class TrustStore:
 class TrustPolicy:
     require_sha256: bool = True
     accepted: frozenset[str] = frozenset({"pkcs7", "gpg"})
+    # who may have signed, for this purpose: PKCS#7 signer certificate SHA-256
+    # fingerprints or subjects (RFC 2253), GPG primary key fingerprints. None: anyone
+    # the trust store anchors. A chain to a trusted CA says nothing about purpose.
+    signers: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,9 @@ class Signature:
     # the blob as dom0 re-encoded what it verified (one PKCS7 PEM block of openssl's DER,
     # or one PGP armor of the packets gpg checked): all that may travel on to a fwupd
     canonical: str = ""
+    # who signed, as TrustPolicy.signers names them: the signer certificate's SHA-256
+    # fingerprint and RFC 2253 subject, or the GPG primary key's fingerprint
+    identities: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -438,18 +446,22 @@ def _signer_infos(der: bytes) -> _SignerInfos:
     return _SignerInfos(times, digests, post_quantum)
 
 
-def _signer_cn(signer_pem: Path) -> str | None:
+def _signer_identity(signer_pem: Path) -> tuple[str, str]:
+    """(RFC 2253 subject, SHA-256 fingerprint as upper-case hex) of the certificate that
+    openssl says signed; RFC 2253 escapes controls and non-ASCII, so it is one plain line."""
     ran = _run(
-        ["openssl", "x509", "-in", str(signer_pem), "-noout", "-subject", "-nameopt", "multiline"]
-    )
-    if ran.returncode:
-        return None
-    # multiline escapes control characters and non-ASCII, so one line is one field
+        ["openssl", "x509", "-in", str(signer_pem), "-noout", "-subject", "-nameopt", "RFC2253",
+         "-fingerprint", "-sha256"]
+    )  # fmt: skip
+    subject = fingerprint = ""
     for line in ran.stdout.decode("ascii", "replace").splitlines():
-        field, sep, value = line.partition("=")
-        if sep and field.strip() == "commonName":
-            return value.strip() or None
-    return None
+        if line.startswith("subject="):
+            subject = line.removeprefix("subject=").strip()
+        elif line.lower().startswith("sha256 fingerprint="):
+            fingerprint = line.partition("=")[2].replace(":", "").strip().upper()
+    if ran.returncode or not fingerprint:
+        raise VerificationError("openssl could not describe the signer certificate")
+    return subject, fingerprint
 
 
 _PEM_BLOCK = re.compile(
@@ -529,10 +541,14 @@ def verify_pkcs7(fd: int, pem: str, trust: TrustStore) -> Signature:
                     pass_fds=(child_fd,),
                 )  # fmt: skip
                 if ran.returncode == 0:
-                    cn = _signer_cn(signer_pem)
-                    signer = f"{ca.name} ({cn})" if cn else ca.name
-                    canonical = _armor("PKCS7", sig_der.read_bytes())
-                    return Signature("pkcs7", signer, max(times) if times else None, canonical)
+                    subject, fingerprint = _signer_identity(signer_pem)
+                    return Signature(
+                        "pkcs7",
+                        f"{ca.name} ({subject})" if subject else ca.name,
+                        max(times) if times else None,
+                        _armor("PKCS7", sig_der.read_bytes()),
+                        frozenset({subject, fingerprint} - {""}),
+                    )
                 if b"certificate verify error" not in ran.stderr:
                     # the chain to this CA held, so no other CA will make the content match
                     failure = (
@@ -732,7 +748,7 @@ def _gpg_decision(statuses: list[list[str]], returncode: int, trusted: set[str])
         except (ValueError, OverflowError, OSError) as e:
             raise VerificationError("gpg reported an unreadable signature time") from e
         signers.append(primary)
-    return Signature("gpg", signers[0], max(times))
+    return Signature("gpg", signers[0], max(times), identities=frozenset(signers))
 
 
 def _import_keys(gpg: _BoundedGPG, trust: TrustStore) -> tuple[set[str], list[str]]:
@@ -843,11 +859,17 @@ def verify_file(
         kind = _SIGNATURE_KINDS[BlobKind(blob.kind)]
         try:
             if kind == "pkcs7":
-                signatures.append(verify_pkcs7(fd, blob.data, trust))
+                signature = verify_pkcs7(fd, blob.data, trust)
             else:
-                signatures.append(_verify_gpg(fd, blob.data, trust, unverifiable))
+                signature = _verify_gpg(fd, blob.data, trust, unverifiable)
+            if policy.signers is not None and not signature.identities & policy.signers:
+                raise VerificationError(
+                    f"signed by {printable(signature.signer, 120)}, not a signer named "
+                    "for this purpose"
+                )
+            signatures.append(signature)
             # what verified, as dom0 re-encoded it: never the text that came in
-            verified_blobs.append(JcatBlob(blob.kind, signatures[-1].canonical, blob.timestamp))
+            verified_blobs.append(JcatBlob(blob.kind, signature.canonical, blob.timestamp))
         except Unverifiable as e:
             unverifiable.append(f"{kind}: {e}")
             continue

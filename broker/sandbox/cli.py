@@ -28,7 +28,7 @@ from broker.sandbox.launcher import (
     Launcher,
     Sandbox,
 )
-from broker.sandbox.pki import create_pki
+from broker.sandbox.pki import certificate_sha256, create_pki
 from broker.sandbox.processes import ProcessTable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +55,7 @@ def base_url(sandbox: Sandbox) -> str:
 
 
 def write_qube_config(sandbox: Sandbox, qube: str) -> None:
+    pki = create_pki(sandbox.pki_dir)
     conf = sandbox.root(qube) / "etc/qubes-fwupd/qubes-fwupd.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(
@@ -67,6 +68,10 @@ def write_qube_config(sandbox: Sandbox, qube: str) -> None:
         f"firmware_base_uri = {base_url(sandbox)}\n"
         # the mirror serves plain http on the UpdateVM's 127.0.0.1: opted out by name
         "allow_plain_http = yes\n"
+        # the sandbox LVFS's own metadata signers: its certificate and its GPG key
+        "metadata_signers =\n"
+        f"    {certificate_sha256(pki.signer_pem)}\n"
+        f"    {pki.gpg_fingerprint}\n"
     )
 
 

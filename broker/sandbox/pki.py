@@ -75,7 +75,6 @@ def make_ca(dir: Path, name: str) -> tuple[Path, Path]:
     store lacks keyUsage) and a code-signing certificate under it."""
     dir.mkdir(parents=True, exist_ok=True)
     ca_pem, ca_key = dir / "ca.pem", dir / "ca.key"
-    signer_pem, signer_key = dir / "signer.pem", dir / "signer.key"
     _openssl(
         "req", "-x509", "-newkey", "rsa:3072", "-nodes", "-days", "3650",
         "-keyout", str(ca_key), "-out", str(ca_pem),
@@ -83,10 +82,19 @@ def make_ca(dir: Path, name: str) -> tuple[Path, Path]:
         "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
     )  # fmt: skip
+    ca_key.chmod(0o600)
+    return make_signer(CaFiles(dir), dir, f"{name} signer")
+
+
+def make_signer(ca: CaFiles, dir: Path, name: str) -> tuple[Path, Path]:
+    """A code-signing certificate under ``ca`` (another signer the same CA anchors, as the
+    LVFS CA anchors both its service certificate and older instance certificates)."""
+    dir.mkdir(parents=True, exist_ok=True)
+    signer_pem, signer_key = dir / "signer.pem", dir / "signer.key"
     csr, ext = dir / "signer.csr", dir / "signer.ext"
     _openssl(
         "req", "-newkey", "rsa:3072", "-nodes", "-keyout", str(signer_key), "-out", str(csr),
-        "-subj", f"/O=qubes-fwupd sandbox/CN={name} signer",
+        "-subj", f"/O=qubes-fwupd sandbox/CN={name}",
     )  # fmt: skip
     ext.write_text(
         "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
@@ -94,13 +102,21 @@ def make_ca(dir: Path, name: str) -> tuple[Path, Path]:
         "authorityKeyIdentifier=keyid,issuer\n"
     )
     _openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(ca_pem), "-CAkey", str(ca_key),
+        "x509", "-req", "-in", str(csr), "-CA", str(ca.ca_pem), "-CAkey", str(ca.ca_key),
         "-CAcreateserial", "-days", "825", "-extfile", str(ext), "-out", str(signer_pem),
     )  # fmt: skip
     csr.unlink()
-    for key in (ca_key, signer_key):
-        key.chmod(0o600)
+    signer_key.chmod(0o600)
     return signer_pem, signer_key
+
+
+def certificate_sha256(pem: Path) -> str:
+    """A certificate's SHA-256 fingerprint as upper-case hex, as metadata_signers takes it."""
+    out = subprocess.run(
+        ["openssl", "x509", "-in", str(pem), "-noout", "-fingerprint", "-sha256"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return out.partition("=")[2].replace(":", "").strip().upper()
 
 
 def stop_gpg_agent(home: Path) -> None:

@@ -24,6 +24,7 @@ import zstandard
 
 from broker.jcat import BlobKind, build_jcat, parse_jcat
 from broker.sandbox.launcher import Sandbox
+from broker.sandbox.pki import create_pki, make_signer, sign_pkcs7
 from broker.sandbox.pq import sign_pkcs7_at
 from tests.adversarial.hostile import (
     RECEIVE,
@@ -77,6 +78,17 @@ class Ctx:
 
     def sha(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
+
+    def path(self) -> Path:
+        """The mirror's metadata as a file here (for the signing tools)."""
+        path = self.work / "metadata"
+        path.write_bytes(self.data)
+        return path
+
+    @property
+    def firmware_signer(self) -> tuple[Path, Path]:
+        ca = create_pki(self.sandbox.pki_dir)
+        return make_signer(ca, self.work / "firmware-signer", "Sandbox firmware signer")
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +189,11 @@ CASES: list[tuple[str, Plan, str]] = [
         {META: [(SHA256, c.sha()), (PKCS7, genuine_pkcs7(c).replace("PKCS7-----", "CMS-----")
                                     + sign_bytes(c.evil, c.data, c.work))]})),
      "pkcs7: not exactly one PEM block labelled PKCS7 (or CMS)"),
+    # a firmware signer the sandbox CA also anchors: it chains, but it is not the signer
+    # the remote names for its metadata (the LVFS CA anchors both kinds too)
+    ("pkcs7-by-a-firmware-signer-of-the-trusted-ca", lambda c: c.push(c.data, build_jcat(
+        {META: [(SHA256, c.sha()), (PKCS7, sign_pkcs7(*c.firmware_signer, c.path()))]})),
+     "not a signer named for this purpose"),
     # a signing time in the future would freeze every later refresh until that date
     ("pkcs7-signed-in-2049", lambda c: c.push(c.data, build_jcat({META: [(SHA256, c.sha()),
         (PKCS7, signed_at(c, datetime(2049, 1, 1, tzinfo=UTC)))]})),

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import Config, Limits, Paths, Remote, check_qube_name, check_url
+from broker.config import (
+    LVFS_METADATA_SIGNERS,
+    Config,
+    Limits,
+    Paths,
+    Remote,
+    check_qube_name,
+    check_url,
+)
 from broker.errors import ConfigError
 
 
@@ -35,6 +43,10 @@ metadata_url = https://cdn.fwupd.org/downloads/firmware.xml.zst
 metadata_url = http://mirror.example:8080/lvfs/firmware.xml.xz
 firmware_base_uri = https://mirror.example/cabs/
 allow_plain_http = yes
+metadata_signers =
+    sha256:0A:0B:0C:0D:0E:0F:0A:0B:0C:0D:0E:0F:0A:0B:0C:0D:0E:0F:0A:0B:0C:0D:0E:0F:0A:0B:0C:0D:0E:0F:0A:0B
+    O=Example,CN=Example metadata signer
+    3fc6 b804 410e d084 0d8f  2f97 48a6 d80e 4538 bac2
 """
 
 
@@ -44,12 +56,13 @@ def test_no_file_means_defaults(tmp_path: Path) -> None:
     assert config == Config()
     assert config.updatevm == "sys-firewall"
     assert config.usbvm == "sys-usb"
-    # fwupd's own lvfs.conf, FirmwareBaseURI included
+    # fwupd's own lvfs.conf, FirmwareBaseURI included, and the LVFS's metadata signer
     assert config.remotes == (
         Remote(
             "lvfs",
             "https://cdn.fwupd.org/downloads/firmware.xml.zst",
             "https://fwupd.org/downloads",
+            metadata_signers=LVFS_METADATA_SIGNERS,
         ),
     )
     assert config.limits == Limits()
@@ -66,12 +79,24 @@ def test_full_file(tmp_path: Path) -> None:
     assert config.usbvm == "sys-usb2"
     assert config.metadata_max_age_days == 14
     assert config.remotes == (
-        Remote("lvfs", "https://cdn.fwupd.org/downloads/firmware.xml.zst"),
+        Remote(
+            "lvfs",
+            "https://cdn.fwupd.org/downloads/firmware.xml.zst",
+            # a configured lvfs remote is pinned to the LVFS's own metadata signer
+            metadata_signers=LVFS_METADATA_SIGNERS,
+        ),
         Remote(
             "mirror.local",
             "http://mirror.example:8080/lvfs/firmware.xml.xz",
             "https://mirror.example/cabs/",
             allow_plain_http=True,
+            metadata_signers=frozenset(
+                {
+                    "0A0B0C0D0E0F" * 5 + "0A0B",
+                    "O=Example,CN=Example metadata signer",
+                    "3FC6B804410ED0840D8F2F9748A6D80E4538BAC2",
+                }
+            ),
         ),
     )
     mirror = config.remote("mirror.local")
@@ -90,6 +115,7 @@ def test_full_file(tmp_path: Path) -> None:
     ],
 )
 def test_plain_http_needs_the_remote_to_opt_out_by_name(tmp_path: Path, lines: str) -> None:
+    lines += f"\nmetadata_signers = {'B' * 64}"
     with pytest.raises(ConfigError, match=r"is plain http \(set allow_plain_http = yes"):
         _load(tmp_path, f"[remote m]\n{lines}\n")
     config = _load(tmp_path / "opted-out", f"[remote m]\n{lines}\nallow_plain_http = yes\n")
@@ -100,6 +126,28 @@ def test_allow_plain_http_is_yes_or_no(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="allow_plain_http must be yes or no"):
         _load(tmp_path, "[remote m]\nmetadata_url = https://m.example/f.xml.zst\n"
                         "allow_plain_http = true\n")  # fmt: skip
+
+
+def test_a_remote_other_than_lvfs_must_name_its_metadata_signers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="remote m needs metadata_signers"):
+        _load(tmp_path, "[remote m]\nmetadata_url = https://m.example/f.xml.zst\n")
+
+
+@pytest.mark.parametrize(
+    ("value", "cause"),
+    [
+        ("", "names no signer"),
+        ("ABCD", "neither a fingerprint nor a subject"),
+        ("A" * 63, "neither a fingerprint nor a subject"),
+        ("CN=\u00e9vil", "neither a fingerprint nor a subject"),
+    ],
+)
+def test_malformed_metadata_signers_are_refused(tmp_path: Path, value: str, cause: str) -> None:
+    with pytest.raises(ConfigError, match=cause):
+        _load(
+            tmp_path,
+            f"[remote m]\nmetadata_url = https://m.example/f.xml.zst\nmetadata_signers = {value}\n",
+        )
 
 
 def test_other_sections_are_ignored(tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ import cabarchive
 import pytest
 
 from broker import signatures
-from broker.config import Limits
+from broker.config import LVFS_METADATA_SIGNERS, Limits
 from broker.errors import FormatError, VerificationError
 from broker.jcat import BlobKind, Jcat, JcatBlob, JcatItem, build_jcat, parse_jcat
-from broker.sandbox.pki import SandboxPki, sign_gpg, sign_pkcs7
+from broker.sandbox.pki import SandboxPki, certificate_sha256, make_signer, sign_gpg, sign_pkcs7
 from broker.signatures import (
     Signature,
     TrustPolicy,
@@ -240,6 +240,73 @@ def test_pq_ca_beside_a_trusted_ca_is_unverifiable_not_fatal(
     assert verified.unverifiable == (PQ_UNLOADABLE,)
 
 
+# --- a signature counts only for its purpose and signer ---------------------------------
+
+
+def test_the_real_lvfs_payload_signatures_are_not_lvfs_metadata_signatures(
+    open_fd: OpenFd,
+) -> None:
+    """fwupd-tests' fakedevice124.bin carries genuine LVFS signatures (PKCS#7 by the 2018
+    LVFS instance certificate, GPG by 3FC6B804): both chain to what the trust store holds,
+    neither is the signer the lvfs remote names for its metadata."""
+    members = _cab_members("fakedevice124.cab")
+    item = _parse(members["fakedevice124.jcat"]).item_for("fakedevice124.bin")
+    fd = open_fd(members["fakedevice124.bin"])
+    trust = TrustStore.from_dirs([FWUPD_PKI, Path("/etc/pki/fwupd-metadata")])
+    assert verify_file(fd, item, trust).signatures  # anchored, for any purpose
+    metadata = TrustPolicy(signers=LVFS_METADATA_SIGNERS)
+    message = _refused(fd, item, trust, metadata)
+    assert "pkcs7: signed by LVFS-CA.pem (CN=Richard Hughes), not a signer named for this" in (
+        message
+    )
+    assert f"gpg: signed by {LVFS_GPG_PREFIX}" in message
+
+
+@pytest.fixture(scope="session")
+def second_signer(
+    sandbox_pki: SandboxPki, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """Another code-signing certificate under the same sandbox CA (a firmware signer)."""
+    return make_signer(sandbox_pki, tmp_path_factory.mktemp("second"), "Sandbox firmware signer")
+
+
+def test_only_the_named_signer_counts_however_its_certificate_chains(
+    sandbox_pki: SandboxPki,
+    second_signer: tuple[Path, Path],
+    trust: TrustStore,
+    open_fd: OpenFd,
+    tmp_path: Path,
+) -> None:
+    content = tmp_path / "content"
+    content.write_bytes(CONTENT)
+    by_other = sign_pkcs7(*second_signer, content)
+    item = _item(_sha256(CONTENT), (BlobKind.PKCS7, by_other))
+    pinned = TrustPolicy(signers=frozenset({certificate_sha256(sandbox_pki.signer_pem)}))
+    assert verify_file(open_fd(CONTENT), item, trust).signatures  # chains: any purpose
+    assert "signed by sandbox-ca.pem (CN=Sandbox firmware signer,O=qubes-fwupd sandbox), " in (
+        _refused(open_fd(CONTENT), item, trust, pinned)
+    )
+    # the same signer named by its fingerprint or by its subject counts
+    for name in (
+        certificate_sha256(second_signer[0]),
+        "CN=Sandbox firmware signer,O=qubes-fwupd sandbox",
+    ):
+        policy = TrustPolicy(signers=frozenset({name}))
+        assert [s.kind for s in verify_file(open_fd(CONTENT), item, trust, policy).signatures] == [
+            "pkcs7"
+        ]
+
+
+def test_a_gpg_signature_counts_only_by_a_named_key(
+    sandbox_pki: SandboxPki, signed: Signed, trust: TrustStore, open_fd: OpenFd
+) -> None:
+    item = _item(_sha256(CONTENT), (BlobKind.GPG, signed.gpg))
+    named = TrustPolicy(signers=frozenset({sandbox_pki.gpg_fingerprint.upper()}))
+    assert verify_file(open_fd(CONTENT), item, trust, named).signatures
+    other = TrustPolicy(signers=frozenset({"0" * 40}))
+    assert "gpg: signed by " in _refused(open_fd(CONTENT), item, trust, other)
+
+
 # --- post-quantum signatures: skipped by name ------------------------------------------
 
 
@@ -357,7 +424,10 @@ def test_sha256_pkcs7_and_gpg_verify(
     assert verified.sha256 == hashlib.sha256(CONTENT).hexdigest()
     assert verified.size == len(CONTENT)
     by_kind = {s.kind: s for s in verified.signatures}
-    assert by_kind["pkcs7"].signer == "sandbox-ca.pem (Sandbox LVFS signer)"
+    assert by_kind["pkcs7"].signer == (
+        "sandbox-ca.pem (CN=Sandbox LVFS signer,O=qubes-fwupd sandbox)"
+    )
+    assert "CN=Sandbox LVFS signer,O=qubes-fwupd sandbox" in by_kind["pkcs7"].identities
     assert by_kind["gpg"].signer == sandbox_pki.gpg_fingerprint
     for sig in verified.signatures:
         assert sig.signed_at is not None
@@ -900,7 +970,12 @@ def test_gpg_decision_refusals(statuses: list[list[str]], returncode: int, cause
 def test_gpg_decision_accepts_a_subkey_of_a_trusted_primary() -> None:
     statuses = [["NEWSIG"], ["GOODSIG", "K", "u"], _validsig(SUBKEY, PRIMARY)]
     sig = signatures._gpg_decision(statuses, 0, {PRIMARY})
-    assert sig == Signature("gpg", PRIMARY, datetime(2024, 1, 21, 9, 35, 36, tzinfo=UTC))
+    assert sig == Signature(
+        "gpg",
+        PRIMARY,
+        datetime(2024, 1, 21, 9, 35, 36, tzinfo=UTC),
+        identities=frozenset({PRIMARY}),
+    )
 
 
 # --- a small DER editor, for the unsigned-attribute test ------------------------------

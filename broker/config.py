@@ -27,7 +27,13 @@ class Limits:
     """Every cap on input from another qube or a mirror, in one place."""
 
     metadata_max_bytes: int = 64 * MiB  # compressed catalog (LVFS 2022: ~1 MB zst)
-    metadata_xml_max_bytes: int = 512 * MiB  # decompressed catalog (LVFS 2022: 7.4 MB)
+    # decompressed catalog: the LVFS's was 7.4 MB in 2022 and is about 20 MB today
+    metadata_xml_max_bytes: int = 128 * MiB
+    # what libxml2 builds, counted while it parses (a component of many tiny elements costs
+    # ~32 MiB of RAM per MiB of XML): an LVFS-scale catalog has ~270,000 elements, and its
+    # largest component ~700 (one with ~30 releases)
+    metadata_max_elements: int = 2_000_000
+    metadata_max_component_elements: int = 20_000
     metadata_max_ratio: int = 200  # decompressed / compressed
     jcat_max_bytes: int = 1 * MiB
     jcat_json_max_bytes: int = 4 * MiB

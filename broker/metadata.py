@@ -50,7 +50,7 @@ from broker.errors import (
     VerificationError,
 )
 from broker.jcat import BlobKind, JcatBlob, JcatItem, build_jcat, parse_jcat
-from broker.signatures import TrustPolicy, TrustStore, Verified, verify_file
+from broker.signatures import TrustPolicy, TrustStore, Verified, sha256_fd, verify_file
 from broker.transfer import fsync_dir, install_file, is_file_name, write_atomic
 
 _GENERATION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\.[0-9a-f]{12}")
@@ -354,19 +354,36 @@ def safe_iterparse(source: Any, events: tuple[str, ...], **extra: Any) -> Any:
     )
 
 
-def parse_catalog(stream: IO[bytes], remote: Remote) -> Catalog:
-    """Releases from an AppStream catalog. Only ever call on verified bytes."""
+def parse_catalog(stream: IO[bytes], remote: Remote, limits: Limits) -> Catalog:
+    """Releases from an AppStream catalog. Only ever call on verified bytes.
+
+    Elements are counted as libxml2 builds them, in all and per component: bytes alone do
+    not bound what a tree of many tiny elements costs."""
     releases: list[Release] = []
     skipped: list[Skipped] = []
     context = safe_iterparse(stream, ("start", "end"))
     seen_root = False
+    total = in_component = 0
     try:
         for event, el in context:
             if not seen_root:
                 seen_root = True
                 if el.getroottree().docinfo.doctype or el.tag != "components":
                     raise FormatError("metadata has a DOCTYPE or is not a components document")
-            if event == "end" and el.tag == "component":
+            if event == "start":
+                total += 1
+                in_component = 1 if el.tag == "component" else in_component + 1
+                if total > limits.metadata_max_elements:
+                    raise LimitExceeded(
+                        f"metadata has more than {limits.metadata_max_elements} elements"
+                    )
+                if in_component > limits.metadata_max_component_elements:
+                    raise LimitExceeded(
+                        "a metadata component has more than "
+                        f"{limits.metadata_max_component_elements} elements"
+                    )
+                continue
+            if el.tag == "component":
                 comp = _Component.of(el)
                 for rel in el.iterfind("releases/release"):
                     try:
@@ -556,6 +573,7 @@ class MetadataStore:
         data: tuple[int, Path],
         verified: Verified,
         baseline: datetime | None = None,
+        catalog: Catalog | None = None,
     ) -> Path:
         """Move the verified data into a new generation with a canonical jcat, switch to it.
 
@@ -576,6 +594,8 @@ class MetadataStore:
                 }
             )
             write_atomic(gen / remote.jcat_name, jcat, mode=0o644)
+            if catalog is not None:
+                write_atomic(gen / INDEX_NAME, catalog_index(catalog, verified.sha256), 0o644)
         except BaseException:
             shutil.rmtree(gen, ignore_errors=True)
             raise
@@ -600,15 +620,70 @@ class MetadataStore:
         return link
 
     def catalog(self, remote: Remote, limits: Limits) -> Catalog | None:
-        current = self.current(remote)
-        if current is None:
+        """The current catalog: from the index the receive service wrote when it accepted
+        the metadata (bound to it by sha256), else parsed again from the verified file."""
+        opened = self.open_current(remote)
+        if opened is None:
             return None
-        fd = os.open(current[0], os.O_RDONLY)
+        data_fd, jcat_fd = opened
+        os.close(jcat_fd)
         try:
-            with open_catalog(fd, remote.metadata_name, limits) as stream:
-                return parse_catalog(stream, remote)
+            index = self._index(remote, limits)
+            if index is not None and index[0] == sha256_fd(data_fd)[0]:
+                return index[1]
+            with open_catalog(data_fd, remote.metadata_name, limits) as stream:
+                return parse_catalog(stream, remote, limits)
         finally:
-            os.close(fd)
+            os.close(data_fd)
+
+    def _index(self, remote: Remote, limits: Limits) -> tuple[str, Catalog] | None:
+        path = self.paths.metadata_dir / remote.id / INDEX_NAME
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(limits.metadata_xml_max_bytes + 1)
+        except FileNotFoundError:
+            return None
+        try:
+            return read_catalog_index(raw, remote)
+        except (ValueError, KeyError, TypeError):
+            return None  # ours, but unreadable (an older format): parse the file again
+
+
+# --------------------------------------------------------------------------- the index
+INDEX_NAME = "catalog.json"
+_INDEX_FORMAT = 1
+
+
+def catalog_index(catalog: Catalog, metadata_sha256: str) -> bytes:
+    """What parse_catalog found, as JSON, bound to the metadata file by its sha256: every
+    manager command reads this instead of parsing the catalog again."""
+    doc = {
+        "format": _INDEX_FORMAT,
+        "remote": catalog.remote_id,
+        "metadata_sha256": metadata_sha256,
+        "releases": [dataclasses.astuple(r) for r in catalog.releases],
+        "skipped": [dataclasses.astuple(s) for s in catalog.skipped],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def read_catalog_index(raw: bytes, remote: Remote) -> tuple[str, Catalog]:
+    """(metadata sha256, catalog) from an index dom0 wrote; ValueError if it is not one."""
+    doc = json.loads(raw)
+    if doc["format"] != _INDEX_FORMAT or doc["remote"] != remote.id:
+        raise ValueError("not an index of this format and remote")
+    releases = tuple(_release_of(fields) for fields in doc["releases"])
+    skipped = tuple(Skipped(*fields) for fields in doc["skipped"])
+    return str(doc["metadata_sha256"]), Catalog(remote.id, releases, skipped)
+
+
+def _release_of(fields: list[Any]) -> Release:
+    names = [f.name for f in dataclasses.fields(Release)]
+    if len(fields) != len(names):
+        raise ValueError("release fields")
+    values = dict(zip(names, fields, strict=True))
+    values["guids"] = tuple(values["guids"])
+    return Release(**values)
 
 
 def iter_catalogs(

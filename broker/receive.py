@@ -107,7 +107,7 @@ def _receive_for(
             )
             # verified: now, and only now, the decompressor and libxml2 may see it
             with open_catalog(data_fd, remote.metadata_name, limits) as stream:
-                catalog = parse_catalog(stream, remote)
+                catalog = parse_catalog(stream, remote, limits)
             store = MetadataStore(paths)
             with store.locked():
                 baseline = check_rollback(
@@ -118,7 +118,11 @@ def _receive_for(
                     force=session.force,
                 )
                 store.store(
-                    remote, (data_fd, untrusted.paths[remote.metadata_name]), verified, baseline
+                    remote,
+                    (data_fd, untrusted.paths[remote.metadata_name]),
+                    verified,
+                    baseline,
+                    catalog,
                 )
             # one line per release dom0 will never offer, and why: the catalog stands
             for skipped in catalog.skipped[:_MAX_SKIP_LINES]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -32,13 +33,18 @@ from broker.errors import (
 )
 from broker.jcat import BlobKind, JcatBlob, parse_jcat
 from broker.metadata import (
+    INDEX_NAME,
     Catalog,
     MetadataStore,
     Release,
+    Skipped,
+    catalog_index,
     check_rollback,
     open_catalog,
     parse_catalog,
+    read_catalog_index,
 )
+from broker.sandbox.lvfs_catalog import generate
 from broker.signatures import Signature, Verified
 from broker.transfer import UntrustedFiles
 
@@ -138,7 +144,7 @@ def fd_of(tmp_path: Path) -> Iterator[FdOf]:
 
 
 def _parse(data: bytes, remote: Remote = REMOTE) -> Catalog:
-    return parse_catalog(io.BytesIO(data), remote)
+    return parse_catalog(io.BytesIO(data), remote, Limits())
 
 
 def _read_all(stream: IO[bytes]) -> int:
@@ -156,7 +162,7 @@ def test_open_catalog_and_parse_give_the_releases(fd_of: FdOf, name: str) -> Non
     fd = fd_of(_compress(name, SAMPLE), name)
     os.lseek(fd, 5, os.SEEK_SET)  # wherever the fd was left, the whole file is read
     with open_catalog(fd, name, Limits()) as stream:
-        catalog = parse_catalog(stream, REMOTE)
+        catalog = parse_catalog(stream, REMOTE, Limits())
     assert os.fstat(fd)  # the caller's fd stays open (open_catalog works on a dup)
     assert catalog.remote_id == "lvfs"
     by_version = {r.version: r for r in catalog.releases}
@@ -217,7 +223,7 @@ def test_truncated_catalog_is_refused_by_parse(fd_of: FdOf, name: str) -> None:
         pytest.raises(FormatError),
         open_catalog(fd_of(blob[: len(blob) // 2]), name, Limits()) as stream,
     ):
-        parse_catalog(stream, REMOTE)
+        parse_catalog(stream, REMOTE, Limits())
 
 
 @pytest.mark.parametrize("name", ["firmware.xml.zst", "firmware.xml.xz"])
@@ -301,7 +307,7 @@ def test_bomb_is_refused_through_the_xml_parser(fd_of: FdOf) -> None:
         pytest.raises(LimitExceeded, match="decompresses to more than"),
         open_catalog(fd_of(blob), "firmware.xml.zst", Limits(metadata_max_ratio=20)) as stream,
     ):
-        parse_catalog(stream, REMOTE)
+        parse_catalog(stream, REMOTE, Limits())
 
 
 def test_size_cap_applies_whatever_the_ratio(fd_of: FdOf) -> None:
@@ -311,11 +317,11 @@ def test_size_cap_applies_whatever_the_ratio(fd_of: FdOf) -> None:
         pytest.raises(LimitExceeded, match=f"more than {len(SAMPLE) - 1} bytes"),
         open_catalog(fd_of(data), "firmware.xml.zst", limits) as stream,
     ):
-        parse_catalog(stream, REMOTE)
+        parse_catalog(stream, REMOTE, Limits())
     # exactly at the cap is fine
     limits = Limits(metadata_xml_max_bytes=len(SAMPLE))
     with open_catalog(fd_of(data), "firmware.xml.zst", limits) as stream:
-        assert len(parse_catalog(stream, REMOTE).releases) == 3
+        assert len(parse_catalog(stream, REMOTE, Limits()).releases) == 3
 
 
 # --------------------------------------------------------------------------- hostile XML
@@ -367,7 +373,7 @@ def test_doctype_is_refused_inside_compressed_metadata(fd_of: FdOf) -> None:
         pytest.raises(FormatError, match="DOCTYPE"),
         open_catalog(fd_of(blob), "firmware.xml.zst", Limits()) as stream,
     ):
-        parse_catalog(stream, REMOTE)
+        parse_catalog(stream, REMOTE, Limits())
 
 
 @pytest.mark.parametrize(
@@ -965,3 +971,75 @@ def test_open_current_never_pairs_two_generations(
 
 def test_open_current_without_metadata_is_none(tmp_path: Path) -> None:
     assert MetadataStore(Paths(tmp_path)).open_current(REMOTE) is None
+
+
+# --------------------------------------------------------------------------- element caps
+def _tiny_elements(count: int, components: int = 1) -> bytes:
+    body = "<a/>" * count
+    return (
+        "<components>"
+        + f"<component><id>c</id><releases>{body}</releases></component>" * components
+        + "</components>"
+    ).encode()
+
+
+def test_a_component_of_many_tiny_elements_is_refused_while_it_is_parsed() -> None:
+    """~32 MiB of RAM per MiB of such XML: the count stops it, not the byte cap."""
+    limits = Limits()
+    doc = _tiny_elements(limits.metadata_max_component_elements)
+    assert len(doc) < 100_000  # far under every byte cap
+    with pytest.raises(LimitExceeded, match="a metadata component has more than 20000 elements"):
+        parse_catalog(io.BytesIO(doc), REMOTE, limits)
+
+
+def test_elements_are_counted_across_components_too() -> None:
+    limits = Limits(metadata_max_elements=1000)
+    ok = _tiny_elements(40, components=20)  # 20 x 43 elements, under both caps
+    assert parse_catalog(io.BytesIO(ok), REMOTE, limits).releases == ()
+    with pytest.raises(LimitExceeded, match="metadata has more than 1000 elements"):
+        parse_catalog(io.BytesIO(_tiny_elements(40, components=30)), REMOTE, limits)
+
+
+def test_an_lvfs_scale_catalog_is_within_the_element_caps_with_room_to_grow() -> None:
+    generated = generate(4400)
+    limits = Limits(
+        metadata_max_elements=Limits().metadata_max_elements // 4,  # 4x today's LVFS fits
+        metadata_max_component_elements=Limits().metadata_max_component_elements // 20,
+    )
+    catalog = parse_catalog(io.BytesIO(generated.xml), Config().remotes[0], limits)
+    assert len(catalog.releases) == len(generated.accepted())
+
+
+# --------------------------------------------------------------------------- the index
+def test_the_manager_reads_the_index_the_receive_service_wrote_bound_by_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = Paths(tmp_path)
+    data = _compress(REMOTE.metadata_name, SAMPLE)
+    parsed = _parse(SAMPLE)
+    store = MetadataStore(paths)
+    verified = _verified(T0, hashlib.sha256(data).hexdigest(), len(data))
+    with UntrustedFiles(paths.untrusted_dir, "n7") as u, store.locked():
+        fd = u.create(REMOTE.metadata_name)
+        os.write(fd, data)
+        store.store(REMOTE, (fd, u.paths[REMOTE.metadata_name]), verified, catalog=parsed)
+    assert (paths.metadata_dir / REMOTE.id / INDEX_NAME).exists()
+
+    def no_parsing(*args: object) -> Catalog:
+        raise AssertionError("parsed the XML again")
+
+    monkeypatch.setattr("broker.metadata.parse_catalog", no_parsing)
+    assert store.catalog(REMOTE, Limits()) == parsed
+    monkeypatch.undo()
+    # an index that does not belong to the file beside it is not believed
+    (paths.metadata_dir / REMOTE.id / INDEX_NAME).write_bytes(
+        catalog_index(Catalog(REMOTE.id, ()), "0" * 64)
+    )
+    assert store.catalog(REMOTE, Limits()) == parsed
+
+
+def test_the_index_round_trips_every_field() -> None:
+    catalog = _parse(SAMPLE)
+    catalog = Catalog(catalog.remote_id, catalog.releases, (Skipped("c", "1", "why"),))
+    sha, back = read_catalog_index(catalog_index(catalog, "ab" * 32), REMOTE)
+    assert (sha, back) == ("ab" * 32, catalog)

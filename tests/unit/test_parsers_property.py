@@ -55,7 +55,7 @@ def _parse(name: str, raw: bytes) -> None:
     fd = _fd(raw)
     try:
         with open_catalog(fd, name, SMALL) as stream:
-            parse_catalog(stream, REMOTE)
+            parse_catalog(stream, REMOTE, Limits())
     except BrokerError as e:
         assert_user_message(e)
     finally:

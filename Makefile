@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # keep it short: unix socket paths under it are limited to 107 bytes
 DEMO_DIR ?= /tmp/qfwupd-demo
 
-.PHONY: all deps venv lint unit test demo clean
+.PHONY: all deps venv lint unit test demo bench clean
 
 all: test
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 venv: deps $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check broker tests qrexec
+	$(VENV)/bin/ruff check broker tests qrexec bench
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -32,6 +32,11 @@ test: lint
 
 demo: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH tools/demo.sh $(DEMO_DIR)
+
+# peak memory of dom0's metadata path on the sandbox (LVFS-scale and hostile catalogs),
+# beside fwupd's own growth measured in the same run; about 15 s
+bench: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/bench_memory.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache

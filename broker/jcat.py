@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from broker.errors import FormatError, LimitExceeded
+from broker.transfer import is_file_name
 
 # trailing bytes after the gzip stream that we tolerate (and ignore)
 _MAX_TRAILER = 64
@@ -117,6 +118,10 @@ def parse_jcat(data: bytes, max_bytes: int, max_json_bytes: int) -> Jcat:
         aliases = untrusted_item.get("AliasIds", [])
         if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
             raise FormatError("jcat item has an AliasIds that is not a list of strings")
+        # well-formed as a whole, items dom0 does not use included: ids and aliases name
+        # files, and a control or escape byte in one is no file's name
+        if not all(is_file_name(name) for name in (item_id, *aliases)):
+            raise FormatError("jcat item id or alias is not a plain file name")
         blobs = []
         for untrusted_blob in blobs_raw:
             if not isinstance(untrusted_blob, dict):

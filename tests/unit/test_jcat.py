@@ -247,7 +247,7 @@ def test_arbitrary_json_documents_only_raise_broker_errors(doc: Any) -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     st.dictionaries(
-        st.text(max_size=30),
+        st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,29}", fullmatch=True),
         st.lists(st.tuples(st.sampled_from(list(BlobKind)), st.text(max_size=50)), max_size=4),
         max_size=4,
     )
@@ -255,3 +255,19 @@ def test_arbitrary_json_documents_only_raise_broker_errors(doc: Any) -> None:
 def test_build_then_parse_is_identity(items: dict[str, list[tuple[BlobKind, str]]]) -> None:
     jcat = _parse(build_jcat(items))
     assert {i.id: [(b.kind, b.data) for b in i.blobs] for i in jcat.items} == items
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"Id": "\x1b]0;pwned\x07.bin", "Blobs": []},
+        {"Id": "../firmware.xml.zst", "Blobs": []},
+        {"Id": "", "Blobs": []},
+        {"Id": "ok.bin", "AliasIds": ["ok.zst", "a\nb"], "Blobs": []},
+    ],
+)
+def test_a_jcat_is_well_formed_as_a_whole(item: dict[str, Any]) -> None:
+    """An item dom0 would never use still makes the jcat malformed: ids name files."""
+    items = [{"Id": "firmware.xml.zst", "Blobs": []}, item]
+    with pytest.raises(FormatError, match="jcat item id or alias is not a plain file name"):
+        _parse(_gz({"Items": items}))

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import cabarchive
 import pytest
 import zstandard
 
@@ -117,6 +118,18 @@ def signed_at(c: Ctx, when: datetime) -> str:
     return sign_pkcs7_at(c.trusted.pem, c.trusted.key, path, when)
 
 
+def real_payload_as_metadata() -> tuple[bytes, bytes]:
+    """fwupd-tests' LVFS-signed payload and a jcat of its real blobs, item renamed."""
+    cab = Path("/usr/share/installed-tests/fwupd/fakedevice124.cab")
+    archive = cabarchive.CabArchive()
+    archive.parse(cab.read_bytes())
+    payload = bytes(archive["fakedevice124.bin"].buf)
+    item = parse_jcat(bytes(archive["fakedevice124.jcat"].buf), 1 << 20, 4 << 20).item_for(
+        "fakedevice124.bin"
+    )
+    return payload, build_jcat({META: [(BlobKind(b.kind), b.data) for b in item.blobs]})
+
+
 def genuine_pkcs7(c: Ctx) -> str:
     """The mirror's own, valid classic PKCS#7 over the metadata it serves."""
     (item,) = parse_jcat(c.jcat, 1 << 20, 4 << 20).items
@@ -194,6 +207,16 @@ CASES: list[tuple[str, Plan, str]] = [
     ("pkcs7-by-a-firmware-signer-of-the-trusted-ca", lambda c: c.push(c.data, build_jcat(
         {META: [(SHA256, c.sha()), (PKCS7, sign_pkcs7(*c.firmware_signer, c.path()))]})),
      "not a signer named for this purpose"),
+    # the LVFS's own payload signatures (fwupd-tests' fakedevice124.bin, PKCS#7 by the 2018
+    # instance certificate and GPG by 3FC6B804, both anchored in pki/fwupd-metadata) over a
+    # payload pushed as the catalog: genuine, and not metadata signatures
+    ("lvfs-payload-signatures-as-metadata", lambda c: c.push(*real_payload_as_metadata()),
+     "not a signer named for this purpose"),
+    # ~32 MiB of RAM per MiB of such XML, were it parsed: refused while libxml2 builds it
+    ("catalog-of-tiny-elements", lambda c: c.signed(zst(
+        "<components><component><id>x</id><releases>" + "<a/>" * 200_000
+        + "</releases></component></components>")),
+     "a metadata component has more than 20000 elements"),
     # a signing time in the future would freeze every later refresh until that date
     ("pkcs7-signed-in-2049", lambda c: c.push(c.data, build_jcat({META: [(SHA256, c.sha()),
         (PKCS7, signed_at(c, datetime(2049, 1, 1, tzinfo=UTC)))]})),

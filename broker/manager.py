@@ -1,0 +1,234 @@
+"""dom0's orchestration behind qubes-fwupdmgr: which devices there are and who owns them,
+which releases may cross, and fetching and installing them. Argument parsing and what the
+user reads stay in broker.cli, so automation and tests can drive this without argparse.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from broker.cabinet import ExpectedRelease, inspect_cab
+from broker.config import Config, Limits, Paths, Remote
+from broker.errors import BrokerError, TransferError, VerificationError
+from broker.fwupd import Device, FwupdClient, OfferedRelease
+from broker.metadata import MetadataStore, Release, iter_catalogs, staleness
+from broker.offers import decide
+from broker.qrexec import Transport, call, check
+from broker.routing import DOM0, QubeDevice, route
+from broker.session import ExpectedFile, Outcome, Sessions
+from broker.signatures import TrustStore, sha256_fd
+from broker.transfer import write_all
+from broker.updatevm import DownloadRequest, Wanted
+from broker.usbvm import UsbvmClient
+
+DOWNLOAD_SERVICE = "qubes.FwupdDownload"
+
+
+@dataclass
+class Manager:
+    """dom0's orchestration: devices, routing, what may be updated, fetching through the
+    UpdateVM, installing through the owning daemon. Prints nothing: what went wrong without
+    stopping is in :attr:`problems`, what happened is returned."""
+
+    paths: Paths
+    config: Config
+    transport: Transport
+    # what went wrong without stopping the command (a qube that failed, a refused offer):
+    # one line each on stderr at the end, and exit 1 (see :func:`_finish`)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def limits(self) -> Limits:
+        return self.config.limits
+
+    def usbvm(self) -> UsbvmClient | None:
+        if not self.config.usbvm:
+            return None
+        return UsbvmClient(self.transport, self.config.usbvm, self.limits)
+
+    # ------------------------------------------------------------------ UpdateVM round trip
+    def fetch(
+        self,
+        kind: str,
+        remote_id: str,
+        wanted: list[Wanted],
+        release: ExpectedRelease | None = None,
+        force: bool = False,
+    ) -> Outcome:
+        """Ask the UpdateVM for files; return dom0's own verdict on what it pushed."""
+        sessions = Sessions(self.paths.sessions_dir)
+        expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
+        session = sessions.open(
+            kind, remote_id, expected, self.limits.session_seconds, release, force
+        )
+        try:
+            request = DownloadRequest(session.nonce, kind, remote_id, tuple(wanted)).to_json()
+            updatevm = self.config.updatevm
+            result = call(
+                self.transport,
+                updatevm,
+                DOWNLOAD_SERVICE,
+                feed=lambda fd: write_all(fd, request),
+                max_stdout=4096,
+                timeout=self.limits.transfer_seconds + 60,
+            )
+            outcome = sessions.outcome(session.nonce)
+            if outcome is None:
+                check(result, updatevm, DOWNLOAD_SERVICE)
+                raise TransferError(f"{updatevm} reported success but pushed nothing to dom0")
+            if not outcome.ok:
+                raise VerificationError(f"dom0 refused what {updatevm} sent: {outcome.message}")
+            return outcome
+        finally:
+            sessions.close(session.nonce)
+
+    # ------------------------------------------------------------------ views
+    def unreachable(self, qube: str, error: BrokerError) -> None:
+        cause = str(error).removeprefix(f"{qube}: ")  # qrexec errors name the qube too
+        self.problems.append(
+            f"{qube}: unreachable: {cause}; only the other qube's devices were handled"
+        )
+
+    def devices(self) -> list[QubeDevice]:
+        dom0 = FwupdClient().get_devices()
+        usbvm = self.usbvm()
+        usb: list[Device] = []
+        if usbvm:
+            # sys-usb must not be able to veto dom0's own updates (ARCHITECTURE.md)
+            try:
+                usb = usbvm.get_devices()
+            except BrokerError as e:
+                self.unreachable(usbvm.qube, e)
+        return route(dom0, usb, self.config.usbvm)
+
+    def stale(self, remote_id: str) -> str | None:
+        store = MetadataStore(self.paths)
+        return staleness(
+            store.accepted(remote_id), self.config.metadata_max_age_days, datetime.now(UTC)
+        )
+
+    def offers(
+        self, kind: str, devices: list[QubeDevice]
+    ) -> dict[tuple[str, str], list[OfferedRelease]]:
+        """What each device's own fwupd offers it, one call per qube. A device its daemon
+        refuses to answer for is left out, as fwupdmgr get-updates leaves it out."""
+        out: dict[tuple[str, str], list[OfferedRelease]] = {}
+        by_qube: dict[str, list[QubeDevice]] = {}
+        for qd in devices:
+            by_qube.setdefault(qd.qube, []).append(qd)
+        for qube, qds in by_qube.items():
+            ids = [qd.device.device_id for qd in qds]
+            if qube == DOM0:
+                found = FwupdClient().offers(kind, ids)
+            else:
+                usbvm = self.usbvm()
+                assert usbvm is not None  # noqa: S101  routing only names the usbvm when set
+                try:
+                    found = usbvm.offers(kind, ids)
+                except BrokerError as e:
+                    self.unreachable(qube, e)
+                    continue
+            for qd in qds:
+                offered = found.get(qd.device.device_id, [])
+                if not isinstance(offered, str):
+                    out[qd.key] = offered
+        return out
+
+    def updates(self, devices: list[QubeDevice]) -> list[tuple[QubeDevice, list[Release]]]:
+        """Per device, the upgrades its owner offers that dom0's catalog binds; each
+        offer refused becomes a problem line."""
+        asked = [qd for qd in devices if qd.device.has_updates_to_ask_for]
+        catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
+        decided = decide(catalogs, asked, self.offers("upgrades", asked))
+        self.problems += [str(r) for r in decided.refused]
+        found = [(qd, decided.releases[qd.key]) for qd in asked if qd.key in decided.releases]
+        return found
+
+    def load_into_daemons(self, remote: Remote) -> list[tuple[str, bool]]:
+        """Hand the current verified metadata to each daemon: [(qube, loaded)], where
+        False means the daemon already had it. A failing sys-usb is a problem line."""
+        opened = MetadataStore(self.paths).open_current(remote)
+        if opened is None:
+            return []
+        data_fd, jcat_fd = opened
+        try:
+            done = [(DOM0, FwupdClient().update_metadata(remote.id, data_fd, jcat_fd))]
+            usbvm = self.usbvm()
+            if usbvm:
+                try:
+                    done.append((usbvm.qube, usbvm.refresh(remote, data_fd, jcat_fd)))
+                except BrokerError as e:
+                    self.unreachable(usbvm.qube, e)
+            return done
+        finally:
+            os.close(data_fd)
+            os.close(jcat_fd)
+
+    def cached(self, release: Release) -> bool:
+        """dom0's cache already holds this cab (its name is the sha256 dom0 verified when
+        it stored it): checked again against this release before it counts as fetched."""
+        cab = self.paths.cabs_dir / f"{release.sha256}.cab"
+        try:
+            fd = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            if sha256_fd(fd)[0] != release.sha256:
+                return False
+            inspect_cab(
+                fd,
+                expected_release(release),
+                TrustStore.from_dirs(self.paths.pki_firmware_dirs),
+                self.limits,
+                self.paths.untrusted_dir,
+                self.config.trust,
+            )
+            return True
+        except BrokerError:
+            return False
+        finally:
+            os.close(fd)
+
+    def download(self, release: Release) -> None:
+        """The release's cab into dom0's cache, through the UpdateVM and dom0's checks."""
+        self.fetch(
+            "cab",
+            release.remote_id,
+            [Wanted(release.filename, release.url, release.size, release.sha256, release.size)],
+            expected_release(release),
+        )
+
+    def install(self, qd: QubeDevice, release: Release) -> None:
+        """The cached cab, by the fd that is hashed, to the daemon that owns the device."""
+        cab = self.paths.cabs_dir / f"{release.sha256}.cab"
+        fd = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            # the fd we hash is the fd we hand over: nothing can be swapped in between
+            if sha256_fd(fd)[0] != release.sha256:
+                raise VerificationError(f"{cab.name}: cached cab no longer matches its sha256")
+            if qd.qube == DOM0:
+                FwupdClient().install(qd.device.device_id, fd, release.filename)
+            else:
+                usbvm = self.usbvm()
+                assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
+                usbvm.install(qd.device.device_id, fd, release, expected_release(release))
+        finally:
+            os.close(fd)
+
+    def forget_cab(self, sha256: str) -> None:
+        """Installed: no longer worth its room in dom0's cache."""
+        (self.paths.cabs_dir / f"{sha256}.cab").unlink(missing_ok=True)
+
+    def version_now(self, qd: QubeDevice) -> str:
+        for d in self.devices():
+            if d.key == qd.key:
+                return d.device.version
+        return "unknown"
+
+
+def expected_release(release: Release) -> ExpectedRelease:
+    return ExpectedRelease(
+        release.component_id, release.version, tuple(g.lower() for g in release.guids)
+    )

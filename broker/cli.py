@@ -1,24 +1,28 @@
 """qubes-fwupdmgr: fwupdmgr's verbs across dom0's and sys-usb's fwupd, fed by the UpdateVM.
 
-Exit codes (as fwupdmgr): 0 done, 1 failure, 2 nothing to do.
+Exit codes (as fwupdmgr): 0 done, 1 failure (usage errors too), 2 nothing to do (or the
+update was declined), 3 no such device, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from broker.config import Config, Paths
 from broker.errors import (
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     BrokerError,
     LimitExceeded,
+    NotFound,
     NothingToDo,
     VerificationError,
     exit_code_for,
@@ -136,7 +140,10 @@ def _matches(qd: QubeDevice, selector: str) -> bool:
 
 
 def cmd_update(app: Manager, args: argparse.Namespace) -> int:
-    found = app.updates(app.devices())
+    devices = app.devices()
+    if args.device and not any(_matches(qd, args.device) for qd in devices):
+        raise NotFound(f"no device matches {printable(args.device, 80)!r} (see get-devices)")
+    found = app.updates(devices)
     if args.device:
         found = [(qd, rs) for qd, rs in found if _matches(qd, args.device)]
     if not found:
@@ -157,7 +164,8 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
     finally:
         for sha256 in installed:
             app.forget_cab(sha256)
-    return _finish(app, EXIT_OK)
+    # every update declined: nothing done, as fwupdmgr says it
+    return _finish(app, EXIT_OK if installed else NothingToDo.exit_code)
 
 
 def _update_each(
@@ -180,7 +188,12 @@ def _update_each(
         if not args.assume_yes:
             if not sys.stdin.isatty():
                 raise BrokerError("not a terminal: pass -y to update without asking")
-            if input(f"Update {desc}? [y/N] ").strip().lower() not in ("y", "yes"):
+            try:
+                answer = input(f"Update {desc}? [y/N] ")
+            except EOFError:  # Ctrl-D: no
+                answer = ""
+                print()
+            if answer.strip().lower() not in ("y", "yes"):
                 print("skipped")
                 continue
         if release.size > app.limits.cab_max_bytes:
@@ -200,13 +213,55 @@ def _update_each(
 
 
 # ---------------------------------------------------------------------- entry
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qubes-fwupdmgr", description="Firmware updates for Qubes OS (dom0 and sys-usb)"
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit 1 (argparse's own 2 means "nothing to do" here)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE)
+
+
+def _global_flags(defaults: bool) -> _Parser:
+    """Flags accepted anywhere on the line, before or after the verb, as fwupdmgr does.
+    Only the top-level parser sets their defaults: a verb's copy must not reset what was
+    given before it."""
+    flags = _Parser(add_help=False)
+
+    def value(default: object) -> object:
+        return default if defaults else argparse.SUPPRESS
+
+    flags.add_argument(
+        "--json",
+        action="store_true",
+        default=value(False),
+        help="machine-readable output on stdout",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("refresh", help="fetch metadata through the UpdateVM and load it")
+    flags.add_argument(
+        "-y",
+        "--assume-yes",
+        action="store_true",
+        default=value(False),
+        help="answer yes to every question",
+    )
+    flags.add_argument("-v", "--verbose", action="store_true", default=value(False),
+                       help="tracebacks on errors")  # fmt: skip
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qubes-fwupdmgr",
+        description="Firmware updates for Qubes OS (dom0 and sys-usb)",
+        epilog="exit codes: 0 done, 1 failure or usage error, 2 nothing to do (or declined), "
+        "3 no such device, 130 interrupted",
+        parents=[_global_flags(defaults=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    verb_flags = _global_flags(defaults=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser(
+        "refresh", help="fetch metadata through the UpdateVM and load it", parents=[verb_flags]
+    )
     p.add_argument(
         "--force",
         action="store_true",
@@ -214,17 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
         "with the signing time accepted before it (older metadata is still refused)",
     )
     p.set_defaults(func=cmd_refresh)
-    p = sub.add_parser("get-devices", help="devices of dom0 and sys-usb")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("get-devices", help="devices of dom0 and sys-usb", parents=[verb_flags])
     p.set_defaults(func=cmd_get_devices)
-    p = sub.add_parser("get-updates", help="available updates per device")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("get-updates", help="available updates per device", parents=[verb_flags])
     p.set_defaults(func=cmd_get_updates)
-    p = sub.add_parser("update", help="update one device or all")
+    p = sub.add_parser("update", help="update one device or all", parents=[verb_flags])
     p.add_argument("device", nargs="?", help="device id (or prefix) or GUID")
-    p.add_argument("-y", "--assume-yes", action="store_true")
     p.set_defaults(func=cmd_update)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("qubes-fwupd-broker")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         app = Manager(paths, Config.load(paths), transport_from_env())
         code: int = args.func(app, args)
         return code
+    except KeyboardInterrupt:
+        print("\nqubes-fwupdmgr: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokerError as e:
         if args.verbose:
             traceback.print_exc()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_NOTHING_TO_DO = 2  # as fwupdmgr: nothing to update / already current
+EXIT_NOTHING_TO_DO = 2  # as fwupdmgr: nothing to update / already current / declined
+EXIT_NOT_FOUND = 3  # as fwupdmgr: no such device, release or remote
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 # qrexec's own codes, as real qrexec reports them to a caller (shared/QUBES.md)
 EXIT_QREXEC_PROBLEM = 125
 EXIT_QREXEC_REFUSED = 126
@@ -66,6 +68,12 @@ class NothingToDo(BrokerError):
     """Nothing to update, or metadata already current."""
 
     exit_code = EXIT_NOTHING_TO_DO
+
+
+class NotFound(BrokerError):
+    """No device, release or remote matches what the user named."""
+
+    exit_code = EXIT_NOT_FOUND
 
 
 def exit_code_for(error: BaseException) -> int:

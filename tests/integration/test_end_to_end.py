@@ -44,3 +44,23 @@ def test_refresh_then_update_goes_through_sys_usb(sandbox: Sandbox) -> None:
     # a second update finds nothing newer: exit 2, like fwupdmgr
     r = manager(sandbox, "update", "-y")
     assert r.returncode == 2, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "line"),
+    [
+        (["update", "-y", "deadbeef"], 3,
+         "qubes-fwupdmgr: no device matches 'deadbeef' (see get-devices)"),
+        (["-y", "frobnicate"], 1, None),
+        (["get-updates", "--no-such-flag"], 1, None),
+    ],
+)  # fmt: skip
+def test_exit_codes_an_admin_can_script_against(
+    sandbox: Sandbox, argv: list[str], code: int, line: str | None
+) -> None:
+    r = manager(sandbox, *argv)
+    assert r.returncode == code, r.stdout + r.stderr
+    (err,) = r.stderr.strip().splitlines()
+    if line is not None:
+        assert err == line
+    assert r.stdout == ""

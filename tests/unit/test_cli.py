@@ -1,0 +1,88 @@
+"""broker.cli: flags anywhere on the line, and exit codes as fwupdmgr documents them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from broker import cli
+from broker.config import ROOT_ENV
+from broker.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NotFound, NothingToDo
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--json", "-y", "update", "abc"],
+        ["update", "--json", "-y", "abc"],
+        ["-y", "update", "abc", "--json"],
+        ["--json", "update", "-y", "abc"],
+    ],
+)
+def test_global_flags_go_anywhere_as_with_fwupdmgr(argv: list[str]) -> None:
+    args = cli.build_parser().parse_args(argv)
+    assert (args.json, args.assume_yes, args.device, args.verbose) == (True, True, "abc", False)
+
+
+def test_flags_default_to_off_whatever_the_verb() -> None:
+    args = cli.build_parser().parse_args(["get-devices"])
+    assert (args.json, args.assume_yes, args.verbose) == (False, False, False)
+
+
+@pytest.fixture
+def dom0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """main() as in a dom0 rooted at tmp_path (defaults: no config file), no sandbox."""
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path))
+    monkeypatch.delenv("QUBES_FWUPD_SANDBOX", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv", [["nope"], ["get-updates", "--bogus"], [], ["update", "a", "b"], ["--json"]]
+)
+def test_a_usage_error_is_one_line_and_exit_1(
+    dom0: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == EXIT_FAILURE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("qubes-fwupdmgr: ") and err.strip().endswith("(see --help)")
+
+
+def test_version_exits_0(dom0: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("qubes-fwupdmgr ")
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "stream", "text"),
+    [
+        (KeyboardInterrupt(), EXIT_INTERRUPTED, "err", "qubes-fwupdmgr: interrupted"),
+        (NothingToDo("no updates available"), 2, "out", "No updates available"),
+        (NotFound("no device matches 'x' (see get-devices)"), 3, "err",
+         "qubes-fwupdmgr: no device matches 'x' (see get-devices)"),
+    ],
+)  # fmt: skip
+def test_exit_codes_of_what_a_command_ends_with(
+    dom0: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    raised: BaseException,
+    code: int,
+    stream: str,
+    text: str,
+) -> None:
+    def command(app: cli.Manager, args: argparse.Namespace) -> int:
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_get_devices", command)
+    assert cli.main(["get-devices"]) == code
+    out, err = capsys.readouterr()
+    assert (out if stream == "out" else err).strip() == text

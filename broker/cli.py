@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from broker import versions
 from broker.config import Config, Paths
 from broker.errors import (
     EXIT_FAILURE,
@@ -30,7 +31,7 @@ from broker.errors import (
 from broker.manager import Manager
 from broker.metadata import Release
 from broker.qrexec import transport_from_env
-from broker.routing import QubeDevice
+from broker.routing import DOM0, QubeDevice
 from broker.sanitize import printable
 from broker.updatevm import Wanted
 
@@ -175,41 +176,146 @@ def _update_each(
     installed: set[str],
 ) -> None:
     for qd, releases in found:
-        # the owner offered these newest first, by its version rules: take its first
-        release = releases[0]
-        desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> {_p(release.version)}"
-        if reason := app.stale(release.remote_id):
-            if args.assume_yes:
-                raise VerificationError(
-                    f"{release.remote_id}: {reason}; refusing an unattended update "
-                    "(refresh first, or run without -y to decide)"
-                )
-            print(f"warning: {release.remote_id}: {reason}", file=sys.stderr)
-        if not args.assume_yes:
-            if not sys.stdin.isatty():
-                raise BrokerError("not a terminal: pass -y to update without asking")
-            try:
-                answer = input(f"Update {desc}? [y/N] ")
-            except EOFError:  # Ctrl-D: no
-                answer = ""
-                print()
-            if answer.strip().lower() not in ("y", "yes"):
-                print("skipped")
-                continue
-        if release.size > app.limits.cab_max_bytes:
-            raise LimitExceeded(
-                f"{release.filename} is {release.size} bytes, more than cab_max_bytes"
+        # newest first, by fwupd's version rules: take the first
+        if _apply(app, args, qd, releases[0], "Update"):
+            installed.add(releases[0].sha256)
+
+
+def _apply(
+    app: Manager,
+    args: argparse.Namespace,
+    qd: QubeDevice,
+    release: Release,
+    verb: str,
+    allow_older: bool = False,
+    allow_reinstall: bool = False,
+) -> bool:
+    """Confirm (unless -y), fetch or reuse the cab, install it through the device's owner;
+    False when the admin declined."""
+    desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> {_p(release.version)}"
+    if reason := app.stale(release.remote_id):
+        if args.assume_yes:
+            raise VerificationError(
+                f"{release.remote_id}: {reason}; refusing an unattended update "
+                "(refresh first, or run without -y to decide)"
             )
-        if app.cached(release):
-            print(f"Using {_p(release.filename)} from dom0's cache")
-        else:
-            print(f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
-            app.download(release)
-        print(f"Installing on {qd.qube}…")
-        app.install(qd, release)
-        installed.add(release.sha256)
-        after = app.version_now(qd)
-        print(f"Updated {desc}: now {_p(after)}")
+        print(f"warning: {release.remote_id}: {reason}", file=sys.stderr)
+    if not args.assume_yes:
+        if not sys.stdin.isatty():
+            raise BrokerError(f"not a terminal: pass -y to {verb.lower()} without asking")
+        try:
+            answer = input(f"{verb} {desc}? [y/N] ")
+        except EOFError:  # Ctrl-D: no
+            answer = ""
+            print()
+        if answer.strip().lower() not in ("y", "yes"):
+            print("skipped")
+            return False
+    if release.size > app.limits.cab_max_bytes:
+        raise LimitExceeded(f"{release.filename} is {release.size} bytes, more than cab_max_bytes")
+    if app.cached(release):
+        print(f"Using {_p(release.filename)} from dom0's cache")
+    else:
+        print(f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
+        app.download(release)
+    print(f"Installing on {qd.qube}…")
+    app.install(qd, release, allow_older=allow_older, allow_reinstall=allow_reinstall)
+    after = app.version_now(qd)
+    print(f"{verb.rstrip('e')}ed {desc}: now {_p(after)}")
+    return True
+
+
+def _device(app: Manager, selector: str) -> QubeDevice:
+    """The one device a selector names: a device id or an unambiguous prefix of one, or a
+    GUID, in any case; ``QUBE:`` in front limits it to that qube's devices."""
+    devices = app.devices()
+    qube, sep, rest = selector.partition(":")
+    if sep and qube in {DOM0, app.config.usbvm}:
+        devices, selector = [qd for qd in devices if qd.qube == qube], rest
+    found = [qd for qd in devices if selector and _matches(qd, selector)]
+    if not found:
+        raise NotFound(f"no device matches {printable(selector, 80)!r} (see get-devices)")
+    if len(found) > 1:
+        raise BrokerError(
+            f"{printable(selector, 80)!r} matches {len(found)} devices: give more of the id, "
+            "or QUBE:ID"
+        )
+    return found[0]
+
+
+def _releases_json(rs: list[Release]) -> str:
+    return json.dumps({"Releases": [_release_json(r) for r in rs]})
+
+
+def cmd_get_releases(app: Manager, args: argparse.Namespace) -> int:
+    qd = _device(app, args.device)
+    rs = app.releases(qd, "releases")
+    if args.json:
+        print(_releases_json(rs))
+    else:
+        print(f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)}")
+        for r in rs:
+            print(f"  {_p(r.version)} ({_p(r.urgency) or 'unknown urgency'}) {_p(r.summary)}")
+        if not rs:
+            print("No releases available")
+    return _finish(app, EXIT_OK if rs else NothingToDo.exit_code)
+
+
+def _one_release(app: Manager, qd: QubeDevice, version: str) -> Release:
+    for r in app.releases(qd, "releases"):
+        fmt = versions.version_format(r.version_format)
+        if versions.compare(r.version, version, fmt) == 0:
+            return r
+    raise NotFound(
+        f"{_p(qd.device.name)} [{qd.qube}]: no release {printable(version, 64)} that its fwupd "
+        "offers and dom0's catalog holds (see get-releases)"
+    )
+
+
+def cmd_install(app: Manager, args: argparse.Namespace) -> int:
+    """A chosen version: older ones with allow-older, the same with allow-reinstall, as
+    fwupdmgr install DEVICE VERSION."""
+    qd = _device(app, args.device)
+    release = _one_release(app, qd, args.version)
+    order = versions.compare(
+        release.version, qd.device.version, versions.version_format(release.version_format)
+    )
+    done = _apply(
+        app, args, qd, release, "Install", allow_older=order < 0, allow_reinstall=order == 0
+    )
+    if done:
+        app.forget_cab(release.sha256)
+    return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+
+
+def cmd_reinstall(app: Manager, args: argparse.Namespace) -> int:
+    qd = _device(app, args.device)
+    release = _one_release(app, qd, qd.device.version)
+    done = _apply(app, args, qd, release, "Reinstall", allow_reinstall=True)
+    if done:
+        app.forget_cab(release.sha256)
+    return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+
+
+def cmd_downgrade(app: Manager, args: argparse.Namespace) -> int:
+    """The newest release older than the device's version, as its owner offers it."""
+    if args.device:
+        candidates = [_device(app, args.device)]
+    else:
+        candidates = [qd for qd in app.devices() if qd.device.has_updates_to_ask_for]
+    offered = [(qd, rs) for qd in candidates if (rs := app.releases(qd, "downgrades"))]
+    if not offered:
+        if app.problems:
+            return _finish(app, EXIT_FAILURE)
+        raise NothingToDo("no downgrades available")
+    if len(offered) > 1:
+        names = ", ".join(f"{qd.qube}:{qd.device.device_id[:12]}" for qd, _ in offered)
+        raise BrokerError(f"several devices can be downgraded ({names}): name one")
+    qd, rs = offered[0]
+    done = _apply(app, args, qd, rs[0], "Downgrade", allow_older=True)
+    if done:
+        app.forget_cab(rs[0].sha256)
+    return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
 
 
 # ---------------------------------------------------------------------- entry
@@ -274,9 +380,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("get-updates", help="available updates per device", parents=[verb_flags])
     p.set_defaults(func=cmd_get_updates)
     p = sub.add_parser("update", help="update one device or all", parents=[verb_flags])
-    p.add_argument("device", nargs="?", help="device id (or prefix) or GUID")
+    p.add_argument("device", nargs="?", help=_DEVICE_HELP)
     p.set_defaults(func=cmd_update)
+    p = sub.add_parser(
+        "get-releases", help="releases a device may take (its fwupd's word, dom0's catalog)",
+        parents=[verb_flags],
+    )  # fmt: skip
+    p.add_argument("device", help=_DEVICE_HELP)
+    p.set_defaults(func=cmd_get_releases)
+    p = sub.add_parser("install", help="install a chosen version", parents=[verb_flags])
+    p.add_argument("device", help=_DEVICE_HELP)
+    p.add_argument("version")
+    p.set_defaults(func=cmd_install)
+    p = sub.add_parser("reinstall", help="install the current version again",
+                       parents=[verb_flags])  # fmt: skip
+    p.add_argument("device", help=_DEVICE_HELP)
+    p.set_defaults(func=cmd_reinstall)
+    p = sub.add_parser("downgrade", help="install the newest older version",
+                       parents=[verb_flags])  # fmt: skip
+    p.add_argument("device", nargs="?", help=_DEVICE_HELP)
+    p.set_defaults(func=cmd_downgrade)
     return parser
+
+
+_DEVICE_HELP = "device id (or an unambiguous prefix) or GUID; QUBE:ID for one qube's"
 
 
 def _version() -> str:

@@ -136,6 +136,14 @@ class Manager:
                     out[qd.key] = offered
         return out
 
+    def releases(self, qd: QubeDevice, kind: str) -> list[Release]:
+        """What the device's owner offers it (kind: upgrades, downgrades, releases) that
+        dom0's verified catalog binds, newest first; refusals become problem lines."""
+        catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
+        decided = decide(catalogs, [qd], self.offers(kind, [qd]))
+        self.problems += [str(r) for r in decided.refused]
+        return decided.releases.get(qd.key, [])
+
     def updates(self, devices: list[QubeDevice]) -> list[tuple[QubeDevice, list[Release]]]:
         """Per device, the upgrades its owner offers that dom0's catalog binds; each
         offer refused becomes a problem line."""
@@ -200,7 +208,13 @@ class Manager:
             expected_release(release),
         )
 
-    def install(self, qd: QubeDevice, release: Release) -> None:
+    def install(
+        self,
+        qd: QubeDevice,
+        release: Release,
+        allow_older: bool = False,
+        allow_reinstall: bool = False,
+    ) -> None:
         """The cached cab, by the fd that is hashed, to the daemon that owns the device."""
         cab = self.paths.cabs_dir / f"{release.sha256}.cab"
         fd = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW)
@@ -209,11 +223,24 @@ class Manager:
             if sha256_fd(fd)[0] != release.sha256:
                 raise VerificationError(f"{cab.name}: cached cab no longer matches its sha256")
             if qd.qube == DOM0:
-                FwupdClient().install(qd.device.device_id, fd, release.filename)
+                FwupdClient().install(
+                    qd.device.device_id,
+                    fd,
+                    release.filename,
+                    allow_reinstall=allow_reinstall,
+                    allow_older=allow_older,
+                )
             else:
                 usbvm = self.usbvm()
                 assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
-                usbvm.install(qd.device.device_id, fd, release, expected_release(release))
+                usbvm.install(
+                    qd.device.device_id,
+                    fd,
+                    release,
+                    expected_release(release),
+                    allow_older=allow_older,
+                    allow_reinstall=allow_reinstall,
+                )
         finally:
             os.close(fd)
 

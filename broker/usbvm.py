@@ -213,7 +213,13 @@ class UsbvmClient:
         return b'"nothing-to-do"' not in result.stdout
 
     def install(
-        self, device_id: str, cab_fd: int, release: Release, expected: ExpectedRelease
+        self,
+        device_id: str,
+        cab_fd: int,
+        release: Release,
+        expected: ExpectedRelease,
+        allow_older: bool = False,
+        allow_reinstall: bool = False,
     ) -> None:
         header = {
             "device_id": device_id,
@@ -222,6 +228,9 @@ class UsbvmClient:
             # not "version": that key is the frame format's own
             "release_version": expected.version,
             "guids": list(expected.guids),
+            # only what the admin asked for (downgrade, reinstall): never a requirement skip
+            "allow_older": allow_older,
+            "allow_reinstall": allow_reinstall,
         }
         check(
             call(self.transport, self.qube, f"{SERVICE}+Install",
@@ -322,7 +331,13 @@ def agent(ctx: ServiceContext) -> int:
                 ctx.paths.untrusted_dir,
                 ctx.config.trust,
             )
-            client.install(device_id, fd, cab.name)
+            client.install(
+                device_id,
+                fd,
+                cab.name,
+                allow_reinstall=header.get("allow_reinstall") is True,
+                allow_older=header.get("allow_older") is True,
+            )
             _reply(ctx, {"status": "installed"})
             return 0
     raise FormatError(f"unknown argument {printable(ctx.argument, 64)!r}")

@@ -1,0 +1,73 @@
+"""The manager's verbs beyond update, on the sandbox's real daemons: get-releases, install
+a chosen version, downgrade (allow-older), reinstall (allow-reinstall), device selectors.
+Each goes through the owning fwupd's offers and dom0's catalog, as update does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from broker.sandbox.launcher import Sandbox
+from tests.sandbox_helpers import WEBCAM_GUID, manager, webcam_version
+
+pytestmark = pytest.mark.sandbox
+
+WEBCAM_ID = "08d460be0f1f9f128413f816022a6439e0078018"
+
+
+@pytest.fixture(scope="module")
+def refreshed(sandbox: Sandbox) -> Sandbox:
+    r = manager(sandbox, "refresh")
+    assert r.returncode in (0, 2), r.stdout + r.stderr
+    return sandbox
+
+
+def test_get_releases_lists_what_the_owner_offers_and_dom0_holds(refreshed: Sandbox) -> None:
+    r = manager(refreshed, "get-releases", WEBCAM_GUID.upper(), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    versions = [rel["Version"] for rel in json.loads(r.stdout)["Releases"]]
+    assert versions == ["1.2.4", "1.2.3"]  # newest first, by fwupd's version rules
+
+
+def test_install_downgrade_reinstall_on_sys_usb(refreshed: Sandbox) -> None:
+    sandbox = refreshed
+    # a chosen version, whatever the webcam runs now (older: allow-older, same: reinstall)
+    r = manager(sandbox, "install", "-y", f"sys-usb:{WEBCAM_ID[:8]}", "1.2.4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Installed Integrated Webcam" in r.stdout and "now 1.2.4" in r.stdout
+    assert webcam_version(sandbox, "sys-usb") == "1.2.4"
+
+    r = manager(sandbox, "downgrade", "-y", WEBCAM_ID)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "-> 1.2.3: now 1.2.3" in r.stdout
+    assert webcam_version(sandbox, "sys-usb") == "1.2.3"
+
+    r = manager(sandbox, "reinstall", "-y", WEBCAM_ID[:6])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1.2.3 -> 1.2.3: now 1.2.3" in r.stdout
+
+    # back to the newest for whatever runs next, through plain update
+    r = manager(sandbox, "update", "-y")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert webcam_version(sandbox, "sys-usb") == "1.2.4"
+    assert webcam_version(sandbox, "dom0") == "1.2.2"  # dom0's copy never touched
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "needle"),
+    [
+        (["install", "-y", WEBCAM_ID, "9.9.9"], 3, "no release 9.9.9"),
+        (["reinstall", "-y", "dom0:" + WEBCAM_ID], 3, "no device matches"),
+        (["get-releases", "ffff"], 3, "no device matches 'ffff'"),
+        (["install", "-y", ""], 1, None),
+    ],
+)
+def test_what_cannot_be_found_says_so(
+    refreshed: Sandbox, argv: list[str], code: int, needle: str | None
+) -> None:
+    r = manager(refreshed, *argv)
+    assert r.returncode == code, r.stdout + r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    if needle:
+        assert needle in line, line

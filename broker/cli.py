@@ -220,9 +220,27 @@ def _apply(
         app.download(release)
     print(f"Installing on {qd.qube}…")
     app.install(qd, release, allow_older=allow_older, allow_reinstall=allow_reinstall)
-    after = app.version_now(qd)
-    print(f"{verb.rstrip('e')}ed {desc}: now {_p(after)}")
+    after, pending = app.after_install(qd, release)
+    if pending is not None:
+        # as fwupdmgr: done for now (exit 0), and the text says what waits
+        print(f"{verb.rstrip('e')}ed {desc}: pending reboot ({pending.what}); now {_p(after)}")
+    else:
+        print(f"{verb.rstrip('e')}ed {desc}: now {_p(after)}")
     return True
+
+
+def cmd_check_reboot_needed(app: Manager, args: argparse.Namespace) -> int:
+    pending = app.pending_reboots()
+    if args.json:
+        print(json.dumps({"Pending": [
+            {"Qube": p.qube, "DeviceId": p.device_id, "Name": p.name, "Version": p.version,
+             "Since": p.since, "Action": p.what} for p in pending]}))  # fmt: skip
+    for p in [] if args.json else pending:
+        waits = f" {_p(p.version)}" if p.version else ""
+        print(f"{_p(p.name)} [{p.qube}]{waits} waits: {p.what}")
+    if not pending and not args.json:
+        print("No reboot is needed")
+    return _finish(app, EXIT_OK if pending else NothingToDo.exit_code)
 
 
 def _device(app: Manager, selector: str) -> QubeDevice:
@@ -396,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[verb_flags])  # fmt: skip
     p.add_argument("device", help=_DEVICE_HELP)
     p.set_defaults(func=cmd_reinstall)
+    p = sub.add_parser(
+        "check-reboot-needed", help="installs that wait for a reboot (of the machine or sys-usb)",
+        parents=[verb_flags],
+    )  # fmt: skip
+    p.set_defaults(func=cmd_check_reboot_needed)
     p = sub.add_parser("downgrade", help="install the newest older version",
                        parents=[verb_flags])  # fmt: skip
     p.add_argument("device", nargs="?", help=_DEVICE_HELP)

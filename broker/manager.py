@@ -16,6 +16,7 @@ from broker.fwupd import Device, FwupdClient, OfferedRelease
 from broker.metadata import MetadataStore, Release, iter_catalogs, staleness
 from broker.offers import decide
 from broker.qrexec import Transport, call, check
+from broker.reboots import Pending, PendingReboots
 from broker.routing import DOM0, QubeDevice, route
 from broker.session import ExpectedFile, Outcome, Sessions
 from broker.signatures import TrustStore, sha256_fd
@@ -147,7 +148,9 @@ class Manager:
     def updates(self, devices: list[QubeDevice]) -> list[tuple[QubeDevice, list[Release]]]:
         """Per device, the upgrades its owner offers that dom0's catalog binds; each
         offer refused becomes a problem line."""
-        asked = [qd for qd in devices if qd.device.has_updates_to_ask_for]
+        # a device whose install waits for a reboot is not offered that install again
+        waiting = {(p.qube, p.device_id) for p in PendingReboots(self.paths).settle(devices)}
+        asked = [qd for qd in devices if qd.device.has_updates_to_ask_for and qd.key not in waiting]
         catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
         decided = decide(catalogs, asked, self.offers("upgrades", asked))
         self.problems += [str(r) for r in decided.refused]
@@ -248,11 +251,28 @@ class Manager:
         """Installed: no longer worth its room in dom0's cache."""
         (self.paths.cabs_dir / f"{sha256}.cab").unlink(missing_ok=True)
 
-    def version_now(self, qd: QubeDevice) -> str:
-        for d in self.devices():
-            if d.key == qd.key:
-                return d.device.version
-        return "unknown"
+    def after_install(self, qd: QubeDevice, release: Release) -> tuple[str, Pending | None]:
+        """The version the device reports now, and the pending reboot if its daemon says
+        the install waits for one."""
+        devices = self.devices()
+        now = next((d.device for d in devices if d.key == qd.key), None)
+        reboots = PendingReboots(self.paths)
+        if now is not None and now.needs_reboot and now.version != release.version:
+            return now.version, reboots.record(qd, release.version)
+        reboots.settle(devices)
+        return (now.version if now else "unknown"), None
+
+    def pending_reboots(self) -> list[Pending]:
+        """Installs that wait for a reboot, and devices whose daemon says one is needed."""
+        devices = self.devices()
+        pending = PendingReboots(self.paths).settle(devices)
+        known = {(p.qube, p.device_id) for p in pending}
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        return pending + [
+            Pending(qd.qube, qd.device.device_id, qd.device.name, "", now)
+            for qd in devices
+            if qd.device.needs_reboot and qd.key not in known
+        ]
 
 
 def expected_release(release: Release) -> ExpectedRelease:

@@ -4,9 +4,13 @@ Each goes through the owning fwupd's offers and dom0's catalog, as update does."
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import MessageType
+from dbus_next.message import Message
 
 from broker.sandbox.launcher import Sandbox
 from tests.sandbox_helpers import WEBCAM_GUID, manager, webcam_version
@@ -72,3 +76,51 @@ def test_what_cannot_be_found_says_so(
     (line,) = r.stderr.strip().splitlines()
     if needle:
         assert needle in line, line
+
+
+def _fwupd(sandbox: Sandbox, qube: str, member: str, signature: str, *body: str) -> None:
+    """A D-Bus call on that qube's fwupd (ModifyConfig, ResetConfig), as an admin would."""
+
+    async def call() -> None:
+        bus = await MessageBus(bus_address=sandbox.bus_address(qube)).connect()
+        try:
+            reply = await bus.call(
+                Message(destination="org.freedesktop.fwupd", path="/",
+                        interface="org.freedesktop.fwupd", member=member,
+                        signature=signature, body=list(body))
+            )  # fmt: skip
+        finally:
+            bus.disconnect()
+        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
+
+    asyncio.run(call())
+
+
+def test_an_install_that_waits_for_a_reboot_is_pending_and_not_offered_again(
+    refreshed: Sandbox,
+) -> None:
+    sandbox = refreshed
+    r = manager(sandbox, "install", "-y", f"sys-usb:{WEBCAM_ID}", "1.2.3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    _fwupd(sandbox, "sys-usb", "ModifyConfig", "sss", "test", "NeedsReboot", "true")
+    try:
+        r = manager(sandbox, "update", "-y", WEBCAM_ID)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "1.2.3 -> 1.2.4: pending reboot (restart sys-usb); now 1.2.3" in r.stdout
+        # not offered again while it waits (fwupd's test plugin would offer it)
+        r = manager(sandbox, "get-updates", "--json")
+        assert r.returncode == 2, r.stdout + r.stderr
+        r = manager(sandbox, "update", "-y")
+        assert r.returncode == 2, r.stdout + r.stderr
+        r = manager(sandbox, "check-reboot-needed")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.strip() == "Integrated Webcam™ [sys-usb] 1.2.4 waits: restart sys-usb"
+    finally:
+        _fwupd(sandbox, "sys-usb", "ResetConfig", "s", "test")
+    # an explicit install is the admin's choice; done without a reboot, nothing waits
+    r = manager(sandbox, "install", "-y", WEBCAM_ID, "1.2.4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "now 1.2.4" in r.stdout
+    r = manager(sandbox, "check-reboot-needed")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout.strip() == "No reboot is needed"

@@ -14,7 +14,8 @@ and in which order. Behaviours that follow from them and are reproduced on purpo
   "|"-joined ``VendorId``/``Protocol`` and ","-joined ``Checksum`` strings are split (an
   empty string gives no item, as ``g_strsplit`` does);
 * a ``DeviceId``/``ParentDeviceId``/``CompositeId`` that is not 40 lowercase hex digits is
-  dropped (fwupd logs a critical and keeps it unset);
+  dropped (fwupd logs a critical and keeps it unset), and so is a ``BatteryLevel`` or
+  ``BatteryThreshold`` above 101; 101 itself means "invalid" and is not printed;
 * flags are printed as the list of names of the bits set, lowest bit first, and a bit
   fwupd has no name for is printed as ``null`` (``None``), in its place;
 * unsigned 64-bit numbers are printed as json-glib's signed 64-bit integers, so values
@@ -246,18 +247,19 @@ def flag_names(value: int, table: Mapping[int, str]) -> list[str | None]:
     return [table.get(1 << bit) for bit in range(64) if value >> bit & 1]
 
 
-def flags_value(names: Iterable[str], table: Mapping[int, str]) -> int:
-    """The inverse of ``flag_names`` for named bits; unknown names are ignored."""
+def flags_value(names: Iterable[str | None], table: Mapping[int, str]) -> int:
+    """The inverse of ``flag_names`` for named bits; unknown names and None are ignored."""
     by_name = {name: bit for bit, name in table.items()}
     value = 0
     for name in names:
-        value |= by_name.get(name, 0)
+        if name is not None:
+            value |= by_name.get(name, 0)
     return value
 
 
 def urgency_name(raw: Mapping[str, Any]) -> str | None:
     """A release's ``Urgency`` as fwupd names it, or None (fwupdmgr --json omits it)."""
-    value = _u32(_plain(raw.get("Urgency")))
+    value = _u32(dict(_items(raw)).get("Urgency"))
     return None if value is None else URGENCIES.get(value)
 
 
@@ -297,10 +299,13 @@ def error_json_from_dbus(name: str, message: str) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """Unwrap a dbus-next Variant (anything with .signature and .value), recursively."""
-    while hasattr(value, "signature") and hasattr(value, "value"):
+    """Unwrap a dbus-next Variant (anything with .signature and .value), also a Variant in
+    a Variant; a chain deeper than D-Bus allows (64) is given up on."""
+    for _ in range(64):
+        if not (hasattr(value, "signature") and hasattr(value, "value")):
+            return value
         value = value.value
-    return value
+    return None
 
 
 def _str(value: Any) -> str | None:
@@ -340,9 +345,12 @@ def _split(value: Any, sep: str) -> list[str]:
 
 
 def _unique(items: Iterable[str], into: list[str] | None = None) -> list[str]:
+    """``into`` + the items not in it yet, in order (linear: lists can be long)."""
     out = [] if into is None else into
+    seen = set(out)
     for item in items:
-        if item not in out:
+        if item not in seen:
+            seen.add(item)
             out.append(item)
     return out
 
@@ -528,7 +536,8 @@ def _device_state(raw: Any) -> dict[str, Any]:
                 st[key] = number
         elif key in _DEVICE_U32:
             number = _u32(value)
-            if number is not None:
+            # fwupd_device_set_battery_{level,threshold} refuse anything above 101
+            if number is not None and not (key.startswith("Battery") and number > 101):
                 st[key] = number
         elif key in ("Guid", "InstanceIds", "Icon", "Issues"):
             lists[key] = _unique(_strv(value), lists.get(key))

@@ -22,12 +22,17 @@ from broker.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     BrokerError,
+    DaemonError,
+    FormatError,
     LimitExceeded,
     NotFound,
     NothingToDo,
+    QrexecError,
+    TransferError,
     VerificationError,
     exit_code_for,
 )
+from broker.fwupd_json import ERROR_CODES, error_json
 from broker.manager import Manager
 from broker.metadata import Release
 from broker.qrexec import transport_from_env
@@ -419,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[verb_flags],
     )  # fmt: skip
     p.set_defaults(func=cmd_check_reboot_needed)
+    p = sub.add_parser(
+        "clean", help="empty dom0's cab cache, untrusted leftovers and stale sessions",
+        parents=[verb_flags],
+    )  # fmt: skip
+    p.set_defaults(func=cmd_clean)
     p = sub.add_parser("downgrade", help="install the newest older version",
                        parents=[verb_flags])  # fmt: skip
     p.add_argument("device", nargs="?", help=_DEVICE_HELP)
@@ -427,6 +437,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _DEVICE_HELP = "device id (or an unambiguous prefix) or GUID; QUBE:ID for one qube's"
+
+
+def _fwupd_error_code(error: BrokerError) -> int:
+    """The FwupdError code a script of fwupdmgr's would expect for one of our errors."""
+    for kind, name in (
+        (NotFound, "NotFound"),
+        (NothingToDo, "NothingToDo"),
+        (VerificationError, "SignatureInvalid"),
+        (LimitExceeded, "InvalidFile"),
+        (FormatError, "InvalidData"),
+        (TransferError, "NotReachable"),
+        (QrexecError, "NotReachable"),
+        (DaemonError, "NotSupported"),
+    ):
+        if isinstance(error, kind):
+            return ERROR_CODES[name]
+    return ERROR_CODES["Internal"]
+
+
+def cmd_clean(app: Manager, args: argparse.Namespace) -> int:
+    """Empty dom0's cab cache, leftovers in its untrusted dir and sessions no run holds.
+    Verified metadata stays: it is what the daemons hold, and rollback needs its state."""
+    removed = app.clean()
+    for line in removed:
+        print(f"removed {_p(line)}")
+    if not removed:
+        print("Nothing to clean")
+    return _finish(app, EXIT_OK if removed else NothingToDo.exit_code)
 
 
 def _version() -> str:
@@ -461,7 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         # what went wrong before the error still deserves its line
         code = _finish(app, exit_code_for(e)) if app else exit_code_for(e)
-        if isinstance(e, NothingToDo):
+        if args.json:
+            # as fwupdmgr --json: the failure as JSON on stdout, nothing else there
+            message = printable(str(e)).capitalize()
+            print(json.dumps(error_json("FwupdError", _fwupd_error_code(e), message)))
+        elif isinstance(e, NothingToDo):
             print(printable(str(e)).capitalize())
         else:
             print(f"qubes-fwupdmgr: {printable(str(e))}", file=sys.stderr)

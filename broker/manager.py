@@ -20,7 +20,7 @@ from broker.reboots import Pending, PendingReboots
 from broker.routing import DOM0, QubeDevice, route
 from broker.session import ExpectedFile, Outcome, Sessions
 from broker.signatures import TrustStore, sha256_fd
-from broker.transfer import write_all
+from broker.transfer import prune_cabs, write_all
 from broker.updatevm import DownloadRequest, Wanted
 from broker.usbvm import UsbvmClient
 
@@ -246,6 +246,22 @@ class Manager:
                 )
         finally:
             os.close(fd)
+
+    def clean(self) -> list[str]:
+        """Every cached cab, whatever a killed run left in the untrusted dir, and sessions
+        older than any run can hold: what was removed, one line each."""
+        removed = [f"cab {name}" for name in prune_cabs(self.paths.cabs_dir, 0)]
+        untrusted = self.paths.untrusted_dir
+        if untrusted.is_dir():
+            for path in sorted(untrusted.iterdir()):
+                if path.is_file() and not path.is_symlink() and path.name.endswith(".UNTRUSTED"):
+                    path.unlink(missing_ok=True)
+                    removed.append(f"untrusted {path.name}")
+        if self.paths.sessions_dir.is_dir():
+            # only sessions past their lifetime: a younger one may be a running download
+            sessions = Sessions(self.paths.sessions_dir)
+            removed += [f"session {n}" for n in sessions.sweep(self.limits.session_seconds)]
+        return removed
 
     def forget_cab(self, sha256: str) -> None:
         """Installed: no longer worth its room in dom0's cache."""

@@ -83,9 +83,11 @@ class Sessions:
         write_atomic(self.dir / f"{session.nonce}.pending", json.dumps(doc).encode())
         return session
 
-    def sweep(self, ttl: float) -> None:
-        """Drop what a killed manager or service left: sessions older than any can live."""
+    def sweep(self, ttl: float) -> list[str]:
+        """Drop what a killed manager or service left: sessions older than any can live.
+        Returns the names removed."""
         cutoff = time.time() - ttl - 60
+        removed = []
         for path in self.dir.iterdir():
             if path.suffix not in (".pending", ".taken", ".outcome"):
                 continue
@@ -93,6 +95,8 @@ class Sessions:
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
+                    removed.append(path.name)
+        return removed
 
     def take(self, untrusted_nonce: object) -> Session:
         """Claim a pending session exactly once; refuses unknown, used or expired nonces."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from broker import cli
-from broker.config import ROOT_ENV
+from broker.config import ROOT_ENV, Paths
 from broker.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NotFound, NothingToDo
 
 
@@ -86,3 +89,44 @@ def test_exit_codes_of_what_a_command_ends_with(
     assert cli.main(["get-devices"]) == code
     out, err = capsys.readouterr()
     assert (out if stream == "out" else err).strip() == text
+
+
+def test_with_json_a_failure_is_fwupdmgrs_error_object_on_stdout(
+    dom0: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def command(app: cli.Manager, args: argparse.Namespace) -> int:
+        raise NotFound("no device matches 'x' (see get-devices)")
+
+    monkeypatch.setattr(cli, "cmd_get_devices", command)
+    assert cli.main(["get-devices", "--json"]) == 3
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {
+        "Error": {
+            "Domain": "FwupdError",
+            "Code": 8,  # FWUPD_ERROR_NOT_FOUND, as fwupdmgr --json says it
+            "Message": "No device matches 'x' (see get-devices)",
+        }
+    }
+    assert err == ""
+
+
+def test_clean_empties_the_cab_cache_untrusted_leftovers_and_dead_sessions(
+    dom0: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = Paths(dom0)
+    paths.cabs_dir.mkdir(parents=True)
+    (paths.cabs_dir / f"{'a' * 64}.cab").write_bytes(b"cab")
+    paths.untrusted_dir.mkdir(parents=True)
+    (paths.untrusted_dir / "n1.0.UNTRUSTED").write_bytes(b"half")
+    paths.sessions_dir.mkdir(parents=True)
+    dead, alive = paths.sessions_dir / "d.pending", paths.sessions_dir / "a.pending"
+    dead.write_text("{}")
+    alive.write_text("{}")
+    old = time.time() - 4000  # older than any session lives (1800 s)
+    os.utime(dead, (old, old))
+    assert cli.main(["clean"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"removed cab {'a' * 64}.cab", "removed untrusted n1.0.UNTRUSTED",
+                   "removed session d.pending"]  # fmt: skip
+    assert alive.exists() and not dead.exists()
+    assert cli.main(["clean"]) == 2  # nothing left

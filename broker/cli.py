@@ -118,6 +118,7 @@ def _finish(app: Manager, code: int) -> int:
 
 
 def cmd_get_updates(app: Manager, args: argparse.Namespace) -> int:
+    app.catalogs()  # before the daemons are asked: without metadata, say so
     found = app.updates(app.devices())
     if args.json:
         doc = {
@@ -146,6 +147,7 @@ def _matches(qd: QubeDevice, selector: str) -> bool:
 
 
 def cmd_update(app: Manager, args: argparse.Namespace) -> int:
+    app.catalogs()
     devices = app.devices()
     if args.device and not any(_matches(qd, args.device) for qd in devices):
         raise NotFound(f"no device matches {printable(args.device, 80)!r} (see get-devices)")
@@ -488,7 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = Paths.from_env()
     app: Manager | None = None
     try:
-        app = Manager(paths, Config.load(paths), transport_from_env())
+        config = Config.load(paths)
+        for warning in config.warnings:
+            print(f"qubes-fwupdmgr: warning: {printable(warning, 300)}", file=sys.stderr)
+        app = Manager(paths, config, transport_from_env())
         code: int = args.func(app, args)
         return code
     except KeyboardInterrupt:

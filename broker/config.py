@@ -203,6 +203,15 @@ class Remote:
 # The LVFS service's own certificate, which signs its metadata jcat (and, the LVFS being
 # one service, also firmware: a residual the README's threat model names). Issued by
 # LVFS-CA.pem, valid 2025-01-16 to 2035-01-16; its subject stays valid for a re-issue.
+_MAIN_KEYS = frozenset(
+    {
+        "updatevm", "usbvm", "metadata_max_age_days", "metadata_future_margin_hours",
+        "cab_cache_max_mib", "update_max_devices", "signature_kinds",
+    }
+)  # fmt: skip
+_REMOTE_KEYS = frozenset(
+    {"metadata_url", "firmware_base_uri", "signature", "allow_plain_http", "metadata_signers"}
+)
 LVFS_METADATA_SIGNERS = frozenset(
     {"1AE8CBE206091736DEC0C8A722575FF883DFFB4C1C342175514C3FE5721B202F", "CN=fwupd.org 2025"}
 )
@@ -261,6 +270,9 @@ class Config:
     # of these kinds (a signature this machine cannot check never counts)
     trust: TrustPolicy = field(default_factory=TrustPolicy)
 
+    # what the admin should fix but need not stop for (a misspelt key, read as absent)
+    warnings: tuple[str, ...] = ()
+
     def remote(self, remote_id: str) -> Remote:
         for r in self.remotes:
             if r.id == remote_id:
@@ -278,6 +290,13 @@ class Config:
         except (configparser.Error, UnicodeDecodeError) as e:
             raise ConfigError(f"{paths.config_file}: {e}") from e
         main = parser["qubes-fwupd"] if parser.has_section("qubes-fwupd") else {}
+        warnings = [
+            f"{paths.config_file}: unknown key {key!r} in [{section}] (ignored)"
+            for section in parser.sections()
+            if section == "qubes-fwupd" or section.startswith("remote ")
+            for key in parser[section]
+            if key not in (_MAIN_KEYS if section == "qubes-fwupd" else _REMOTE_KEYS)
+        ]
         updatevm = check_qube_name(main.get("updatevm", cls.updatevm), "updatevm")
         usbvm_raw = main.get("usbvm", "sys-usb").strip()
         usbvm = check_qube_name(usbvm_raw, "usbvm") if usbvm_raw else None
@@ -332,6 +351,7 @@ class Config:
             updatevm=updatevm,
             usbvm=usbvm,
             remotes=tuple(remotes) or cls.remotes,
+            warnings=tuple(warnings),
             metadata_max_age_days=max_age,
             metadata_future_margin_hours=numbers["metadata_future_margin_hours"],
             cab_cache_max_mib=numbers["cab_cache_max_mib"],

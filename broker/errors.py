@@ -70,6 +70,10 @@ class NothingToDo(BrokerError):
     exit_code = EXIT_NOTHING_TO_DO
 
 
+class NoMetadata(BrokerError):
+    """No verified metadata yet: nothing can be said about updates until a refresh."""
+
+
 class NotFound(BrokerError):
     """No device, release or remote matches what the user named."""
 

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 
 from broker.cabinet import ExpectedRelease, inspect_cab
 from broker.config import Config, Limits, Paths, Remote
-from broker.errors import BrokerError, TransferError, VerificationError
+from broker.errors import BrokerError, NoMetadata, TransferError, VerificationError
 from broker.fwupd import Device, FwupdClient, OfferedRelease
-from broker.metadata import MetadataStore, Release, iter_catalogs, staleness
+from broker.metadata import Catalog, MetadataStore, Release, iter_catalogs, staleness
 from broker.offers import decide
 from broker.qrexec import Transport, call, check
 from broker.reboots import Pending, PendingReboots
@@ -39,6 +39,7 @@ class Manager:
     # what went wrong without stopping the command (a qube that failed, a refused offer):
     # one line each on stderr at the end, and exit 1 (see :func:`_finish`)
     problems: list[str] = field(default_factory=list)
+    _catalogs: list[Catalog] | None = field(default=None, repr=False)
 
     @property
     def limits(self) -> Limits:
@@ -137,11 +138,20 @@ class Manager:
                     out[qd.key] = offered
         return out
 
+    def catalogs(self) -> list[Catalog]:
+        """dom0's verified catalogs (read once per run); none at all is an error to act on,
+        not 'no updates'."""
+        if self._catalogs is None:
+            store = MetadataStore(self.paths)
+            self._catalogs = list(iter_catalogs(store, self.config.remotes, self.limits))
+        if not self._catalogs:
+            raise NoMetadata("dom0 holds no verified metadata yet: run qubes-fwupdmgr refresh")
+        return self._catalogs
+
     def releases(self, qd: QubeDevice, kind: str) -> list[Release]:
         """What the device's owner offers it (kind: upgrades, downgrades, releases) that
         dom0's verified catalog binds, newest first; refusals become problem lines."""
-        catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
-        decided = decide(catalogs, [qd], self.offers(kind, [qd]))
+        decided = decide(self.catalogs(), [qd], self.offers(kind, [qd]))
         self.problems += [str(r) for r in decided.refused]
         return decided.releases.get(qd.key, [])
 
@@ -151,7 +161,7 @@ class Manager:
         # a device whose install waits for a reboot is not offered that install again
         waiting = {(p.qube, p.device_id) for p in PendingReboots(self.paths).settle(devices)}
         asked = [qd for qd in devices if qd.device.has_updates_to_ask_for and qd.key not in waiting]
-        catalogs = list(iter_catalogs(MetadataStore(self.paths), self.config.remotes, self.limits))
+        catalogs = self.catalogs()
         decided = decide(catalogs, asked, self.offers("upgrades", asked))
         self.problems += [str(r) for r in decided.refused]
         found = [(qd, decided.releases[qd.key]) for qd in asked if qd.key in decided.releases]

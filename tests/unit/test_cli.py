@@ -130,3 +130,26 @@ def test_clean_empties_the_cab_cache_untrusted_leftovers_and_dead_sessions(
                    "removed session d.pending"]  # fmt: skip
     assert alive.exists() and not dead.exists()
     assert cli.main(["clean"]) == 2  # nothing left
+
+
+@pytest.mark.parametrize("verb", ["get-updates", "update"])
+def test_before_the_first_refresh_the_admin_is_told_to_refresh(
+    dom0: Path, verb: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main([verb, "-y"] if verb == "update" else [verb]) == 1
+    assert capsys.readouterr().err == (
+        "qubes-fwupdmgr: dom0 holds no verified metadata yet: run qubes-fwupdmgr refresh\n"
+    )
+
+
+def test_a_misspelt_config_key_is_named_in_a_warning(
+    dom0: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = Paths(dom0)
+    paths.config_dir.mkdir(parents=True)
+    paths.config_file.write_text("[qubes-fwupd]\nupdate_vm = sys-whonix\nusbvm = sys-usb\n")
+    assert cli.main(["clean"]) == 2
+    assert capsys.readouterr().err == (
+        f"qubes-fwupdmgr: warning: {paths.config_file}: unknown key 'update_vm' in "
+        "[qubes-fwupd] (ignored)\n"
+    )

@@ -93,7 +93,7 @@ def cmd_get_devices(app: Manager, args: argparse.Namespace) -> int:
 def _release_json(r: Release) -> dict[str, Any]:
     return {
         "Version": r.version,
-        "ManagerstreamId": r.component_id,
+        "AppstreamId": r.component_id,
         "RemoteId": r.remote_id,
         "Uri": r.url,
         "Checksum": r.sha256,

@@ -145,6 +145,7 @@ def test_a_refused_offer_does_not_hide_the_ones_dom0_can_bind(
         "1.2.4", held["1.2.4"].sha256, held["1.2.4"].size,
     )  # fmt: skip
     assert release["Uri"] == held["1.2.4"].url
+    assert release["AppstreamId"] == held["1.2.4"].component_id
     assert_clean(sandbox, before)
 
 

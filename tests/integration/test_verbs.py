@@ -30,7 +30,10 @@ def refreshed(sandbox: Sandbox) -> Sandbox:
 def test_get_releases_lists_what_the_owner_offers_and_dom0_holds(refreshed: Sandbox) -> None:
     r = manager(refreshed, "get-releases", WEBCAM_GUID.upper(), "--json")
     assert r.returncode == 0, r.stdout + r.stderr
-    versions = [rel["Version"] for rel in json.loads(r.stdout)["Releases"]]
+    releases = json.loads(r.stdout)["Releases"]
+    versions = [rel["Version"] for rel in releases]
+    # the keys a fwupdmgr script reads (AppstreamId, not a name of our own)
+    assert {rel["AppstreamId"] for rel in releases} == {"org.fwupd.fakedevice.firmware"}
     assert versions == ["1.2.4", "1.2.3"]  # newest first, by fwupd's version rules
 
 

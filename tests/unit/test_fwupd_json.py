@@ -148,7 +148,7 @@ RELEASE_124_JSON: dict[str, Any] = {
 }
 
 
-def same(mine: Any, theirs: Any) -> None:
+def assert_same(mine: Any, theirs: Any) -> None:
     """Equal key for key, type for type (1 is not 1.0 nor True) and in the same order."""
     assert mine == theirs
     assert json.dumps(mine, ensure_ascii=False) == json.dumps(theirs, ensure_ascii=False)
@@ -571,10 +571,10 @@ def test_the_webcam_through_libfwupd(lib: LibFwupd) -> None:
 
 
 def test_the_webcam() -> None:
-    same(device_json(WEBCAM_DBUS), WEBCAM_JSON)
-    same(release_json(RELEASE_124_DBUS), RELEASE_124_JSON)
+    assert_same(device_json(WEBCAM_DBUS), WEBCAM_JSON)
+    assert_same(release_json(RELEASE_124_DBUS), RELEASE_124_JSON)
     with_releases = device_json(WEBCAM_DBUS, releases=[RELEASE_124_DBUS], qube="sys-usb")
-    same(with_releases, {**WEBCAM_JSON, "Releases": [RELEASE_124_JSON], "Qube": "sys-usb"})
+    assert_same(with_releases, {**WEBCAM_JSON, "Releases": [RELEASE_124_JSON], "Qube": "sys-usb"})
 
 
 def test_device_rules() -> None:
@@ -792,7 +792,7 @@ def test_variants_anywhere_are_unwrapped() -> None:
     wrapped["Release"] = FakeVariant(
         "aa{sv}", [{k: FakeVariant("v", v) for k, v in RELEASE_124_DBUS.items()}]
     )
-    same(device_json(wrapped), {**WEBCAM_JSON, "Releases": [RELEASE_124_JSON]})
+    assert_same(device_json(wrapped), {**WEBCAM_JSON, "Releases": [RELEASE_124_JSON]})
 
 
 # ------------------------------------------------------------------ the real daemon
@@ -896,7 +896,7 @@ def by_id(devices: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_daemon_sends_the_webcam_we_test_with(answers: dict[str, Any]) -> None:
     (webcam,) = answers["devices"]  # the sandbox disables every plugin but "test"
     assert isinstance(webcam["Created"], int) and webcam["Created"] > 0
-    same({**webcam, "Created": WEBCAM_DBUS["Created"]}, WEBCAM_DBUS)
+    assert_same({**webcam, "Created": WEBCAM_DBUS["Created"]}, WEBCAM_DBUS)
     upgrades = answers["upgrades"][WEBCAM_ID]
     assert [r["Version"] for r in upgrades] == ["1.2.4", "1.2.3"]
     assert isinstance(upgrades[0]["Created"], int)
@@ -913,11 +913,11 @@ def test_get_devices_is_fwupdmgrs(daemon: Daemon, answers: dict[str, Any]) -> No
     for raw in answers["devices"]:
         device = theirs[raw["DeviceId"]]
         without = {k: v for k, v in device.items() if k != "Releases"}
-        same(device_json(raw), without)
+        assert_same(device_json(raw), without)
         # fwupdmgr nests GetReleases (an error leaves the key out)
         releases = answers["releases"][raw["DeviceId"]]
         assert isinstance(releases, list) and releases
-        same(device_json(raw, releases=releases), device)
+        assert_same(device_json(raw, releases=releases), device)
 
 
 def test_get_updates_is_fwupdmgrs(daemon: Daemon, answers: dict[str, Any]) -> None:
@@ -933,13 +933,13 @@ def test_get_updates_is_fwupdmgrs(daemon: Daemon, answers: dict[str, Any]) -> No
     assert set(theirs) == expected == {WEBCAM_ID}
     for device_id in expected:
         raw = by_id(answers["devices"])[device_id]
-        same(device_json(raw, releases=answers["upgrades"][device_id]), theirs[device_id])
+        assert_same(device_json(raw, releases=answers["upgrades"][device_id]), theirs[device_id])
 
 
 def test_get_releases_is_fwupdmgrs(daemon: Daemon, answers: dict[str, Any]) -> None:
     for device_id, releases in answers["releases"].items():
         _, printed = daemon.fwupdmgr("get-releases", device_id)
-        same([release_json(r) for r in releases], printed["Releases"])
+        assert_same([release_json(r) for r in releases], printed["Releases"])
         assert len(printed["Releases"]) == 2
 
 
@@ -948,9 +948,9 @@ def test_errors_are_fwupdmgrs(daemon: Daemon, answers: dict[str, Any]) -> None:
     rc, printed = daemon.fwupdmgr("get-releases", missing, ok=False)
     assert rc == 3  # EXIT_NOT_FOUND
     # fwupdmgr looks the device up itself first, so the message is its own ...
-    same(printed, error_json("FwupdError", 8, f"failed to find {missing}"))
+    assert_same(printed, error_json("FwupdError", 8, f"failed to find {missing}"))
     # ... while the daemon's NotFound maps to the same domain and code
     assert answers["missing"] == error_json("FwupdError", 8, f"device ID {missing} was not found")
     rc, printed = daemon.fwupdmgr("get-downgrades", WEBCAM_ID, ok=False)
     assert rc == 1
-    same(printed, error_json("FwupdError", ERROR_INVALID_ARGS, "Command not found"))
+    assert_same(printed, error_json("FwupdError", ERROR_INVALID_ARGS, "Command not found"))

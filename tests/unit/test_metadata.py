@@ -1043,3 +1043,20 @@ def test_the_index_round_trips_every_field() -> None:
     catalog = Catalog(catalog.remote_id, catalog.releases, (Skipped("c", "1", "why"),))
     sha, back = read_catalog_index(catalog_index(catalog, "ab" * 32), REMOTE)
     assert (sha, back) == ("ab" * 32, catalog)
+
+
+def test_fwupds_own_test_catalog_parses_and_every_release_is_skipped_with_its_reason() -> None:
+    """fwupd-tests.xml, written by the fwupd project, not us: LVFS-shaped releases of the
+    older kind (sha1 container checksums, relative locations). dom0 holds none of them, and
+    says why for each; the catalog itself is well-formed and accepted."""
+    real = Path("/usr/share/installed-tests/fwupd/fwupd-tests.xml")
+    if not real.exists():
+        pytest.skip(f"{real} missing (Debian package fwupd-tests)")
+    xml = real.read_bytes()
+    catalog = parse_catalog(io.BytesIO(xml), Config().remotes[0], Limits())
+    assert catalog.releases == ()
+    assert len(catalog.skipped) == xml.count(b"<release ") > 0
+    assert {s.reason for s in catalog.skipped} == {"sha1 only (no container sha256)"}
+    assert "fakedevice.firmware 1.2.4: sha1 only (no container sha256)" in map(
+        str, catalog.skipped
+    )

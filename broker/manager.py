@@ -6,6 +6,8 @@ user reads stay in broker.cli, so automation and tests can drive this without ar
 from __future__ import annotations
 
 import os
+import stat
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -148,24 +150,26 @@ class Manager:
             raise NoMetadata("dom0 holds no verified metadata yet: run qubes-fwupdmgr refresh")
         return self._catalogs
 
-    def releases(self, qd: QubeDevice, kind: str) -> list[Release]:
-        """What the device's owner offers it (kind: upgrades, downgrades, releases) that
-        dom0's verified catalog binds, newest first; refusals become problem lines."""
-        decided = decide(self.catalogs(), [qd], self.offers(kind, [qd]))
+    def _decided(
+        self, kind: str, devices: list[QubeDevice]
+    ) -> list[tuple[QubeDevice, list[Release]]]:
+        """What each device's owner offers it (kind: upgrades, downgrades, releases) that
+        dom0's verified catalog binds, newest first; each refusal becomes a problem line."""
+        decided = decide(self.catalogs(), devices, self.offers(kind, devices))
         self.problems += [str(r) for r in decided.refused]
-        return decided.releases.get(qd.key, [])
+        return [(qd, decided.releases[qd.key]) for qd in devices if qd.key in decided.releases]
+
+    def releases(self, qd: QubeDevice, kind: str) -> list[Release]:
+        found = self._decided(kind, [qd])
+        return found[0][1] if found else []
 
     def updates(self, devices: list[QubeDevice]) -> list[tuple[QubeDevice, list[Release]]]:
-        """Per device, the upgrades its owner offers that dom0's catalog binds; each
-        offer refused becomes a problem line."""
         # a device whose install waits for a reboot is not offered that install again
         waiting = {(p.qube, p.device_id) for p in PendingReboots(self.paths).settle(devices)}
-        asked = [qd for qd in devices if qd.device.has_updates_to_ask_for and qd.key not in waiting]
-        catalogs = self.catalogs()
-        decided = decide(catalogs, asked, self.offers("upgrades", asked))
-        self.problems += [str(r) for r in decided.refused]
-        found = [(qd, decided.releases[qd.key]) for qd in asked if qd.key in decided.releases]
-        return found
+        return self._decided(
+            "upgrades",
+            [qd for qd in devices if qd.device.has_updates_to_ask_for and qd.key not in waiting],
+        )
 
     def load_into_daemons(self, remote: Remote) -> list[tuple[str, bool]]:
         """Hand the current verified metadata to each daemon: [(qube, loaded)], where
@@ -262,9 +266,16 @@ class Manager:
         older than any run can hold: what was removed, one line each."""
         removed = [f"cab {name}" for name in prune_cabs(self.paths.cabs_dir, 0)]
         untrusted = self.paths.untrusted_dir
+        # only what no transfer can still be writing: a younger file may be a running push
+        cutoff = time.time() - self.limits.transfer_seconds - 60
         if untrusted.is_dir():
             for path in sorted(untrusted.iterdir()):
-                if path.is_file() and not path.is_symlink() and path.name.endswith(".UNTRUSTED"):
+                st = path.lstat()
+                if (
+                    stat.S_ISREG(st.st_mode)
+                    and path.name.endswith(".UNTRUSTED")
+                    and st.st_mtime < cutoff
+                ):
                     path.unlink(missing_ok=True)
                     removed.append(f"untrusted {path.name}")
         if self.paths.sessions_dir.is_dir():
@@ -277,15 +288,23 @@ class Manager:
         """Installed: no longer worth its room in dom0's cache."""
         (self.paths.cabs_dir / f"{sha256}.cab").unlink(missing_ok=True)
 
+    def _owner_devices(self, qube: str) -> list[QubeDevice]:
+        """What one qube's fwupd reports now (the other qube is not asked)."""
+        if qube == DOM0:
+            return [QubeDevice(DOM0, d) for d in FwupdClient().get_devices()]
+        usbvm = self.usbvm()
+        assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
+        return [QubeDevice(qube, d) for d in usbvm.get_devices()]
+
     def after_install(self, qd: QubeDevice, release: Release) -> tuple[str, Pending | None]:
-        """The version the device reports now, and the pending reboot if its daemon says
-        the install waits for one."""
-        devices = self.devices()
+        """The version the device reports now (asking its owner only), and the pending
+        reboot if its daemon says the install waits for one."""
+        devices = self._owner_devices(qd.qube)
         now = next((d.device for d in devices if d.key == qd.key), None)
         reboots = PendingReboots(self.paths)
         if now is not None and now.needs_reboot and now.version != release.version:
             return now.version, reboots.record(qd, release.version)
-        reboots.settle(devices)
+        reboots.settle(devices)  # records of the other qube's devices stay as they are
         return (now.version if now else "unknown"), None
 
     def pending_reboots(self) -> list[Pending]:

@@ -118,17 +118,21 @@ def test_clean_empties_the_cab_cache_untrusted_leftovers_and_dead_sessions(
     (paths.cabs_dir / f"{'a' * 64}.cab").write_bytes(b"cab")
     paths.untrusted_dir.mkdir(parents=True)
     (paths.untrusted_dir / "n1.0.UNTRUSTED").write_bytes(b"half")
+    running = paths.untrusted_dir / "n2.0.UNTRUSTED"  # a push being written right now
+    running.write_bytes(b"in flight")
     paths.sessions_dir.mkdir(parents=True)
     dead, alive = paths.sessions_dir / "d.pending", paths.sessions_dir / "a.pending"
     dead.write_text("{}")
     alive.write_text("{}")
-    old = time.time() - 4000  # older than any session lives (1800 s)
+    old = time.time() - 4000  # older than any session (1800 s) or transfer (900 s) lives
     os.utime(dead, (old, old))
+    os.utime(paths.untrusted_dir / "n1.0.UNTRUSTED", (old, old))
     assert cli.main(["clean"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [f"removed cab {'a' * 64}.cab", "removed untrusted n1.0.UNTRUSTED",
                    "removed session d.pending"]  # fmt: skip
     assert alive.exists() and not dead.exists()
+    assert running.exists()
     assert cli.main(["clean"]) == 2  # nothing left
 
 

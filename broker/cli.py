@@ -236,6 +236,22 @@ def _apply(
     return True
 
 
+def _apply_one(
+    app: Manager,
+    args: argparse.Namespace,
+    qd: QubeDevice,
+    release: Release,
+    verb: str,
+    allow_older: bool = False,
+    allow_reinstall: bool = False,
+) -> int:
+    """One device, one release (install, reinstall, downgrade): the exit code."""
+    done = _apply(app, args, qd, release, verb, allow_older, allow_reinstall)
+    if done:
+        app.forget_cab(release.sha256)
+    return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+
+
 def cmd_check_reboot_needed(app: Manager, args: argparse.Namespace) -> int:
     pending = app.pending_reboots()
     if args.json:
@@ -305,21 +321,15 @@ def cmd_install(app: Manager, args: argparse.Namespace) -> int:
     order = versions.compare(
         release.version, qd.device.version, versions.version_format(release.version_format)
     )
-    done = _apply(
+    return _apply_one(
         app, args, qd, release, "Install", allow_older=order < 0, allow_reinstall=order == 0
     )
-    if done:
-        app.forget_cab(release.sha256)
-    return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
 
 
 def cmd_reinstall(app: Manager, args: argparse.Namespace) -> int:
     qd = _device(app, args.device)
     release = _one_release(app, qd, qd.device.version)
-    done = _apply(app, args, qd, release, "Reinstall", allow_reinstall=True)
-    if done:
-        app.forget_cab(release.sha256)
-    return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+    return _apply_one(app, args, qd, release, "Reinstall", allow_reinstall=True)
 
 
 def cmd_downgrade(app: Manager, args: argparse.Namespace) -> int:
@@ -337,10 +347,18 @@ def cmd_downgrade(app: Manager, args: argparse.Namespace) -> int:
         names = ", ".join(f"{qd.qube}:{qd.device.device_id[:12]}" for qd, _ in offered)
         raise BrokerError(f"several devices can be downgraded ({names}): name one")
     qd, rs = offered[0]
-    done = _apply(app, args, qd, rs[0], "Downgrade", allow_older=True)
-    if done:
-        app.forget_cab(rs[0].sha256)
-    return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+    return _apply_one(app, args, qd, rs[0], "Downgrade", allow_older=True)
+
+
+def cmd_clean(app: Manager, args: argparse.Namespace) -> int:
+    """Empty dom0's cab cache, leftovers in its untrusted dir and sessions no run holds.
+    Verified metadata stays: it is what the daemons hold, and rollback needs its state."""
+    removed = app.clean()
+    for line in removed:
+        print(f"removed {_p(line)}")
+    if not removed:
+        print("Nothing to clean")
+    return _finish(app, EXIT_OK if removed else NothingToDo.exit_code)
 
 
 # ---------------------------------------------------------------------- entry
@@ -456,17 +474,6 @@ def _fwupd_error_code(error: BrokerError) -> int:
         if isinstance(error, kind):
             return ERROR_CODES[name]
     return ERROR_CODES["Internal"]
-
-
-def cmd_clean(app: Manager, args: argparse.Namespace) -> int:
-    """Empty dom0's cab cache, leftovers in its untrusted dir and sessions no run holds.
-    Verified metadata stays: it is what the daemons hold, and rollback needs its state."""
-    removed = app.clean()
-    for line in removed:
-        print(f"removed {_p(line)}")
-    if not removed:
-        print("Nothing to clean")
-    return _finish(app, EXIT_OK if removed else NothingToDo.exit_code)
 
 
 def _version() -> str:

@@ -259,13 +259,12 @@ def _download_url(remote: Remote, locations: list[str]) -> tuple[str, str]:
             check_url(location, "location")
         except ConfigError as e:
             raise _Skip(str(e).removeprefix("location: ")) from e
-        path = urlsplit(location).path
-        filename = path.rsplit("/", 1)[-1]
+        parts = urlsplit(location)
+        directory, _, filename = parts.path.rpartition("/")
         if not is_file_name(filename):
             raise _Skip("location does not end in a plain file name")
-        parts = urlsplit(location)
         base = remote.firmware_base_uri or urlunsplit(
-            (parts.scheme, parts.netloc, path.rsplit("/", 1)[0], "", "")
+            (parts.scheme, parts.netloc, directory, "", "")
         )
         return check_url(base.rstrip("/") + "/" + filename, "release URL"), filename
     schemes = sorted({_scheme(loc) for loc in locations})

@@ -503,15 +503,15 @@ def verify_pkcs7(fd: int, pem: str, trust: TrustStore) -> Signature:
     child_fd = fd if fd >= 3 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
     try:
         with tempfile.TemporaryDirectory(prefix="qfw-vp7-") as tmp:
-            sig_pem, sig_der, signer_pem = (
-                Path(tmp, n) for n in ("sig.pem", "sig.der", "signer.pem")
+            sig_in, sig_der, signer_pem = (
+                Path(tmp, n) for n in ("sig.in.der", "sig.der", "signer.pem")
             )
             # one block, decoded here: openssl and libjcat pick different blocks out of
             # a text holding several, so nothing but the one block may be there
-            sig_pem.write_bytes(_pem_block_der(pem))
+            sig_in.write_bytes(_pem_block_der(pem))
             # verify what is walked: openssl's own DER re-encoding of what it parsed
             ran = _run(
-                ["openssl", "cms", "-cmsout", "-inform", "DER", "-in", str(sig_pem),
+                ["openssl", "cms", "-cmsout", "-inform", "DER", "-in", str(sig_in),
                  "-outform", "DER", "-out", str(sig_der)]
             )  # fmt: skip
             if ran.returncode:

@@ -39,7 +39,6 @@ from urllib.parse import urlsplit, urlunsplit
 import zstandard
 from lxml import etree
 
-from broker import versions
 from broker.config import Config, Limits, Paths, Remote, check_url
 from broker.errors import (
     ConfigError,
@@ -93,16 +92,6 @@ class Catalog:
     remote_id: str
     releases: tuple[Release, ...]
     skipped: tuple[Skipped, ...] = ()
-
-    def releases_for(self, guids: tuple[str, ...]) -> list[Release]:
-        """Releases for any of these GUIDs, newest first by fwupd's version rules."""
-        wanted = {g.lower() for g in guids}
-        found = [r for r in self.releases if wanted & {g.lower() for g in r.guids}]
-        return sorted(
-            found,
-            key=lambda r: versions.sort_key(versions.version_format(r.version_format))(r.version),
-            reverse=True,
-        )
 
     @functools.cached_property
     def by_sha256(self) -> dict[str, list[Release]]:

@@ -643,20 +643,6 @@ def test_release_shapes(body: str, version_format: str, expected: object) -> Non
 
 
 # --------------------------------------------------------------------------- versions
-def test_releases_for_newest_first_guid_case_insensitive() -> None:
-    doc = catalog_xml(
-        Comp(releases=[Rel("1.2.9"), Rel("1.2.10"), Rel("1.10.0")]),
-        Comp(cid="other", guids=(GUID_B,), releases=[Rel("9.9")]),
-        Comp(cid="both", guids=(GUID_B, GUID_A.upper()), releases=[Rel("1.3")]),
-    )
-    catalog = _parse(doc)
-    found = catalog.releases_for((GUID_A.upper(),))
-    assert [r.version for r in found] == ["1.10.0", "1.3", "1.2.10", "1.2.9"]
-    assert [r.version for r in catalog.releases_for((GUID_B,))] == ["9.9", "1.3"]
-    assert catalog.releases_for(("00000000-0000-0000-0000-000000000000",)) == []
-    assert catalog.releases_for(()) == []
-
-
 def test_find_matches_sha256_and_a_device_guid() -> None:
     doc = catalog_xml(
         Comp(releases=[Rel("1.0", sha256=SHA_1)]),

@@ -60,12 +60,13 @@ class PendingReboots:
     def settle(self, devices: list[QubeDevice]) -> list[Pending]:
         """The records still pending, given what the daemons report now; the others go."""
         by_key = {qd.key: qd.device for qd in devices}
+        recorded = self.all()
         still = []
-        for p in self.all():
+        for p in recorded:
             device = by_key.get((p.qube, p.device_id))
             # a device not listed now (a qube unreachable) keeps its record
             if device is None or (device.needs_reboot and device.version != p.version):
                 still.append(p)
-        if len(still) != len(self.all()):
+        if len(still) != len(recorded):
             self._write(still)
         return still

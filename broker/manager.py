@@ -174,11 +174,10 @@ class Manager:
     def load_into_daemons(self, remote: Remote) -> list[tuple[str, bool]]:
         """Hand the current verified metadata to each daemon: [(qube, loaded)], where
         False means the daemon already had it. A failing sys-usb is a problem line."""
-        opened = MetadataStore(self.paths).open_current(remote)
-        if opened is None:
-            return []
-        data_fd, jcat_fd = opened
-        try:
+        with MetadataStore(self.paths).reading(remote) as opened:
+            if opened is None:
+                return []
+            data_fd, jcat_fd = opened
             done = [(DOM0, FwupdClient().update_metadata(remote.id, data_fd, jcat_fd))]
             usbvm = self.usbvm()
             if usbvm:
@@ -187,9 +186,6 @@ class Manager:
                 except BrokerError as e:
                     self.unreachable(usbvm.qube, e)
             return done
-        finally:
-            os.close(data_fd)
-            os.close(jcat_fd)
 
     def cached(self, release: Release) -> bool:
         """dom0's cache already holds this cab (its name is the sha256 dom0 verified when

@@ -521,36 +521,43 @@ class MetadataStore:
         data, jcat = link / remote.metadata_name, link / remote.jcat_name
         return (data, jcat) if data.exists() and jcat.exists() else None
 
-    def open_current(self, remote: Remote) -> tuple[int, int] | None:
+    @contextlib.contextmanager
+    def reading(self, remote: Remote) -> Iterator[tuple[int, int] | None]:
         """The current metadata and its jcat as two open fds of one generation (None if
-        there is none yet): opened under the store's lock, and both relative to the one
-        generation directory, so a concurrent refresh can never pair two generations."""
-        with self.locked():
+        there is none yet), both opened relative to the one generation directory, and
+        held under the store's shared lock for as long as the caller uses them: a push
+        waits until the daemons have this generation, so it is never replaced (or
+        deleted) mid-handover, and no older generation reaches a daemon after a newer."""
+        with self.locked(shared=True):
             try:
                 gen = os.open(self.paths.metadata_dir / remote.id, os.O_RDONLY | os.O_DIRECTORY)
             except FileNotFoundError:
-                return None
+                yield None
+                return
+            fds: list[int] = []
             try:
-                fds: list[int] = []
                 try:
                     for name in (remote.metadata_name, remote.jcat_name):
                         fds.append(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=gen))
                 except FileNotFoundError:
-                    for fd in fds:
-                        os.close(fd)
-                    return None
-                return fds[0], fds[1]
+                    yield None
+                    return
+                finally:
+                    os.close(gen)
+                yield fds[0], fds[1]
             finally:
-                os.close(gen)
+                for fd in fds:
+                    os.close(fd)
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, shared: bool = False) -> Iterator[None]:
         """Serialises rollback check + store: two pushes for the same remote must not both
-        pass the check against the same old state and then store in the wrong order."""
+        pass the check against the same old state and then store in the wrong order.
+        Readers handing a generation over take it shared."""
         self.paths.state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.paths.state_dir / "metadata.lock", os.O_RDWR | os.O_CREAT, 0o660)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
@@ -610,19 +617,15 @@ class MetadataStore:
     def catalog(self, remote: Remote, limits: Limits) -> Catalog | None:
         """The current catalog: from the index the receive service wrote when it accepted
         the metadata (bound to it by sha256), else parsed again from the verified file."""
-        opened = self.open_current(remote)
-        if opened is None:
-            return None
-        data_fd, jcat_fd = opened
-        os.close(jcat_fd)
-        try:
+        with self.reading(remote) as opened:
+            if opened is None:
+                return None
+            data_fd = opened[0]
             index = self._index(remote, limits)
             if index is not None and index[0] == sha256_fd(data_fd)[0]:
                 return index[1]
             with open_catalog(data_fd, remote.metadata_name, limits) as stream:
                 return parse_catalog(stream, remote, limits)
-        finally:
-            os.close(data_fd)
 
     def _index(self, remote: Remote, limits: Limits) -> tuple[str, Catalog] | None:
         path = self.paths.metadata_dir / remote.id / INDEX_NAME

@@ -56,16 +56,25 @@ def up(directory: Path) -> Sandbox:
     return Sandbox(directory)
 
 
+def _manager_command(sandbox: Sandbox, args: tuple[str, ...]) -> dict[str, Any]:
+    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", SANDBOX_ENV: str(sandbox.dir)}
+    return {
+        "args": [sys.executable, "-m", "broker.cli", *args],
+        "env": env,
+        "text": True,
+        "stdin": subprocess.DEVNULL,
+    }
+
+
 def manager(sandbox: Sandbox, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """qubes-fwupdmgr as the admin types it, acting as the sandbox's dom0."""
-    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", SANDBOX_ENV: str(sandbox.dir)}
-    return subprocess.run(
-        [sys.executable, "-m", "broker.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
+    return subprocess.run(**_manager_command(sandbox, args), capture_output=True, timeout=timeout)
+
+
+def start_manager(sandbox: Sandbox, *args: str) -> subprocess.Popen[str]:
+    """The same, left running: for two admins (or the timer and an admin) at once."""
+    return subprocess.Popen(
+        **_manager_command(sandbox, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
 
 

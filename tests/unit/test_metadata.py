@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -918,7 +919,7 @@ def test_store_keeps_the_rollback_baseline_for_refresh_force(tmp_path: Path) -> 
     assert accepted["previous_signed_at"] == T0.isoformat()
 
 
-def test_open_current_never_pairs_two_generations(
+def test_reading_never_pairs_two_generations(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refresh that switches generations between the two opens (as a concurrent run
@@ -942,21 +943,38 @@ def test_open_current_never_pairs_two_generations(
         return fd
 
     monkeypatch.setattr(os, "open", open_then_switch)
-    opened = MetadataStore(paths).open_current(REMOTE)
-    monkeypatch.undo()
-    assert opened is not None
-    data_fd, jcat_fd = opened
-    try:
+    with MetadataStore(paths).reading(REMOTE) as opened:
+        monkeypatch.undo()
+        assert opened is not None
+        data_fd, jcat_fd = opened
         assert os.pread(data_fd, 100, 0) == b"generation one"
         jcat = os.pread(jcat_fd, 1 << 20, 0)
         assert jcat == (first_gen / REMOTE.jcat_name).read_bytes() != b"jcat two"
+    for fd in opened:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed with the block
+
+
+def test_a_store_waits_while_a_generation_is_being_read(tmp_path: Path) -> None:
+    """Readers hold the store's lock shared for as long as they use the fds: a push
+    (which takes it exclusively) cannot replace or delete what is being handed over."""
+    paths = Paths(tmp_path)
+    _push(paths, "n1", b"generation one", _verified(T0))
+    store = MetadataStore(paths)
+    lock = os.open(paths.state_dir / "metadata.lock", os.O_RDWR)
+    try:
+        with store.reading(REMOTE) as opened, store.reading(REMOTE) as also:
+            assert opened is not None and also is not None  # readers do not wait for readers
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the reader is done
     finally:
-        os.close(data_fd)
-        os.close(jcat_fd)
+        os.close(lock)
 
 
-def test_open_current_without_metadata_is_none(tmp_path: Path) -> None:
-    assert MetadataStore(Paths(tmp_path)).open_current(REMOTE) is None
+def test_reading_without_metadata_is_none(tmp_path: Path) -> None:
+    with MetadataStore(Paths(tmp_path)).reading(REMOTE) as opened:
+        assert opened is None
 
 
 # --------------------------------------------------------------------------- element caps
@@ -1043,6 +1061,4 @@ def test_fwupds_own_test_catalog_parses_and_every_release_is_skipped_with_its_re
     assert catalog.releases == ()
     assert len(catalog.skipped) == xml.count(b"<release ") > 0
     assert {s.reason for s in catalog.skipped} == {"sha1 only (no container sha256)"}
-    assert "fakedevice.firmware 1.2.4: sha1 only (no container sha256)" in map(
-        str, catalog.skipped
-    )
+    assert "fakedevice.firmware 1.2.4: sha1 only (no container sha256)" in map(str, catalog.skipped)

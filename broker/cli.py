@@ -15,11 +15,12 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from broker import versions
+from broker import fwupd_json, versions
 from broker.config import Config, Paths
 from broker.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    EXIT_MEANINGS,
     EXIT_OK,
     BrokerError,
     DaemonError,
@@ -37,7 +38,7 @@ from broker.manager import Manager
 from broker.metadata import Release
 from broker.qrexec import transport_from_env
 from broker.routing import DOM0, QubeDevice
-from broker.sanitize import printable
+from broker.sanitize import printable, printable_tree
 from broker.updatevm import Wanted
 
 
@@ -78,7 +79,10 @@ def cmd_refresh(app: Manager, args: argparse.Namespace) -> int:
 def cmd_get_devices(app: Manager, args: argparse.Namespace) -> int:
     devices = app.devices()
     if args.json:
-        print(json.dumps({"Devices": [{"Qube": d.qube, **d.device.to_json()} for d in devices]}))
+        # as fwupdmgr, each device with its releases (those dom0's catalog binds, too)
+        nested = app.all_releases(devices) if app.catalogs_held() else {}
+        doc = [_device_out(app, qd, nested.get(qd.key, [])) for qd in devices]
+        print(json.dumps({"Devices": doc}))
         return _finish(app, EXIT_OK)
     for qd in devices:
         d = qd.device
@@ -90,17 +94,58 @@ def cmd_get_devices(app: Manager, args: argparse.Namespace) -> int:
     return _finish(app, EXIT_OK)
 
 
-def _release_json(r: Release) -> dict[str, Any]:
-    return {
-        "Version": r.version,
-        "AppstreamId": r.component_id,
-        "RemoteId": r.remote_id,
-        "Uri": r.url,
-        "Checksum": r.sha256,
-        "Size": r.size,
-        "Urgency": r.urgency,
-        "Summary": r.summary,
-    }
+def _release_dbus(app: Manager, qd: QubeDevice, r: Release) -> dict[str, Any]:
+    """A kept release as an a{sv} for broker.fwupd_json: the daemon's own offer, with what
+    dom0 matched and fetches (id, version, remote, URL, checksums) put in from dom0's
+    verified catalog over whatever the daemon said. "Size" stays the daemon's: fwupd
+    prints the installed size there, not the download size dom0 checks."""
+    offer = app.answered.get((qd.key, r.sha256))
+    raw = {k: v for k, v in (offer.raw if offer else {}).items() if k != "Uri"}
+    # metadata entries become members; one that would replace a typed member is dropped
+    # (fwupdmgr would print a string there; a script and the schema expect the type)
+    raw["Metadata"] = _string_metadata(raw.get("Metadata"))
+    if isinstance(raw.get("Reports"), list):
+        raw["Reports"] = [
+            {**rep, "Metadata": _string_metadata(rep.get("Metadata"))}
+            for rep in raw["Reports"]
+            if isinstance(rep, dict)
+        ]
+    raw.update(
+        AppstreamId=r.component_id,
+        Version=r.version,
+        RemoteId=r.remote_id,
+        Locations=[r.url],
+        Checksum=",".join(offer.checksums if offer else (r.sha256,)),
+    )
+    return raw
+
+
+# members fwupd_json prints for a release or report whose type is not a string
+_TYPED_MEMBERS = frozenset(
+    ("Size", "Created", "InstallDuration", "Flags", "Categories", "Issues", "Checksum",
+     "Tags", "Locations", "Reports", "VendorId")
+)  # fmt: skip
+
+
+def _string_metadata(metadata: object) -> dict[str, Any]:
+    if not isinstance(metadata, dict):
+        return {}
+    return {k: v for k, v in metadata.items() if k not in _TYPED_MEMBERS}
+
+
+def _device_out(app: Manager, qd: QubeDevice, releases: list[Release]) -> dict[str, Any]:
+    """One device as fwupdmgr --json prints it, plus "Qube"; from sys-usb, every string
+    in it made printable (a script reads it as a person would)."""
+    out = fwupd_json.device_json(
+        qd.device.dbus_form(), releases=[_release_dbus(app, qd, r) for r in releases],
+        qube=qd.qube,
+    )  # fmt: skip
+    return out if qd.qube == DOM0 else printable_tree(out)
+
+
+def _releases_out(app: Manager, qd: QubeDevice, releases: list[Release]) -> list[Any]:
+    out = [fwupd_json.release_json(_release_dbus(app, qd, r)) for r in releases]
+    return out if qd.qube == DOM0 else printable_tree(out)
 
 
 _MAX_PROBLEM_LINES = 20
@@ -121,13 +166,7 @@ def cmd_get_updates(app: Manager, args: argparse.Namespace) -> int:
     app.catalogs()  # before the daemons are asked: without metadata, say so
     found = app.updates(app.devices())
     if args.json:
-        doc = {
-            "Devices": [
-                {"Qube": qd.qube, **qd.device.to_json(), "Releases": [_release_json(r) for r in rs]}
-                for qd, rs in found
-            ]
-        }
-        print(json.dumps(doc))
+        print(json.dumps({"Devices": [_device_out(app, qd, rs) for qd, rs in found]}))
     else:
         for qd, rs in found:
             print(f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)}")
@@ -284,15 +323,11 @@ def _device(app: Manager, selector: str) -> QubeDevice:
     return found[0]
 
 
-def _releases_json(rs: list[Release]) -> str:
-    return json.dumps({"Releases": [_release_json(r) for r in rs]})
-
-
 def cmd_get_releases(app: Manager, args: argparse.Namespace) -> int:
     qd = _device(app, args.device)
     rs = app.releases(qd, "releases")
     if args.json:
-        print(_releases_json(rs))
+        print(json.dumps({"Releases": _releases_out(app, qd, rs)}))
     else:
         print(f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)}")
         for r in rs:
@@ -401,8 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qubes-fwupdmgr",
         description="Firmware updates for Qubes OS (dom0 and sys-usb)",
-        epilog="exit codes: 0 done, 1 failure or usage error, 2 nothing to do (or declined), "
-        "3 no such device, 130 interrupted",
+        epilog="exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_MEANINGS),
         parents=[_global_flags(defaults=True)],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")

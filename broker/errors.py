@@ -16,6 +16,14 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 EXIT_QREXEC_PROBLEM = 125
 EXIT_QREXEC_REFUSED = 126
 EXIT_QREXEC_NO_SERVICE = 127
+# what qubes-fwupdmgr's codes mean: --help's epilog and the man page's EXIT STATUS
+EXIT_MEANINGS = (
+    (EXIT_OK, "done (an install that waits for a reboot says so, and is done for now)"),
+    (EXIT_FAILURE, "failure, or a usage error: one line on stderr names the qube and the cause"),
+    (EXIT_NOTHING_TO_DO, "nothing to do: no update, metadata already current, or declined"),
+    (EXIT_NOT_FOUND, "no device, release or remote matches what was named"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
 
 
 class BrokerError(Exception):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dbus_next.aio.message_bus import MessageBus
@@ -46,6 +46,9 @@ class Device:
     plugin: str
     protocols: tuple[str, ...]
     flags: int
+    # the daemon's whole a{sv}, for rendering fwupdmgr's --json only (broker.fwupd_json):
+    # from sys-usb it is unchecked beyond the reply's size cap, so nothing decides on it
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def updatable(self) -> bool:
@@ -64,6 +67,7 @@ class Device:
         return bool(self.flags & FLAG_NEEDS_REBOOT)
 
     def to_json(self) -> dict[str, Any]:
+        """The agent's wire form: the checked fields, and the a{sv} as plain JSON."""
         return {
             "DeviceId": self.device_id,
             "Name": self.name,
@@ -74,22 +78,63 @@ class Device:
             "Plugin": self.plugin,
             "Protocol": ",".join(self.protocols),
             "Flags": self.flags,
+            "Raw": dict(self.raw),
+        }
+
+    def dbus_form(self) -> dict[str, Any]:
+        """The a{sv}, with every field dom0 checked put back in fwupd's own form over
+        whatever the raw dict said: what broker.fwupd_json renders. Releases nested in it
+        are dropped (GetDevices sends none): the releases shown are those dom0 binds."""
+        return {
+            **{k: v for k, v in self.raw.items() if k != "Release"},
+            "DeviceId": self.device_id,
+            "Name": self.name,
+            "Version": self.version,
+            "Guid": list(self.guids),
+            "Vendor": self.vendor,
+            "VendorId": "|".join(self.vendor_ids),
+            "Plugin": self.plugin,
+            "Protocol": "|".join(self.protocols),
+            "Flags": self.flags,
         }
 
 
-def device_from_dbus(raw: dict[str, Any]) -> Device:
+def plain(value: Any, depth: int = 0) -> Any:
+    """A D-Bus value as plain JSON-able data: Variants unwrapped, byte arrays dropped (no
+    device or release key fwupdmgr prints is one), nesting cut at D-Bus's own limit."""
+    if depth > 64:
+        return None
+    if isinstance(value, Variant):
+        return plain(value.value, depth + 1)
+    if isinstance(value, dict):
+        return {str(k): plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v, depth + 1) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return None
+    return value
+
+
+def _split_ids(value: object) -> tuple[str, ...]:
+    # fwupd joins vendor ids and protocols with "|" on D-Bus; our agent's wire uses ","
+    return tuple(v for v in str(value).replace("|", ",").split(",") if v)
+
+
+def device_from_dbus(raw: dict[str, Any], whole: Mapping[str, Any] | None = None) -> Device:
     """From fwupd's a{sv} (values already unwrapped) or from our JSON, which uses the same
-    keys. Only called on data from a daemon we trust or already validated JSON."""
+    keys. Only called on data from a daemon we trust or already validated JSON; ``whole``
+    is the a{sv} to keep for rendering (raw itself when not given)."""
     return Device(
         device_id=str(raw.get("DeviceId", "")),
         name=str(raw.get("Name", "")),
         version=str(raw.get("Version", "")),
         guids=tuple(str(g) for g in raw.get("Guid", [])),
         vendor=str(raw.get("Vendor", "")),
-        vendor_ids=tuple(v for v in str(raw.get("VendorId", "")).split(",") if v),
+        vendor_ids=_split_ids(raw.get("VendorId", "")),
         plugin=str(raw.get("Plugin", "")),
-        protocols=tuple(p for p in str(raw.get("Protocol", "")).split(",") if p),
+        protocols=_split_ids(raw.get("Protocol", "")),
         flags=int(raw.get("Flags", 0)),
+        raw=raw if whole is None else whole,
     )
 
 
@@ -105,6 +150,8 @@ class OfferedRelease:
     version: str
     checksums: tuple[str, ...]  # lowercase hex, sha1 and sha256 as fwupd lists them
     remote_id: str
+    # the daemon's a{sv}, for rendering --json only (unchecked when it comes from sys-usb)
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def sha256s(self) -> tuple[str, ...]:
@@ -116,6 +163,7 @@ class OfferedRelease:
             "Version": self.version,
             "Checksum": list(self.checksums),
             "RemoteId": self.remote_id,
+            "Raw": dict(self.raw),
         }
 
 
@@ -129,6 +177,7 @@ def release_from_dbus(raw: dict[str, Any]) -> OfferedRelease:
         version=str(raw.get("Version", "")),
         checksums=tuple(str(c).strip().lower() for c in checksums if str(c).strip()),
         remote_id=str(raw.get("RemoteId", "")),
+        raw=raw,
     )
 
 
@@ -141,7 +190,7 @@ OFFER_KINDS = {
 
 
 def _unwrap(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.value if isinstance(v, Variant) else v) for k, v in d.items()}
+    return {str(k): plain(v) for k, v in d.items()}
 
 
 class FwupdClient:

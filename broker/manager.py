@@ -41,6 +41,10 @@ class Manager:
     # what went wrong without stopping the command (a qube that failed, a refused offer):
     # one line each on stderr at the end, and exit 1 (see :func:`_finish`)
     problems: list[str] = field(default_factory=list)
+    # (device key, release sha256) -> the daemon's offer a kept release answers (--json)
+    answered: dict[tuple[tuple[str, str], str], OfferedRelease] = field(
+        default_factory=dict, repr=False
+    )
     _catalogs: list[Catalog] | None = field(default=None, repr=False)
 
     @property
@@ -150,6 +154,13 @@ class Manager:
             raise NoMetadata("dom0 holds no verified metadata yet: run qubes-fwupdmgr refresh")
         return self._catalogs
 
+    def catalogs_held(self) -> bool:
+        """dom0 holds verified metadata for some remote (get-devices works without)."""
+        try:
+            return bool(self.catalogs())
+        except NoMetadata:
+            return False
+
     def _decided(
         self, kind: str, devices: list[QubeDevice]
     ) -> list[tuple[QubeDevice, list[Release]]]:
@@ -157,7 +168,13 @@ class Manager:
         dom0's verified catalog binds, newest first; each refusal becomes a problem line."""
         decided = decide(self.catalogs(), devices, self.offers(kind, devices))
         self.problems += [str(r) for r in decided.refused]
+        self.answered.update(decided.offers)
         return [(qd, decided.releases[qd.key]) for qd in devices if qd.key in decided.releases]
+
+    def all_releases(self, devices: list[QubeDevice]) -> dict[tuple[str, str], list[Release]]:
+        """What get-devices --json nests in each device, as fwupdmgr nests GetReleases:
+        every device's releases that its owner offers and dom0's catalog binds."""
+        return dict((qd.key, rs) for qd, rs in self._decided("releases", devices))
 
     def releases(self, qd: QubeDevice, kind: str) -> list[Release]:
         found = self._decided(kind, [qd])

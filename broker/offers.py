@@ -81,6 +81,8 @@ class Decided:
 
     releases: dict[tuple[str, str], list[Release]]
     refused: list[Refusal]
+    # (device key, release sha256) -> the offer that release answers: for --json only
+    offers: dict[tuple[tuple[str, str], str], OfferedRelease]
 
 
 def decide(
@@ -91,19 +93,21 @@ def decide(
     """Hold every device's offers against dom0's catalogs."""
     releases: dict[tuple[str, str], list[Release]] = {}
     refused: list[Refusal] = []
+    answered: dict[tuple[tuple[str, str], str], OfferedRelease] = {}
     for qd in devices:
-        kept: dict[Release, None] = {}
+        kept: dict[Release, OfferedRelease] = {}
         # a daemon that repeats an offer gets it judged once
         for offer in dict.fromkeys(offers.get(qd.key, [])):
             try:
-                kept[match_offer(catalogs, qd, offer)] = None
+                kept.setdefault(match_offer(catalogs, qd, offer), offer)
             except OfferRefused as e:
                 refused.append(Refusal(qd, offer, str(e)))
         if kept:
             # fwupd sends them newest first; dom0 does not take a (semi-trusted) daemon's
             # word for the order: fwupd's version rules, stable for equal versions
             releases[qd.key] = sorted(kept, key=_newest, reverse=True)
-    return Decided(releases, refused)
+            answered.update({(qd.key, r.sha256): offer for r, offer in kept.items()})
+    return Decided(releases, refused, answered)
 
 
 def _newest(release: Release) -> Any:

@@ -119,8 +119,18 @@ def parse_devices_reply(untrusted_reply: bytes, limits: Limits) -> list[Device]:
         }
         if any(d.device_id == checked["DeviceId"] for d in devices):
             raise FormatError(f"sys-usb reply lists DeviceId {checked['DeviceId']} twice")
-        devices.append(device_from_dbus(checked))
+        devices.append(device_from_dbus(checked, _raw(untrusted_d)))
     return devices
+
+
+def _raw(untrusted: dict[str, Any]) -> dict[str, Any]:
+    """The a{sv} sys-usb relays beside the checked fields. Kept only to render --json as
+    fwupdmgr would (broker.fwupd_json reads any shape without raising, and every string
+    is made printable on the way out); no decision reads it."""
+    untrusted_raw = untrusted.get("Raw", {})
+    if not isinstance(untrusted_raw, dict):
+        raise FormatError("sys-usb reply: Raw is not an object")
+    return untrusted_raw
 
 
 def _offered_release(untrusted: object) -> OfferedRelease:
@@ -134,6 +144,7 @@ def _offered_release(untrusted: object) -> OfferedRelease:
         version=_match(untrusted.get("Version"), _VERSION, "Version"),
         checksums=tuple(_match(c, _CHECKSUM, "Checksum") for c in untrusted_sums),
         remote_id=_match(untrusted.get("RemoteId"), _REMOTE_ID, "RemoteId"),
+        raw=_raw(untrusted),
     )
 
 

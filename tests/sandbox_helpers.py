@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from broker.config import Paths
@@ -66,9 +67,19 @@ def _manager_command(sandbox: Sandbox, args: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
+JSON_SCHEMA = json.loads(
+    (Path(__file__).parents[1] / "docs" / "qubes-fwupdmgr.schema.json").read_text()
+)
+
+
 def manager(sandbox: Sandbox, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """qubes-fwupdmgr as the admin types it, acting as the sandbox's dom0."""
-    return subprocess.run(**_manager_command(sandbox, args), capture_output=True, timeout=timeout)
+    """qubes-fwupdmgr as the admin types it, acting as the sandbox's dom0. With --json,
+    whatever it printed must be one JSON document valid against the schema, in every test
+    (a failure too: its {"Error": ...} object)."""
+    r = subprocess.run(**_manager_command(sandbox, args), capture_output=True, timeout=timeout)
+    if "--json" in args and r.stdout:
+        jsonschema.validate(json.loads(r.stdout), JSON_SCHEMA)
+    return r
 
 
 def start_manager(sandbox: Sandbox, *args: str) -> subprocess.Popen[str]:

@@ -232,7 +232,7 @@ def test_a_signed_catalog_cannot_send_the_updatevm_elsewhere(
     base = _remote_base(mirror)
     r = manager(mirror, "get-updates", "--json")
     doc = json.loads(r.stdout) if r.stdout.strip() else {"Devices": []}
-    uris = [rel["Uri"] for d in doc["Devices"] for rel in d["Releases"]]
+    uris = [u for d in doc["Devices"] for rel in d["Releases"] for u in rel["Locations"]]
     assert all(u.startswith(base + "/") and "/" not in u[len(base) + 1 :] for u in uris), uris
     listed = [rel["Version"] for d in doc["Devices"] for rel in d["Releases"]]
     if offered:

@@ -124,6 +124,7 @@ MALFORMED = [
     ("plugin-with-path", reply(device(Plugin="../../lib/evil")), "malformed Plugin"),
     ("protocol-with-space", reply(device(Protocol="com.acme.test; reboot")),
      "malformed Protocol"),
+    ("raw-not-an-object", reply(device(Raw=["Summary", "x"])), "Raw is not an object"),
     ("1025-devices", reply(*[device(DeviceId=f"{i:040x}") for i in range(1025)]),
      "sys-usb reports more than 1024 devices"),
     ("reply-over-4-mib", b" " * (5 * MiB), "sent more than 4194304 bytes"),
@@ -177,3 +178,60 @@ def test_duplicate_device_ids_from_usbvm_are_refused(
     assert_clean(sandbox, before)
     assert r.returncode == 1, r.stdout
     assert f"lists DeviceId {WEBCAM_ID} twice" in one_line(r.stderr)
+
+
+# what sys-usb may put in the a{sv} it relays for --json (Raw): never decided on, only
+# rendered through broker.fwupd_json, and every string made printable on the way out
+HOSTILE_RAW: dict[str, Any] = {
+    "DeviceId": "0" * 40,  # not the checked id: the checked fields win
+    "Version": "9.9.9",
+    "Flags": "all of them",
+    "Summary": "\x1b]0;pwned\x07Camera\u202e",
+    "Icon": ["\x1b[2Jicon", 7, None],
+    "Serial": "SN\r\nDeviceId: forged",
+    "InstanceIds": ["USB\\VID_046D\x9b31m"],
+    "Created": 2**70,
+    "BatteryLevel": -5,
+    "Checksum": {"not": "a string"},
+    "Release": [
+        {
+            "Version": "1.2.3\x1b[8m",
+            "Description": "<p>\x1b[2J</p>",
+            "Metadata": {"Size": "huge", "x\x1b": "\x07y"},
+        }
+    ],
+    "UpdateError": "\x1b[31merror\x1b[0m",
+    "\x1b[2Jkey": "value",
+    "Nested": {"a": [{"b": [[[["deep"]]]]}]},
+}
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_what_sys_usb_relays_for_json_is_rendered_printable_and_never_believed(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm
+) -> None:
+    usbvm.answer(reply(device(Raw=HOSTILE_RAW)))
+    before = baseline(sandbox)
+    r = manager(sandbox, "get-devices", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_printable(r.stdout, r.stderr)
+    doc = json.loads(r.stdout)
+    (usb,) = [d for d in doc["Devices"] if d["Qube"] == "sys-usb"]
+    assert_printable(*_strings(usb))  # once decoded, too: a script reads these
+    # what dom0 checked is what is shown, whatever the relayed dict said
+    assert (usb["DeviceId"], usb["Version"], usb["Name"]) == (WEBCAM_ID, "1.2.2", DEVICE["Name"])
+    assert usb["Flags"] == ["updatable"]
+    assert usb["Summary"] == "?]0;pwned?Camera?"
+    assert "Created" not in usb and "BatteryLevel" not in usb  # out of range: not printed
+    assert_clean(sandbox, before)

@@ -141,10 +141,8 @@ def test_a_refused_offer_does_not_hide_the_ones_dom0_can_bind(
     (device,) = json.loads(r.stdout)["Devices"]
     (release,) = device["Releases"]
     # what dom0 hands on comes from its own verified catalog, not from sys-usb's answer
-    assert (release["Version"], release["Checksum"], release["Size"]) == (
-        "1.2.4", held["1.2.4"].sha256, held["1.2.4"].size,
-    )  # fmt: skip
-    assert release["Uri"] == held["1.2.4"].url
+    assert (release["Version"], release["Checksum"]) == ("1.2.4", ["0" * 40, held["1.2.4"].sha256])
+    assert release["Locations"] == [held["1.2.4"].url]
     assert release["AppstreamId"] == held["1.2.4"].component_id
     assert_clean(sandbox, before)
 
@@ -286,4 +284,39 @@ def test_a_sys_usb_claiming_many_devices_gets_a_bounded_run_and_dom0_keeps_no_ca
     assert calls(sandbox, "sys-usb qubes.FwupdUsbvm+Install") - installs_before == 8
     assert r.stdout.count("from dom0's cache") == 7
     assert not cab.exists()  # installed: gone from dom0's cache
+    assert_clean(sandbox, before)
+
+
+def test_what_sys_usb_relays_with_an_offer_is_rendered_printable_and_never_believed(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm, held: dict[str, Release]
+) -> None:
+    """A bound offer's relayed a{sv} (Raw) fills the fwupdmgr-shaped --json, printable, in
+    the schema's types; where it comes from and what it is stay dom0's."""
+    raw = {
+        "Locations": ["https://attacker.example/x.cab"], "Uri": "ipfs://evil",
+        "Version": "6.6.6", "AppstreamId": "com.evil", "Checksum": "1" * 64,
+        "Description": "<p>\x1b]8;;http://evil/\x1b\\click\x1b]8;;\x1b\\</p>\u202e",
+        "Size": "big", "TrustFlags": 2**80, "Urgency": "critical",
+        "Metadata": {"Locations": "https://evil/", "Flags": "x", "Note\x1b[2J": "\x07",
+                     "LVFS::Note": "fine"},
+        "Reports": [{"Metadata": {"VendorId": "x"}, "DistroId": "\x1b[2Jfedora"}, "junk"],
+    }  # fmt: skip
+    release = held["1.2.4"]
+    usbvm.answer(offers_reply({**offer("1.2.4", release.sha256), "Raw": raw}),
+                 argument="GetReleases")  # fmt: skip
+    before = baseline(sandbox)
+    r = manager(sandbox, "get-releases", WEBCAM_ID, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_printable(r.stdout, r.stderr)
+    doc = json.loads(r.stdout)
+    (shown,) = doc["Releases"]
+    # dom0's word for what it matched and would fetch
+    assert shown["Locations"] == [release.url]
+    assert (shown["Version"], shown["AppstreamId"]) == ("1.2.4", FAKE_ID)
+    assert shown["Checksum"] == ["0" * 40, release.sha256]
+    assert shown["LVFS::Note"] == "fine"
+    assert "Size" not in shown  # not a number: not printed, as fwupdmgr would not
+    for text in (shown["Description"], *shown, *(v for v in shown.values() if isinstance(v, str))):
+        assert_printable(text)
+    assert shown["Reports"][0]["DistroId"] == "?[2Jfedora"
     assert_clean(sandbox, before)

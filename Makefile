@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # keep it short: unix socket paths under it are limited to 107 bytes
 DEMO_DIR ?= /tmp/qfwupd-demo
 
-.PHONY: all deps venv lint unit test demo bench clean
+.PHONY: all deps venv lint unit test demo bench man clean
 
 all: test
 
@@ -32,6 +32,13 @@ test: lint
 
 demo: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH tools/demo.sh $(DEMO_DIR)
+
+# the man page and bash completion, written from the parser --help comes from (the
+# packages install them; nothing generated is committed)
+man: venv
+	mkdir -p build
+	$(PY) -m broker.manpage > build/qubes-fwupdmgr.1
+	$(PY) -m broker.completion > build/qubes-fwupdmgr.bash-completion
 
 # peak memory of dom0's metadata path on the sandbox (LVFS-scale and hostile catalogs),
 # beside fwupd's own growth measured in the same run; about 15 s

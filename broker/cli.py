@@ -7,16 +7,20 @@ update was declined), 3 no such device, 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
+import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from broker import fwupd_json, versions
-from broker.config import Config, Paths
+from broker.config import Config, Paths, check_qube_name
 from broker.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -33,17 +37,29 @@ from broker.errors import (
     VerificationError,
     exit_code_for,
 )
+from broker.fwupd import Device
 from broker.fwupd_json import ERROR_CODES, error_json
-from broker.manager import Manager
+from broker.manager import Manager, Progress
 from broker.metadata import Release
 from broker.qrexec import transport_from_env
+from broker.reboots import Pending
 from broker.routing import DOM0, QubeDevice
 from broker.sanitize import printable, printable_tree
+from broker.selection import DeviceFilter, select_all, select_one
+from broker.service import log
 from broker.updatevm import Wanted
 
 
 def _p(text: str) -> str:
     return printable(text, 200)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """A step, not a result: on stdout for a person, on stderr beside --json (stdout is
+    JSON only), nowhere with --quiet."""
+    if not args.quiet:
+        # flushed: a step is news only while it happens (a pipe would hold it to the end)
+        print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
 # ---------------------------------------------------------------------- commands
@@ -63,7 +79,7 @@ def cmd_refresh(app: Manager, args: argparse.Namespace) -> int:
             ],
             force=args.force,
         )
-        print(f"{remote.id}: {_p(outcome.message)}")
+        _say(args, f"{remote.id}: {_p(outcome.message)}")
         if reason := app.stale(remote.id):
             print(
                 f"{remote.id}: warning: {reason}; unattended updates are blocked", file=sys.stderr
@@ -71,13 +87,18 @@ def cmd_refresh(app: Manager, args: argparse.Namespace) -> int:
         any_new |= not outcome.nothing_new
         for qube, loaded in app.load_into_daemons(remote):
             state = "loaded" if loaded else "already had"
-            print(f"{remote.id}: {qube} fwupd {state} the metadata")
+            _say(args, f"{remote.id}: {qube} fwupd {state} the metadata")
             any_new |= loaded
     return _finish(app, EXIT_OK if any_new else NothingToDo.exit_code)
 
 
+def _devices(app: Manager, args: argparse.Namespace) -> list[QubeDevice]:
+    """Every device of both daemons, through --filter."""
+    return DeviceFilter.parse(args.filter).apply(app.devices())
+
+
 def cmd_get_devices(app: Manager, args: argparse.Namespace) -> int:
-    devices = app.devices()
+    devices = _devices(app, args)
     if args.json:
         # as fwupdmgr, each device with its releases (those dom0's catalog binds, too)
         nested = app.all_releases(devices) if app.catalogs_held() else {}
@@ -164,7 +185,10 @@ def _finish(app: Manager, code: int) -> int:
 
 def cmd_get_updates(app: Manager, args: argparse.Namespace) -> int:
     app.catalogs()  # before the daemons are asked: without metadata, say so
-    found = app.updates(app.devices())
+    devices = _devices(app, args)
+    if args.device:
+        devices = select_all(devices, args.device)
+    found = app.updates(devices)
     if args.json:
         print(json.dumps({"Devices": [_device_out(app, qd, rs) for qd, rs in found]}))
     else:
@@ -179,52 +203,100 @@ def cmd_get_updates(app: Manager, args: argparse.Namespace) -> int:
     return _finish(app, EXIT_OK if found else NothingToDo.exit_code)
 
 
-def _matches(qd: QubeDevice, selector: str) -> bool:
-    s = selector.lower()
-    d = qd.device
-    return d.device_id.startswith(s) or s in (g.lower() for g in d.guids)
-
-
 def cmd_update(app: Manager, args: argparse.Namespace) -> int:
     app.catalogs()
-    devices = app.devices()
-    if args.device and not any(_matches(qd, args.device) for qd in devices):
-        raise NotFound(f"no device matches {printable(args.device, 80)!r} (see get-devices)")
+    devices = _devices(app, args)
+    if args.devices:
+        named = {qd.key: qd for sel in args.devices for qd in select_all(devices, sel)}
+        devices = list(named.values())
     found = app.updates(devices)
-    if args.device:
-        found = [(qd, rs) for qd, rs in found if _matches(qd, args.device)]
     if not found:
         if app.problems:
             return _finish(app, EXIT_FAILURE)
-        raise NothingToDo("no updates available" + (f" for {args.device}" if args.device else ""))
+        named_text = f" for {', '.join(_p(d) for d in args.devices)}" if args.devices else ""
+        raise NothingToDo(f"no updates available{named_text}")
     limit = app.config.update_max_devices
-    if not args.device and len(found) > limit:
+    if not args.devices and len(found) > limit:
         print(
             f"qubes-fwupdmgr: {len(found) - limit} more devices have updates; one run updates "
-            f"at most update_max_devices={limit} unless a device is named: run again",
+            f"at most update_max_devices={limit} unless devices are named: run again",
             file=sys.stderr,
         )
         found = found[:limit]
-    installed: set[str] = set()
+    done: list[Applied] = []
     try:
-        _update_each(app, args, found, installed)
+        for qd, releases in found:
+            # newest first, by fwupd's version rules: take the first
+            applied = _apply(app, args, qd, releases[0], "Update")
+            if applied is not None:
+                done.append(applied)
     finally:
-        for sha256 in installed:
-            app.forget_cab(sha256)
+        for applied in done:
+            app.forget_cab(applied.release.sha256)
+        _print_applied(app, args, done)
     # every update declined: nothing done, as fwupdmgr says it
-    return _finish(app, EXIT_OK if installed else NothingToDo.exit_code)
+    return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
 
 
-def _update_each(
-    app: Manager,
-    args: argparse.Namespace,
-    found: list[tuple[QubeDevice, list[Release]]],
-    installed: set[str],
-) -> None:
-    for qd, releases in found:
-        # newest first, by fwupd's version rules: take the first
-        if _apply(app, args, qd, releases[0], "Update"):
-            installed.add(releases[0].sha256)
+@dataclass(frozen=True)
+class Applied:
+    """One install done: what the device's daemon reports after it."""
+
+    qd: QubeDevice
+    release: Release
+    now: Device | None
+    pending: Pending | None
+
+
+_UPDATE_STATE_SUCCESS = 2  # FwupdUpdateState, as fwupdmgr --json prints it
+_UPDATE_STATE_NEEDS_REBOOT = 4
+
+
+def _print_applied(app: Manager, args: argparse.Namespace, done: list[Applied]) -> None:
+    """With --json: each device installed, as its daemon reports it now, with the release
+    installed and its UpdateState (2 success, 4 needs-reboot: the pending state)."""
+    if not args.json or not done:
+        return
+    out = []
+    for a in done:
+        device = a.now or a.qd.device
+        state = _UPDATE_STATE_NEEDS_REBOOT if a.pending else _UPDATE_STATE_SUCCESS
+        form = {**device.dbus_form(), "UpdateState": state}
+        doc = fwupd_json.device_json(
+            form, releases=[_release_dbus(app, a.qd, a.release)], qube=a.qd.qube
+        )
+        out.append(doc if a.qd.qube == DOM0 else printable_tree(doc))
+    print(json.dumps({"Devices": out}))
+
+
+def _confirm(args: argparse.Namespace, question: str) -> bool:
+    if args.assume_yes:
+        return True
+    if not sys.stdin.isatty():
+        raise BrokerError("not a terminal: pass -y to answer yes without being asked")
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:  # Ctrl-D: no
+        answer = ""
+        print()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _stale_check(app: Manager, args: argparse.Namespace, release: Release) -> None:
+    reason = app.stale(release.remote_id)
+    if reason is None:
+        return
+    if args.no_metadata_check:
+        note = f"{release.remote_id}: {reason}; installing anyway (--no-metadata-check)"
+        log(app.paths, f"qubes-fwupdmgr: {note}")
+        print(f"warning: {note}", file=sys.stderr)
+    elif args.assume_yes:
+        raise VerificationError(
+            f"{release.remote_id}: {reason}; refusing an unattended update "
+            "(refresh first, or pass --no-metadata-check)"
+        )
+    else:
+        print(f"warning: {release.remote_id}: {reason}", file=sys.stderr)
 
 
 def _apply(
@@ -235,44 +307,35 @@ def _apply(
     verb: str,
     allow_older: bool = False,
     allow_reinstall: bool = False,
-) -> bool:
+) -> Applied | None:
     """Confirm (unless -y), fetch or reuse the cab, install it through the device's owner;
-    False when the admin declined."""
+    None when the admin declined."""
     desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> {_p(release.version)}"
-    if reason := app.stale(release.remote_id):
-        if args.assume_yes:
-            raise VerificationError(
-                f"{release.remote_id}: {reason}; refusing an unattended update "
-                "(refresh first, or run without -y to decide)"
-            )
-        print(f"warning: {release.remote_id}: {reason}", file=sys.stderr)
-    if not args.assume_yes:
-        if not sys.stdin.isatty():
-            raise BrokerError(f"not a terminal: pass -y to {verb.lower()} without asking")
-        try:
-            answer = input(f"{verb} {desc}? [y/N] ")
-        except EOFError:  # Ctrl-D: no
-            answer = ""
-            print()
-        if answer.strip().lower() not in ("y", "yes"):
-            print("skipped")
-            return False
+    _stale_check(app, args, release)
+    if not _confirm(args, f"{verb} {desc}?"):
+        _say(args, "skipped")
+        return None
     if release.size > app.limits.cab_max_bytes:
         raise LimitExceeded(f"{release.filename} is {release.size} bytes, more than cab_max_bytes")
     if app.cached(release):
-        print(f"Using {_p(release.filename)} from dom0's cache")
+        _say(args, f"Using {_p(release.filename)} from dom0's cache")
     else:
-        print(f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
+        _say(args, f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
         app.download(release)
-    print(f"Installing on {qd.qube}…")
-    app.install(qd, release, allow_older=allow_older, allow_reinstall=allow_reinstall)
-    after, pending = app.after_install(qd, release)
+    _say(args, f"Installing on {qd.qube}…")
+    app.install(qd, release, allow_older=allow_older or args.allow_older,
+                allow_reinstall=allow_reinstall or args.allow_reinstall)  # fmt: skip
+    now, pending = app.after_install(qd, release)
+    after = _p(now.version) if now else "unknown"
+    past = f"{verb.rstrip('e')}ed"
     if pending is not None:
         # as fwupdmgr: done for now (exit 0), and the text says what waits
-        print(f"{verb.rstrip('e')}ed {desc}: pending reboot ({pending.what}); now {_p(after)}")
+        _say(args, f"{past} {desc}: pending reboot ({pending.what}); now {after}")
+        if not args.no_reboot_check:
+            _say(args, f"To finish, {pending.what}: check-reboot-needed lists what waits")
     else:
-        print(f"{verb.rstrip('e')}ed {desc}: now {_p(after)}")
-    return True
+        _say(args, f"{past} {desc}: now {after}")
+    return Applied(qd, release, now, pending)
 
 
 def _apply_one(
@@ -285,10 +348,11 @@ def _apply_one(
     allow_reinstall: bool = False,
 ) -> int:
     """One device, one release (install, reinstall, downgrade): the exit code."""
-    done = _apply(app, args, qd, release, verb, allow_older, allow_reinstall)
-    if done:
+    applied = _apply(app, args, qd, release, verb, allow_older, allow_reinstall)
+    if applied is not None:
         app.forget_cab(release.sha256)
-    return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+        _print_applied(app, args, [applied])
+    return _finish(app, EXIT_OK if applied else NothingToDo.exit_code)
 
 
 def cmd_check_reboot_needed(app: Manager, args: argparse.Namespace) -> int:
@@ -306,21 +370,8 @@ def cmd_check_reboot_needed(app: Manager, args: argparse.Namespace) -> int:
 
 
 def _device(app: Manager, selector: str) -> QubeDevice:
-    """The one device a selector names: a device id or an unambiguous prefix of one, or a
-    GUID, in any case; ``QUBE:`` in front limits it to that qube's devices."""
-    devices = app.devices()
-    qube, sep, rest = selector.partition(":")
-    if sep and qube in {DOM0, app.config.usbvm}:
-        devices, selector = [qd for qd in devices if qd.qube == qube], rest
-    found = [qd for qd in devices if selector and _matches(qd, selector)]
-    if not found:
-        raise NotFound(f"no device matches {printable(selector, 80)!r} (see get-devices)")
-    if len(found) > 1:
-        raise BrokerError(
-            f"{printable(selector, 80)!r} matches {len(found)} devices: give more of the id, "
-            "or QUBE:ID"
-        )
-    return found[0]
+    """The one device a selector names (broker.selection)."""
+    return select_one(app.devices(), selector)
 
 
 def cmd_get_releases(app: Manager, args: argparse.Namespace) -> int:
@@ -372,7 +423,7 @@ def cmd_downgrade(app: Manager, args: argparse.Namespace) -> int:
     if args.device:
         candidates = [_device(app, args.device)]
     else:
-        candidates = [qd for qd in app.devices() if qd.device.has_updates_to_ask_for]
+        candidates = [qd for qd in _devices(app, args) if qd.device.has_updates_to_ask_for]
     offered = [(qd, rs) for qd in candidates if (rs := app.releases(qd, "downgrades"))]
     if not offered:
         if app.problems:
@@ -396,6 +447,49 @@ def cmd_clean(app: Manager, args: argparse.Namespace) -> int:
     return _finish(app, EXIT_OK if removed else NothingToDo.exit_code)
 
 
+# ---------------------------------------------------------------------- progress
+class ProgressLine:
+    """One line on stderr, rewritten in place, per step of long work: the qube, bytes so
+    far of how many, rate and time left (as qubes-vm-update shows each qube). Only on a
+    terminal, never with --json or --quiet (main decides)."""
+
+    def __init__(self, min_interval: float = 0.2) -> None:
+        self.min_interval = min_interval
+        self._started: dict[tuple[str, str], float] = {}
+        self._finished: set[tuple[str, str]] = set()
+        self._shown = 0.0
+
+    def __call__(self, p: Progress) -> None:
+        now = time.monotonic()
+        key = (p.qube, p.what)
+        if key in self._finished:
+            return  # the UpdateVM's last word repeats the end: once is enough
+        start = self._started.setdefault(key, now)
+        finished = p.total is not None and p.done >= p.total
+        if finished:
+            self._finished.add(key)
+        elif now - self._shown < self.min_interval:
+            return
+        self._shown = now
+        elapsed = max(now - start, 1e-6)
+        rate = p.done / elapsed
+        of = f"/{_size(p.total)}" if p.total else ""
+        left = ""
+        if p.total and rate > 0 and not finished:
+            left = f", {max(0, (p.total - p.done) / rate):.0f} s left"
+        text = f"{p.qube}: {p.what} {_size(p.done)}{of} at {_size(int(rate))}/s{left}"
+        print(f"\r\033[K{text}", end="\n" if finished else "", file=sys.stderr, flush=True)
+
+
+def _size(n: int) -> str:
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
 # ---------------------------------------------------------------------- entry
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line and exit 1 (argparse's own 2 means "nothing to do" here)."""
@@ -414,21 +508,27 @@ def _global_flags(defaults: bool) -> _Parser:
     def value(default: object) -> object:
         return default if defaults else argparse.SUPPRESS
 
-    flags.add_argument(
-        "--json",
-        action="store_true",
-        default=value(False),
-        help="machine-readable output on stdout",
-    )
-    flags.add_argument(
-        "-y",
-        "--assume-yes",
-        action="store_true",
-        default=value(False),
-        help="answer yes to every question",
-    )
-    flags.add_argument("-v", "--verbose", action="store_true", default=value(False),
-                       help="tracebacks on errors")  # fmt: skip
+    def switch(*names: str, help: str) -> None:
+        flags.add_argument(*names, action="store_true", default=value(False), help=help)
+
+    switch("--json", help="machine-readable output on stdout, as fwupdmgr --json")
+    switch("-y", "--assume-yes", help="answer yes to every question")
+    switch("-v", "--verbose", help="debug logging and tracebacks on stderr")
+    switch("-q", "--quiet", help="only results and errors: no progress, no step lines")
+    switch("--force", help="refresh: accept metadata after a signing time in the future "
+           "(still never older than what came before it); no other check is relaxed")  # fmt: skip
+    switch("--allow-older", help="install and local-install may go to an older version")
+    switch("--allow-reinstall", help="install and local-install may install the same version")
+    switch("--no-reboot-check", help="do not say what must restart after an install (the "
+           "pending state is still kept, so the release is not offered again)")  # fmt: skip
+    switch("--no-metadata-check", help="install even from stale metadata without asking "
+           "(logged); without it, -y refuses stale metadata")  # fmt: skip
+    flags.add_argument("--filter", metavar="FLAGS", default=value(None),
+                       help="only devices with these flags set (and ~FLAG: not set), "
+                       "comma-separated, e.g. updatable,~internal")  # fmt: skip
+    flags.add_argument("--updatevm", metavar="QUBE", default=value(None),
+                       help="download through this qube for this run (it must be tagged "
+                       "fwupd-updatevm in the qrexec policy)")  # fmt: skip
     return flags
 
 
@@ -445,19 +545,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "refresh", help="fetch metadata through the UpdateVM and load it", parents=[verb_flags]
     )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="recover from accepted metadata whose signing time lies in the future: compare "
-        "with the signing time accepted before it (older metadata is still refused)",
-    )
     p.set_defaults(func=cmd_refresh)
     p = sub.add_parser("get-devices", help="devices of dom0 and sys-usb", parents=[verb_flags])
     p.set_defaults(func=cmd_get_devices)
-    p = sub.add_parser("get-updates", help="available updates per device", parents=[verb_flags])
-    p.set_defaults(func=cmd_get_updates)
-    p = sub.add_parser("update", help="update one device or all", parents=[verb_flags])
+    p = sub.add_parser("get-updates", aliases=["get-upgrades"], parents=[verb_flags],
+                       help="available updates per device")  # fmt: skip
     p.add_argument("device", nargs="?", help=_DEVICE_HELP)
+    p.set_defaults(func=cmd_get_updates)
+    p = sub.add_parser("update", aliases=["upgrade"], parents=[verb_flags],
+                       help="update the named devices, or all")  # fmt: skip
+    p.add_argument("devices", nargs="*", metavar="DEVICE", help=_DEVICE_HELP)
     p.set_defaults(func=cmd_update)
     p = sub.add_parser(
         "get-releases", help="releases a device may take (its fwupd's word, dom0's catalog)",
@@ -526,15 +623,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         # acting as dom0 of a sandbox: start ourselves in its dom0, as the launcher does
         from broker.sandbox.launcher import Launcher
 
-        return Launcher(sandbox).run("dom0", [sys.executable, "-m", "broker.cli", *args_list])
+        proc = Launcher(sandbox).popen("dom0", [sys.executable, "-m", "broker.cli", *args_list])
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue  # a terminal's Ctrl-C reached dom0's run too: it says what happened
     args = build_parser().parse_args(args_list)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="qubes-fwupdmgr: %(message)s",
+    )
     paths = Paths.from_env()
     app: Manager | None = None
     try:
         config = Config.load(paths)
         for warning in config.warnings:
             print(f"qubes-fwupdmgr: warning: {printable(warning, 300)}", file=sys.stderr)
+        if args.updatevm:
+            config = dataclasses.replace(
+                config, updatevm=check_qube_name(args.updatevm, "--updatevm")
+            )
         app = Manager(paths, config, transport_from_env())
+        if not args.json and not args.quiet and sys.stderr.isatty():
+            app.on_progress = ProgressLine()
         code: int = args.func(app, args)
         return code
     except KeyboardInterrupt:

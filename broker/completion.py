@@ -27,11 +27,17 @@ def _flags(parser: argparse.ArgumentParser) -> list[str]:
     ]
 
 
+def _taking_values(parser: argparse.ArgumentParser) -> list[str]:
+    """Flags whose next word is their value, not a verb (--filter FLAGS)."""
+    return [o for a in parser._actions if a.nargs != 0 for o in a.option_strings]
+
+
 def render(parser: argparse.ArgumentParser) -> str:
     prog = parser.prog
     func = "_" + prog.replace("-", "_")
     verbs = _subcommands(parser).choices
     global_flags = _flags(parser)
+    valued = "|".join(_taking_values(parser)) or "--"
     cases = "\n".join(
         f"        {shlex.quote(name)}) extra={shlex.quote(' '.join(_flags(sub)))} ;;"
         for name, sub in verbs.items()
@@ -41,6 +47,7 @@ def render(parser: argparse.ArgumentParser) -> str:
     local cur="${{COMP_WORDS[COMP_CWORD]}}" verb="" extra="" i
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${{COMP_WORDS[i]}}" in
+            {valued}) ((i++)) ;;
             -*) ;;
             *) verb="${{COMP_WORDS[i]}}"; break ;;
         esac

@@ -5,9 +5,11 @@ user reads stay in broker.cli, so automation and tests can drive this without ar
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -20,6 +22,7 @@ from broker.offers import decide
 from broker.qrexec import Transport, call, check
 from broker.reboots import Pending, PendingReboots
 from broker.routing import DOM0, QubeDevice, route
+from broker.sanitize import printable
 from broker.session import ExpectedFile, Outcome, Sessions
 from broker.signatures import TrustStore, sha256_fd
 from broker.transfer import prune_cabs, write_all
@@ -27,6 +30,16 @@ from broker.updatevm import DownloadRequest, Wanted
 from broker.usbvm import UsbvmClient
 
 DOWNLOAD_SERVICE = "qubes.FwupdDownload"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A step of long work in one qube: ``done`` of ``total`` bytes (None: unknown)."""
+
+    qube: str
+    what: str
+    done: int
+    total: int | None
 
 
 @dataclass
@@ -45,6 +58,8 @@ class Manager:
     answered: dict[tuple[tuple[str, str], str], OfferedRelease] = field(
         default_factory=dict, repr=False
     )
+    # how far long work got (the UpdateVM's download), for a progress display; None: quiet
+    on_progress: Callable[[Progress], None] | None = field(default=None, repr=False)
     _catalogs: list[Catalog] | None = field(default=None, repr=False)
 
     @property
@@ -68,12 +83,12 @@ class Manager:
         """Ask the UpdateVM for files; return dom0's own verdict on what it pushed."""
         sessions = Sessions(self.paths.sessions_dir)
         expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
+        updatevm = self.config.updatevm
         session = sessions.open(
-            kind, remote_id, expected, self.limits.session_seconds, release, force
+            kind, remote_id, expected, self.limits.session_seconds, release, force, updatevm
         )
         try:
             request = DownloadRequest(session.nonce, kind, remote_id, tuple(wanted)).to_json()
-            updatevm = self.config.updatevm
             result = call(
                 self.transport,
                 updatevm,
@@ -81,6 +96,7 @@ class Manager:
                 feed=lambda fd: write_all(fd, request),
                 max_stdout=4096,
                 timeout=self.limits.transfer_seconds + 60,
+                on_line=lambda line: self._progress_line(updatevm, line),
             )
             outcome = sessions.outcome(session.nonce)
             if outcome is None:
@@ -91,6 +107,22 @@ class Manager:
             return outcome
         finally:
             sessions.close(session.nonce)
+
+    def _progress_line(self, qube: str, untrusted_line: bytes) -> None:
+        """The UpdateVM's word on how far its download got: shown, never decided on."""
+        if self.on_progress is None:
+            return
+        try:
+            untrusted = json.loads(untrusted_line)["progress"]
+            done, total = untrusted["done"], untrusted["total"]
+            name = printable(untrusted["name"], 80)
+        except (ValueError, KeyError, TypeError):
+            return
+        if not isinstance(done, int) or not 0 <= done < 2**63:
+            return
+        if not (total is None or (isinstance(total, int) and 0 < total < 2**63)):
+            return
+        self.on_progress(Progress(qube, name, done, total))
 
     # ------------------------------------------------------------------ views
     def unreachable(self, qube: str, error: BrokerError) -> None:
@@ -309,16 +341,18 @@ class Manager:
         assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
         return [QubeDevice(qube, d) for d in usbvm.get_devices()]
 
-    def after_install(self, qd: QubeDevice, release: Release) -> tuple[str, Pending | None]:
-        """The version the device reports now (asking its owner only), and the pending
-        reboot if its daemon says the install waits for one."""
+    def after_install(
+        self, qd: QubeDevice, release: Release
+    ) -> tuple[Device | None, Pending | None]:
+        """The device as its owner reports it now (the other qube is not asked; None if
+        it is gone), and the pending reboot if its daemon says the install waits for one."""
         devices = self._owner_devices(qd.qube)
         now = next((d.device for d in devices if d.key == qd.key), None)
         reboots = PendingReboots(self.paths)
         if now is not None and now.needs_reboot and now.version != release.version:
-            return now.version, reboots.record(qd, release.version)
+            return now, reboots.record(qd, release.version)
         reboots.settle(devices)  # records of the other qube's devices stay as they are
-        return (now.version if now else "unknown"), None
+        return now, None
 
     def pending_reboots(self) -> list[Pending]:
         """Installs that wait for a reboot, and devices whose daemon says one is needed."""

@@ -9,6 +9,7 @@ only sees :func:`call`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from broker.errors import (
 )
 from broker.sanitize import printable
 
+_log = logging.getLogger("qubes-fwupd")
 SANDBOX_SOCKET_ENV = "QUBES_FWUPD_QREXEC_SOCKET"
 
 
@@ -77,6 +79,26 @@ def _drain(stream: IO[bytes], cap: int, out: list[bytes], over: list[bool]) -> N
         out.append(chunk)
 
 
+def _lines(
+    stream: IO[bytes], cap: int, on_line: Callable[[bytes], None], over: list[bool]
+) -> None:
+    """stdout as lines for ``on_line`` (progress), none kept: a line longer than ``cap``
+    is an error, as too much output is in :func:`_drain`."""
+    pending = b""
+    while chunk := stream.read1(65536):  # type: ignore[attr-defined]
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if len(pending) > cap:
+            over.append(True)
+            pending = b""
+        for line in lines:
+            if len(line) > cap:
+                over.append(True)
+                continue
+            with contextlib.suppress(Exception):  # showing progress must never end a call
+                on_line(line)
+
+
 def call(
     transport: Transport,
     target: str,
@@ -85,8 +107,12 @@ def call(
     max_stdout: int = 4 * 1024 * 1024,
     max_stderr: int = 64 * 1024,
     timeout: float = 1800.0,
+    on_line: Callable[[bytes], None] | None = None,
 ) -> CallResult:
-    """Run one qrexec call; ``feed`` writes our side of the data to the given fd."""
+    """Run one qrexec call; ``feed`` writes our side of the data to the given fd. With
+    ``on_line``, stdout is handed over line by line as it comes (each at most
+    ``max_stdout`` bytes) and not kept."""
+    _log.debug("qrexec call: %s in %s", service, target)
     proc = subprocess.Popen(
         transport.argv(target, service),
         stdin=subprocess.PIPE,
@@ -112,7 +138,9 @@ def call(
     # feeding runs in a thread too: a peer that stops reading must not block us past the
     # deadline (a pipe write blocks, and nothing else would time it out)
     threads = [
-        threading.Thread(target=_drain, args=(proc.stdout, max_stdout, out, over_out)),
+        threading.Thread(target=_drain, args=(proc.stdout, max_stdout, out, over_out))
+        if on_line is None
+        else threading.Thread(target=_lines, args=(proc.stdout, max_stdout, on_line, over_out)),
         threading.Thread(target=_drain, args=(proc.stderr, max_stderr, err, over_err)),
         threading.Thread(target=feed_then_close),
     ]
@@ -127,13 +155,23 @@ def call(
         if any(t.is_alive() for t in threads):
             raise subprocess.TimeoutExpired(proc.args, timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _stop(proc)
         raise QrexecError(f"{service} in {target} did not finish in {timeout:.0f} s") from None
+    except BaseException:
+        # Ctrl-C (or any other way out): the call ends with us. Its own session does not
+        # get the terminal's SIGINT, so without this the other qube's work (a download)
+        # would run on; closing our end of the call is what stops the service there.
+        _stop(proc)
+        raise
     if over_out:
         raise LimitExceeded(f"{service} in {target} sent more than {max_stdout} bytes")
     return CallResult(code, b"".join(out), b"".join(err))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def check(result: CallResult, target: str, service: str) -> CallResult:

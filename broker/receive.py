@@ -62,7 +62,10 @@ def _check_files(session: Session, files: tuple[FrameFile, ...]) -> None:
 
 def receive(ctx: ServiceContext) -> int:
     config, paths, limits = ctx.config, ctx.paths, ctx.config.limits
-    if ctx.caller != config.updatevm:
+    sessions = Sessions(paths.sessions_dir)
+    # before a byte is read: only the configured UpdateVM, or a qube a pending session
+    # asked (qubes-fwupdmgr --updatevm), may push at all
+    if ctx.caller != config.updatevm and ctx.caller not in sessions.asked():
         raise TransferError(
             f"qube {printable(ctx.caller, 64)} is not the configured UpdateVM "
             f"({config.updatevm}); refused"
@@ -70,9 +73,14 @@ def receive(ctx: ServiceContext) -> int:
     reader = StreamReader(ctx.stdin_fd, time.monotonic() + limits.transfer_seconds)
     untrusted_header, files = parse_header(reader.readline(limits.header_max_bytes))
     nonce = check_nonce(untrusted_header.get("nonce"))
-    sessions = Sessions(paths.sessions_dir)
     session = sessions.take(nonce)
     try:
+        # a session counts only for the qube it was opened for
+        if ctx.caller != (session.updatevm or config.updatevm):
+            raise TransferError(
+                f"qube {printable(ctx.caller, 64)} pushed for a download dom0 asked of "
+                f"{session.updatevm or config.updatevm}; refused"
+            )
         outcome = _receive_for(ctx, session, reader, files)
     except NothingToDo as e:
         sessions.finish(nonce, Outcome(True, str(e), nothing_new=True))

@@ -43,6 +43,9 @@ class Session:
     release: ExpectedRelease | None = None
     # for metadata: the admin's refresh --force (see metadata.check_rollback)
     force: bool = False
+    # the qube dom0 asked (the configured UpdateVM, or --updatevm for this run): the only
+    # caller whose push counts for this session
+    updatevm: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,14 @@ class Sessions:
         ttl: float,
         release: ExpectedRelease | None = None,
         force: bool = False,
+        updatevm: str = "",
     ) -> Session:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o770)
         self.sweep(ttl)
         session = Session(
-            secrets.token_hex(16), kind, remote_id, files, time.time() + ttl, release, force
-        )
+            secrets.token_hex(16), kind, remote_id, files, time.time() + ttl, release, force,
+            updatevm,
+        )  # fmt: skip
         doc = asdict(session)
         write_atomic(self.dir / f"{session.nonce}.pending", json.dumps(doc).encode())
         return session
@@ -97,6 +102,14 @@ class Sessions:
                     path.unlink(missing_ok=True)
                     removed.append(path.name)
         return removed
+
+    def asked(self) -> set[str]:
+        """The qubes pending sessions asked for a push (a run's --updatevm among them)."""
+        qubes = set()
+        for path in self.dir.glob("*.pending"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                qubes.add(str(json.loads(path.read_text()).get("updatevm", "")))
+        return qubes - {""}
 
     def take(self, untrusted_nonce: object) -> Session:
         """Claim a pending session exactly once; refuses unknown, used or expired nonces."""
@@ -123,6 +136,7 @@ class Sessions:
                 else None
             ),
             force=doc.get("force") is True,
+            updatevm=str(doc.get("updatevm", "")),
         )
         if time.time() > session.expires:
             raise TransferError("dom0 session expired")

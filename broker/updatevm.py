@@ -15,8 +15,11 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -90,31 +93,89 @@ def _file_name(value: object) -> str:
     return value
 
 
-def download(url: str, out_fd: int, max_size: int, limits: Limits) -> str:
+# (done, total or None) after each chunk: how the UpdateVM tells dom0 how far it got
+Progress = Callable[[int, int | None], None]
+
+
+def _cause(e: requests.RequestException, connect_seconds: float, read_seconds: float) -> str:
+    """What a person can act on: refused, timed out (after how long), TLS, or other."""
+    if isinstance(e, requests.exceptions.ConnectTimeout):
+        return f"no connection within {connect_seconds:.0f} s (timed out)"
+    if isinstance(e, requests.exceptions.ReadTimeout):
+        return f"the server sent nothing for {read_seconds:.0f} s (timed out)"
+    if isinstance(e, requests.exceptions.SSLError):
+        return "TLS failed (certificate or protocol)"
+    if isinstance(e, requests.exceptions.ConnectionError):
+        text = str(e).lower()
+        if "refused" in text:
+            return "connection refused"
+        if "name or service" in text or "resolution" in text or "nodename" in text:
+            return "host name not resolved (is the UpdateVM online?)"
+        return "connection failed"
+    return type(e).__name__
+
+
+def download(
+    url: str, out_fd: int, max_size: int, limits: Limits, progress: Progress | None = None
+) -> str:
     """Stream url into out_fd; returns the sha256. Caps bytes, total time and rate."""
     start = time.monotonic()
     h, total = hashlib.sha256(), 0
+    host = urlsplit(url).hostname or url
+    connect_seconds, read_seconds = 15.0, 30.0
     try:
-        with requests.get(url, stream=True, timeout=(15, 30), allow_redirects=True) as resp:
+        with requests.get(
+            url, stream=True, timeout=(connect_seconds, read_seconds), allow_redirects=True
+        ) as resp:
             if resp.status_code != 200:
                 raise TransferError(f"{url}: HTTP {resp.status_code}")
             declared = resp.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_size:
                 raise LimitExceeded(f"{url}: {declared} bytes announced, cap is {max_size}")
-            for chunk in resp.iter_content(CHUNK):
+            length = int(declared) if declared and declared.isdigit() else None
+            # a read returns once it has its whole size: about 1% of the file each, so
+            # progress moves on a slow link too (a read of CHUNK would hold it for minutes)
+            step = min(CHUNK, max(1024, (length or max_size) // 100))
+            for chunk in resp.iter_content(step):
                 total += len(chunk)
                 if total > max_size:
                     raise LimitExceeded(f"{url}: more than {max_size} bytes")
                 h.update(chunk)
                 write_all(out_fd, chunk)
+                if progress is not None:
+                    progress(total, length)
                 elapsed = time.monotonic() - start
                 if elapsed > limits.transfer_seconds:
-                    raise TransferError(f"{url}: download took longer than the deadline")
+                    raise TransferError(
+                        f"{host}: download took longer than {limits.transfer_seconds:.0f} s"
+                    )
                 if elapsed > _GRACE_SECONDS and total / elapsed < limits.min_rate_bytes_per_s:
-                    raise TransferError(f"{url}: download slower than the minimum rate")
+                    raise TransferError(
+                        f"{host}: download slower than {limits.min_rate_bytes_per_s} bytes/s"
+                    )
     except requests.RequestException as e:
-        raise TransferError(f"{url}: {type(e).__name__}") from e
+        raise TransferError(f"{host}: {_cause(e, connect_seconds, read_seconds)}") from e
     return h.hexdigest()
+
+
+class ProgressLines:
+    """Progress as JSON lines on the service's stdout, at most a few a second. dom0 shows
+    them; a write that fails means dom0 is gone (Ctrl-C), and the download stops there
+    rather than running on and pushing to a session that no longer exists."""
+
+    def __init__(self, fd: int, interval: float = 0.25) -> None:
+        self.fd, self.interval, self._last = fd, interval, 0.0
+
+    def __call__(self, name: str, done: int, total: int | None, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < self.interval:
+            return
+        self._last = now
+        line = json.dumps({"progress": {"name": name, "done": done, "total": total}})
+        try:
+            write_all(self.fd, line.encode() + b"\n")
+        except OSError as e:
+            raise TransferError("dom0 went away: download cancelled") from e
 
 
 def fetch_and_push(ctx: ServiceContext) -> int:
@@ -127,10 +188,12 @@ def fetch_and_push(ctx: ServiceContext) -> int:
     with tempfile.TemporaryDirectory(dir=ctx.paths.download_dir) as tmp:
         fds: list[tuple[str, int]] = []
         try:
+            report = ProgressLines(ctx.stdout_fd)
             for w in request.files:
                 fd = os.open(Path(tmp) / w.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 fds.append((w.name, fd))
-                digest = download(w.url, fd, w.max_size, limits)
+                digest = download(w.url, fd, w.max_size, limits, partial(report, w.name))
+                report(w.name, os.fstat(fd).st_size, w.size, final=True)
                 if w.sha256 is not None and digest != w.sha256:
                     raise VerificationError(f"{w.name}: sha256 differs from dom0's metadata")
             if request.kind == "metadata":

@@ -55,6 +55,19 @@ def _resolve(root: Path, url_path: str) -> Path | None:
     return target
 
 
+def rate_file(root: Path) -> Path:
+    """Beside the root, never served: bytes per second to send at, for tests of a slow
+    CDN (progress, Ctrl-C during a download). Absent: as fast as the machine goes."""
+    return root.with_name(root.name + ".rate")
+
+
+def _rate(root: Path) -> int:
+    try:
+        return max(0, int(rate_file(root).read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "qubes-fwupd-sandbox-lvfs/1"
     root: Path  # set on the subclass made by serve()
@@ -91,12 +104,17 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             # send what fstat announced, even if the file grows meanwhile
             left = st.st_size
+            rate = _rate(self.root)
+            step = max(1, rate // 10) if rate else _CHUNK
             while left > 0:
-                chunk = f.read(min(_CHUNK, left))
+                chunk = f.read(min(step, left))
                 if not chunk:
                     break
                 self.wfile.write(chunk)
                 left -= len(chunk)
+                if rate:
+                    self.wfile.flush()
+                    time.sleep(0.1)
 
     def _not_found(self, body: bool) -> None:
         # no send_error(): it would log a second line for the request

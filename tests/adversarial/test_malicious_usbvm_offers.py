@@ -278,7 +278,7 @@ def test_a_sys_usb_claiming_many_devices_gets_a_bounded_run_and_dom0_keeps_no_ca
     assert r.returncode == 0, r.stdout + r.stderr
     assert one_line(r.stderr) == (
         "qubes-fwupdmgr: 4 more devices have updates; one run updates at most "
-        "update_max_devices=8 unless a device is named: run again"
+        "update_max_devices=8 unless devices are named: run again"
     )
     assert downloads(sandbox) - downloads_before == 1, r.stdout
     assert calls(sandbox, "sys-usb qubes.FwupdUsbvm+Install") - installs_before == 8

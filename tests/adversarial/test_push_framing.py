@@ -252,3 +252,39 @@ def test_wrong_caller_is_refused(
     # the session is still pending: a wrong caller cannot even use it up
     assert (qube_paths(sandbox, "dom0").sessions_dir / f"{pending_session}.pending").exists()
     assert_clean(sandbox, before)
+
+
+def test_a_session_counts_only_for_the_qube_dom0_asked(sandbox: Sandbox) -> None:
+    """qubes-fwupdmgr --updatevm work opens its session for work: the configured UpdateVM,
+    holding the nonce, is refused for it (and uses it up); work itself gets past the
+    caller checks (its bytes are then refused as metadata, by the signature check)."""
+    sessions = Sessions(qube_paths(sandbox, "dom0").sessions_dir)
+    before = baseline(sandbox)
+    session = sessions.open("metadata", "lvfs", (ExpectedFile(META, 1 << 20),), 120,
+                            updatevm="work")  # fmt: skip
+    try:
+        r = call_from(sandbox, "sys-firewall", "dom0", RECEIVE,
+                      frame([(META, 3)], nonce=session.nonce) + b"abc")  # fmt: skip
+        assert r.returncode == 1
+        assert one_line(r.stderr) == (
+            f"{RECEIVE}: qube sys-firewall pushed for a download dom0 asked of work; refused"
+        )
+        assert not (sessions.dir / f"{session.nonce}.pending").exists()
+    finally:
+        sessions.close(session.nonce)
+
+    both = (ExpectedFile(META, 1 << 20), ExpectedFile(f"{META}.jcat", 1 << 20))
+    session = sessions.open("metadata", "lvfs", both, 120, updatevm="work")
+    loose = sandbox.policy_dir / "30-user.policy"
+    loose.write_text(f"{RECEIVE} * work @adminvm allow\n")  # as the admin tags work
+    try:
+        pushed = frame([(META, 3), (f"{META}.jcat", 3)], nonce=session.nonce) + b"abcxyz"
+        r = call_from(sandbox, "work", "dom0", RECEIVE, pushed)
+        assert r.returncode == 1
+        line = one_line(r.stderr)
+        assert "UpdateVM" not in line and "asked of" not in line, line
+        assert "jcat" in line or "signature" in line, line
+    finally:
+        loose.unlink(missing_ok=True)
+        sessions.close(session.nonce)
+    assert_clean(sandbox, before)

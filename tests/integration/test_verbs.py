@@ -107,9 +107,16 @@ def test_an_install_that_waits_for_a_reboot_is_pending_and_not_offered_again(
     assert r.returncode == 0, r.stdout + r.stderr
     _fwupd(sandbox, "sys-usb", "ModifyConfig", "sss", "test", "NeedsReboot", "true")
     try:
-        r = manager(sandbox, "update", "-y", WEBCAM_ID)
+        r = manager(sandbox, "update", "-y", WEBCAM_ID, "--json")
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "1.2.3 -> 1.2.4: pending reboot (restart sys-usb); now 1.2.3" in r.stdout
+        (device,) = json.loads(r.stdout)["Devices"]  # and the steps went to stderr
+        assert "1.2.3 -> 1.2.4: pending reboot (restart sys-usb); now 1.2.3" in r.stderr
+        assert "To finish, restart sys-usb" in r.stderr
+        # fwupd's own words for it: UpdateState 4 is needs-reboot, the release is 1.2.4
+        assert (device["Qube"], device["Version"], device["UpdateState"]) == (
+            "sys-usb", "1.2.3", 4,
+        )  # fmt: skip
+        assert [rel["Version"] for rel in device["Releases"]] == ["1.2.4"]
         # not offered again while it waits (fwupd's test plugin would offer it)
         r = manager(sandbox, "get-updates", "--json")
         assert r.returncode == 2, r.stdout + r.stderr

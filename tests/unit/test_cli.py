@@ -18,20 +18,41 @@ from broker.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NotFound, NothingToDo
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--json", "-y", "update", "abc"],
-        ["update", "--json", "-y", "abc"],
-        ["-y", "update", "abc", "--json"],
-        ["--json", "update", "-y", "abc"],
+        ["--json", "-y", "update", "abc", "--filter", "updatable", "--updatevm", "sys-whonix"],
+        ["update", "--json", "-y", "abc", "--filter=updatable", "--updatevm=sys-whonix"],
+        ["-y", "--filter", "updatable", "update", "abc", "--json", "--updatevm", "sys-whonix"],
+        ["--updatevm", "sys-whonix", "--json", "upgrade", "-y", "abc", "--filter", "updatable"],
     ],
 )
 def test_global_flags_go_anywhere_as_with_fwupdmgr(argv: list[str]) -> None:
     args = cli.build_parser().parse_args(argv)
-    assert (args.json, args.assume_yes, args.device, args.verbose) == (True, True, "abc", False)
+    assert (args.json, args.assume_yes, args.devices, args.verbose) == (
+        True, True, ["abc"], False,
+    )  # fmt: skip
+    assert (args.filter, args.updatevm) == ("updatable", "sys-whonix")
 
 
-def test_flags_default_to_off_whatever_the_verb() -> None:
-    args = cli.build_parser().parse_args(["get-devices"])
-    assert (args.json, args.assume_yes, args.verbose) == (False, False, False)
+_SWITCHES = ("json", "assume_yes", "verbose", "quiet", "force", "allow_older",
+             "allow_reinstall", "no_reboot_check", "no_metadata_check")  # fmt: skip
+
+
+@pytest.mark.parametrize("verb", ["get-devices", "refresh", "get-upgrades", "clean"])
+def test_flags_default_to_off_whatever_the_verb(verb: str) -> None:
+    args = cli.build_parser().parse_args([verb])
+    assert [getattr(args, name) for name in _SWITCHES] == [False] * len(_SWITCHES)
+    assert (args.filter, args.updatevm) == (None, None)
+
+
+@pytest.mark.parametrize("switch", _SWITCHES)
+def test_each_switch_is_taken_before_and_after_the_verb(switch: str) -> None:
+    flag = "--" + switch.replace("_", "-")
+    for argv in ([flag, "get-devices"], ["get-devices", flag]):
+        assert getattr(cli.build_parser().parse_args(argv), switch) is True
+
+
+def test_update_takes_several_devices_and_get_updates_one() -> None:
+    assert cli.build_parser().parse_args(["update", "a", "b"]).devices == ["a", "b"]
+    assert cli.build_parser().parse_args(["get-upgrades", "a"]).device == "a"
 
 
 @pytest.fixture
@@ -43,7 +64,7 @@ def dom0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize(
-    "argv", [["nope"], ["get-updates", "--bogus"], [], ["update", "a", "b"], ["--json"]]
+    "argv", [["nope"], ["get-updates", "--bogus"], [], ["get-updates", "a", "b"], ["--json"]]
 )
 def test_a_usage_error_is_one_line_and_exit_1(
     dom0: Path, argv: list[str], capsys: pytest.CaptureFixture[str]

@@ -97,8 +97,10 @@ def test_completion_lists_the_verbs(script: Path) -> None:
     assert _complete(script, "--json", "ref") == ["refresh"]  # after a global flag too
 
 
-def test_completion_offers_global_and_the_verbs_own_flags(script: Path) -> None:
-    after_refresh = _complete(script, "refresh", "--")
-    assert "--force" in after_refresh and "--json" in after_refresh
-    assert "--force" not in _complete(script, "get-devices", "--")
+def test_completion_offers_the_global_flags_before_and_after_any_verb(script: Path) -> None:
     assert set(GLOBAL_FLAGS) <= set(_complete(script, "--"))
+    for verb in ("refresh", "get-devices", "update"):
+        assert set(GLOBAL_FLAGS) <= set(_complete(script, verb, "--")), verb
+    assert _complete(script, "--updatevm", "sys-whonix", "--filter", "updatable", "get-up") == [
+        "get-updates", "get-upgrades",
+    ]  # fmt: skip

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,3 +82,51 @@ def test_qrexec_codes_are_named(code: int, words: str) -> None:
     result = call(LocalPeer("sandbox", f"import sys; sys.exit({code})"), "sys-usb", "qubes.X")
     with pytest.raises(QrexecError, match=words):
         check(result, "sys-usb", "qubes.X")
+
+
+def test_progress_lines_are_handed_over_as_they_come_and_none_is_kept() -> None:
+    peer = LocalPeer(
+        "sandbox",
+        "import sys, time\n"
+        "for i in range(3):\n"
+        "    sys.stdout.write(f'line {i}\\n'); sys.stdout.flush(); time.sleep(0.2)\n"
+        "sys.stdout.write('tail')",
+    )
+    seen: list[tuple[bytes, float]] = []
+    start = time.monotonic()
+    result = call(peer, "sys-firewall", "qubes.FwupdDownload", max_stdout=4096,
+                  on_line=lambda line: seen.append((line, time.monotonic() - start)))  # fmt: skip
+    assert [line for line, _ in seen] == [b"line 0", b"line 1", b"line 2"]
+    assert seen[0][1] < seen[2][1] - 0.3  # as they came, not all at the end
+    assert result.stdout == b""
+
+
+def test_a_line_over_the_cap_is_refused_like_a_flood() -> None:
+    peer = LocalPeer("sandbox", "import sys; sys.stdout.write('x' * 100000)")
+    with pytest.raises(LimitExceeded, match="more than 4096 bytes"):
+        call(peer, "sys-firewall", "qubes.X", max_stdout=4096, on_line=lambda line: None)
+
+
+def test_ctrl_c_ends_the_call_and_the_peer_with_it(tmp_path: Path) -> None:
+    """The peer runs in its own session (no terminal SIGINT reaches it): our Ctrl-C must
+    stop it, or an UpdateVM download would run on after the admin gave up."""
+    pid_file = tmp_path / "peer.pid"
+    peer = LocalPeer(
+        "sandbox",
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
+    )
+
+    def interrupt(line: bytes) -> None:
+        raise AssertionError("no output expected")
+
+    def send_sigint() -> None:
+        while not pid_file.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=send_sigint, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        call(peer, "sys-firewall", "qubes.FwupdDownload", timeout=30, on_line=interrupt)
+    pid = int(pid_file.read_text())
+    time.sleep(0.2)
+    assert not _pid_alive(pid), "the peer ran on after Ctrl-C"

@@ -1,0 +1,99 @@
+"""broker.updatevm.download against real local servers: what the admin reads when the
+LVFS cannot be reached (refused and timed out must not look alike), and the progress
+the UpdateVM reports while a download runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import broker.updatevm as updatevm
+from broker.config import Limits
+from broker.errors import TransferError
+from broker.updatevm import ProgressLines, download
+
+BODY = bytes(range(256)) * 40  # 10,240 bytes
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/firmware.cab"
+    finally:
+        httpd.shutdown()
+
+
+def test_progress_comes_in_about_one_percent_steps(server: str, tmp_path: Path) -> None:
+    seen: list[tuple[int, int | None]] = []
+    fd = os.open(tmp_path / "cab", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        download(server, fd, 1 << 20, Limits(), lambda done, total: seen.append((done, total)))
+    finally:
+        os.close(fd)
+    assert (tmp_path / "cab").read_bytes() == BODY
+    assert len(seen) == 10 and seen[-1] == (len(BODY), len(BODY))  # 1 KiB reads of 10 KiB
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+def test_a_refused_connection_names_the_host_and_says_refused(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fd = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(TransferError) as e:
+            download(f"http://127.0.0.1:{port}/firmware.cab", fd, 1 << 20, Limits())
+    finally:
+        os.close(fd)
+    assert str(e.value) == "127.0.0.1: connection refused"
+
+
+def test_a_server_that_never_answers_is_a_timeout_not_a_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # accepts the connection, then says nothing
+    port = listener.getsockname()[1]
+    real_get = updatevm.requests.get
+    monkeypatch.setattr(
+        updatevm.requests, "get", lambda url, **kw: real_get(url, **{**kw, "timeout": (1, 1)})
+    )
+    fd = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(TransferError) as e:
+            download(f"http://127.0.0.1:{port}/firmware.cab", fd, 1 << 20, Limits())
+    finally:
+        os.close(fd)
+        listener.close()
+    assert str(e.value).startswith("127.0.0.1: the server sent nothing for ")
+    assert str(e.value).endswith("(timed out)")
+
+
+def test_progress_to_a_dom0_that_went_away_cancels_the_download() -> None:
+    read, write = os.pipe()
+    os.close(read)  # dom0's end is gone (Ctrl-C)
+    try:
+        with pytest.raises(TransferError, match="dom0 went away: download cancelled"):
+            ProgressLines(write)("firmware.cab", 1024, 10240, final=True)
+    finally:
+        os.close(write)

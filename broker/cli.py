@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from broker import fwupd_json, versions
+from broker import fwupd_json, history, versions
 from broker.config import Config, Paths, check_qube_name
 from broker.errors import (
     EXIT_FAILURE,
@@ -43,6 +43,7 @@ from broker.manager import Manager, Progress
 from broker.metadata import Release
 from broker.qrexec import transport_from_env
 from broker.reboots import Pending
+from broker.remotes import RemoteSwitches, remote_json
 from broker.routing import DOM0, QubeDevice
 from broker.sanitize import printable, printable_tree
 from broker.selection import DeviceFilter, select_all, select_one
@@ -65,7 +66,9 @@ def _say(args: argparse.Namespace, text: str) -> None:
 # ---------------------------------------------------------------------- commands
 def cmd_refresh(app: Manager, args: argparse.Namespace) -> int:
     any_new = False
-    for remote in app.config.remotes:
+    if not app.remotes():
+        raise NothingToDo("every remote is disabled (see get-remotes, enable-remote)")
+    for remote in app.remotes():
         outcome = app.fetch(
             "metadata",
             remote.id,
@@ -323,9 +326,14 @@ def _apply(
         _say(args, f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
         app.download(release)
     _say(args, f"Installing on {qd.qube}…")
-    app.install(qd, release, allow_older=allow_older or args.allow_older,
-                allow_reinstall=allow_reinstall or args.allow_reinstall)  # fmt: skip
+    try:
+        app.install(qd, release, allow_older=allow_older or args.allow_older,
+                    allow_reinstall=allow_reinstall or args.allow_reinstall)  # fmt: skip
+    except BrokerError as e:
+        app.record(qd, release, history.FAILED, str(e))
+        raise
     now, pending = app.after_install(qd, release)
+    app.record(qd, release, history.NEEDS_REBOOT if pending else history.SUCCESS)
     after = _p(now.version) if now else "unknown"
     past = f"{verb.rstrip('e')}ed"
     if pending is not None:
@@ -490,6 +498,90 @@ def _size(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
+def cmd_get_remotes(app: Manager, args: argparse.Namespace) -> int:
+    states = app.remote_states()
+    if args.json:
+        interval = app.config.metadata_max_age_days * 86400
+        print(json.dumps({"Remotes": [remote_json(st, interval) for st in states]}))
+        return _finish(app, EXIT_OK)
+    for st in states:
+        signed = f"metadata signed {st.signed_at:%Y-%m-%d %H:%M} UTC" if st.signed_at else (
+            "never refreshed")  # fmt: skip
+        state = "enabled" if st.enabled else "disabled"
+        print(f"{st.remote.id}: {state}, {signed}  ({_p(st.remote.metadata_url)})")
+    return _finish(app, EXIT_OK)
+
+
+def _switch_remote(app: Manager, args: argparse.Namespace, enabled: bool) -> int:
+    word = "enabled" if enabled else "disabled"
+    if not RemoteSwitches(app.paths).set_enabled(app.config, args.remote, enabled):
+        raise NothingToDo(f"{_p(args.remote)} is already {word}")
+    _say(args, f"{args.remote}: {word}")
+    if not enabled:
+        _say(args, f"{args.remote}: not refreshed and none of its releases offered until "
+             "enable-remote; the daemons keep the metadata they hold")  # fmt: skip
+    return _finish(app, EXIT_OK)
+
+
+def cmd_enable_remote(app: Manager, args: argparse.Namespace) -> int:
+    return _switch_remote(app, args, True)
+
+
+def cmd_disable_remote(app: Manager, args: argparse.Namespace) -> int:
+    return _switch_remote(app, args, False)
+
+
+def cmd_get_history(app: Manager, args: argparse.Namespace) -> int:
+    events, skipped = app.history()
+    if skipped:
+        print(f"qubes-fwupdmgr: warning: {skipped} unreadable history lines skipped",
+              file=sys.stderr)  # fmt: skip
+    if args.json:
+        out = []
+        for e in events:
+            device, release = e.dbus_form()
+            doc = fwupd_json.device_json(device, releases=[release], qube=e.qube)
+            out.append(doc if e.qube == DOM0 else printable_tree(doc))
+        print(json.dumps({"Devices": out}))
+    for e in [] if args.json else events:
+        error = f": {_p(e.error)}" if e.error else ""
+        print(f"{e.time}  {e.qube}  {_p(e.device_name)} ({e.device_id[:12]})  "
+              f"{_p(e.version_old)} -> {_p(e.version_new)}  {e.result}{error}")  # fmt: skip
+    if not events and not args.json:
+        print("No history")
+    return _finish(app, EXIT_OK if events else NothingToDo.exit_code)
+
+
+# FwupdUpdateState names, for get-results' text
+_UPDATE_STATE_NAMES = {0: "unknown", 1: "pending", 2: "success", 3: "failed",
+                       4: "needs-reboot", 5: "failed-transient"}  # fmt: skip
+
+
+def cmd_get_results(app: Manager, args: argparse.Namespace) -> int:
+    qd = _device(app, args.device)
+    raw = app.results(qd)
+    if raw is None:
+        raise NothingToDo(f"{_p(qd.device.name)} [{qd.qube}] has no update results")
+    doc = fwupd_json.device_json(raw, qube=qd.qube)
+    doc = doc if qd.qube == DOM0 else printable_tree(doc)
+    if args.json:
+        print(json.dumps(doc))
+        return _finish(app, EXIT_OK)
+    state = doc.get("UpdateState", 0)
+    print(f"{_p(qd.device.name)} [{qd.qube}] {_p(str(doc.get('Version', '')))}: "
+          f"{_UPDATE_STATE_NAMES.get(state, str(state))}")  # fmt: skip
+    if doc.get("UpdateError"):
+        print(f"  {_p(str(doc['UpdateError']))}")
+    return _finish(app, EXIT_OK)
+
+
+def cmd_clear_results(app: Manager, args: argparse.Namespace) -> int:
+    qd = _device(app, args.device)
+    app.clear_results(qd)
+    _say(args, f"{_p(qd.device.name)} [{qd.qube}]: results cleared")
+    return _finish(app, EXIT_OK)
+
+
 # ---------------------------------------------------------------------- entry
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line and exit 1 (argparse's own 2 means "nothing to do" here)."""
@@ -584,6 +676,26 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[verb_flags])  # fmt: skip
     p.add_argument("device", nargs="?", help=_DEVICE_HELP)
     p.set_defaults(func=cmd_downgrade)
+    p = sub.add_parser("get-history", help="every install dom0 made, and how it ended",
+                       parents=[verb_flags])  # fmt: skip
+    p.set_defaults(func=cmd_get_history)
+    p = sub.add_parser("get-results", parents=[verb_flags],
+                       help="the result of a device's last update, as its fwupd says")  # fmt: skip
+    p.add_argument("device", help=_DEVICE_HELP)
+    p.set_defaults(func=cmd_get_results)
+    p = sub.add_parser("clear-results", parents=[verb_flags],
+                       help="forget the result of a device's last update")  # fmt: skip
+    p.add_argument("device", help=_DEVICE_HELP)
+    p.set_defaults(func=cmd_clear_results)
+    p = sub.add_parser("get-remotes", help="the configured remotes, and their metadata's age",
+                       parents=[verb_flags])  # fmt: skip
+    p.set_defaults(func=cmd_get_remotes)
+    for verb, func, text in (("enable-remote", cmd_enable_remote, "use a remote again"),
+                             ("disable-remote", cmd_disable_remote,
+                              "stop refreshing a remote and offering its releases")):  # fmt: skip
+        p = sub.add_parser(verb, help=text, parents=[verb_flags])
+        p.add_argument("remote", metavar="REMOTE-ID")
+        p.set_defaults(func=func)
     return parser
 
 
@@ -605,6 +717,11 @@ def _fwupd_error_code(error: BrokerError) -> int:
         if isinstance(error, kind):
             return ERROR_CODES[name]
     return ERROR_CODES["Internal"]
+
+
+def _sentence(text: str) -> str:
+    """The first letter up, the rest as it was (str.capitalize lowers device names)."""
+    return text[:1].upper() + text[1:]
 
 
 def _version() -> str:
@@ -659,10 +776,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _finish(app, exit_code_for(e)) if app else exit_code_for(e)
         if args.json:
             # as fwupdmgr --json: the failure as JSON on stdout, nothing else there
-            message = printable(str(e)).capitalize()
+            message = _sentence(printable(str(e)))
             print(json.dumps(error_json("FwupdError", _fwupd_error_code(e), message)))
         elif isinstance(e, NothingToDo):
-            print(printable(str(e)).capitalize())
+            print(_sentence(printable(str(e))))
         else:
             print(f"qubes-fwupdmgr: {printable(str(e))}", file=sys.stderr)
         return code

@@ -298,3 +298,21 @@ class FwupdClient:
             await fw.call_install(device_id, cab_fd, options)
 
         self._run(op)
+
+    def get_results(self, device_id: str) -> dict[str, Any] | None:
+        """The device with the result of its last update (GetResults), None if it has
+        none (fwupd says NothingToDo)."""
+
+        async def op(fw: Any) -> dict[str, Any]:
+            return _unwrap(await fw.call_get_results(device_id))
+
+        try:
+            return self._run(op)
+        except NothingToDo:
+            return None
+
+    def clear_results(self, device_id: str) -> None:
+        async def op(fw: Any) -> None:
+            await fw.call_clear_results(device_id)
+
+        self._run(op)

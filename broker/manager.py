@@ -12,15 +12,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
+from broker import history, remotes
 from broker.cabinet import ExpectedRelease, inspect_cab
 from broker.config import Config, Limits, Paths, Remote
-from broker.errors import BrokerError, NoMetadata, TransferError, VerificationError
+from broker.errors import (
+    BrokerError,
+    NoMetadata,
+    NothingToDo,
+    TransferError,
+    VerificationError,
+)
 from broker.fwupd import Device, FwupdClient, OfferedRelease
+from broker.history import Event, History
 from broker.metadata import Catalog, MetadataStore, Release, iter_catalogs, staleness
 from broker.offers import decide
 from broker.qrexec import Transport, call, check
 from broker.reboots import Pending, PendingReboots
+from broker.remotes import RemoteState, RemoteSwitches
 from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
 from broker.session import ExpectedFile, Outcome, Sessions
@@ -143,6 +153,49 @@ class Manager:
                 self.unreachable(usbvm.qube, e)
         return route(dom0, usb, self.config.usbvm)
 
+    def remotes(self) -> tuple[Remote, ...]:
+        """The configured remotes the admin has not disabled."""
+        return remotes.enabled(self.config, RemoteSwitches(self.paths))
+
+    def remote_states(self) -> list[RemoteState]:
+        off = RemoteSwitches(self.paths).disabled()
+        store = MetadataStore(self.paths)
+        out = []
+        for r in self.config.remotes:
+            accepted = store.accepted(r.id)
+            signed = datetime.fromisoformat(accepted["signed_at"]) if accepted else None
+            out.append(RemoteState(r, r.id not in off, signed))
+        return out
+
+    def record(self, qd: QubeDevice, release: Release, result: str, error: str = "") -> None:
+        """One install, as it ended, in dom0's history (get-history)."""
+        History(self.paths).append(Event(
+            history.now(), qd.qube, qd.device.device_id, qd.device.name, qd.device.version,
+            release.version, release.component_id, release.remote_id, release.sha256,
+            result, error,
+        ))  # fmt: skip
+
+    def history(self) -> tuple[list[Event], int]:
+        """dom0's installs, oldest first, and how many unreadable lines were skipped."""
+        log = History(self.paths)
+        return log.events(), log.skipped
+
+    def results(self, qd: QubeDevice) -> dict[str, Any] | None:
+        """The owner's fwupd's result of the device's last update (its a{sv})."""
+        if qd.qube == DOM0:
+            return FwupdClient().get_results(qd.device.device_id)
+        usbvm = self.usbvm()
+        assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
+        return usbvm.results(qd.device.device_id)
+
+    def clear_results(self, qd: QubeDevice) -> None:
+        if qd.qube == DOM0:
+            FwupdClient().clear_results(qd.device.device_id)
+            return
+        usbvm = self.usbvm()
+        assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
+        usbvm.clear_results(qd.device.device_id)
+
     def stale(self, remote_id: str) -> str | None:
         store = MetadataStore(self.paths)
         return staleness(
@@ -170,10 +223,12 @@ class Manager:
                 except BrokerError as e:
                     self.unreachable(qube, e)
                     continue
+            # what a daemon still offers from a remote the admin disabled: left out quietly
+            off = RemoteSwitches(self.paths).disabled()
             for qd in qds:
                 offered = found.get(qd.device.device_id, [])
                 if not isinstance(offered, str):
-                    out[qd.key] = offered
+                    out[qd.key] = [o for o in offered if o.remote_id not in off]
         return out
 
     def catalogs(self) -> list[Catalog]:
@@ -181,8 +236,10 @@ class Manager:
         not 'no updates'."""
         if self._catalogs is None:
             store = MetadataStore(self.paths)
-            self._catalogs = list(iter_catalogs(store, self.config.remotes, self.limits))
+            self._catalogs = list(iter_catalogs(store, self.remotes(), self.limits))
         if not self._catalogs:
+            if not self.remotes():
+                raise NothingToDo("every remote is disabled (see get-remotes, enable-remote)")
             raise NoMetadata("dom0 holds no verified metadata yet: run qubes-fwupdmgr refresh")
         return self._catalogs
 

@@ -1,5 +1,5 @@
-"""sys-usb: the qubes.FwupdUsbvm agent (+GetDevices, +Refresh, +Install) and dom0's side
-of it.
+"""sys-usb: the qubes.FwupdUsbvm agent (+GetDevices, +GetUpgrades, +GetDowngrades,
++GetReleases, +Refresh, +Install, +GetResults, +ClearResults) and dom0's side of it.
 
 sys-usb faces malicious USB devices, so dom0 treats every reply as hostile: bounded in
 size, schema-checked field by field, strings made printable. sys-usb in turn checks what
@@ -181,6 +181,24 @@ def parse_offers_reply(
     return out
 
 
+def parse_results_reply(
+    untrusted_reply: bytes, device_id: str, limits: Limits
+) -> dict[str, Any] | None:
+    """{"result": a{sv} or null} about the device dom0 asked for, or FormatError. What it
+    holds is only rendered (broker.fwupd_json reads any shape, strings made printable)."""
+    untrusted_doc = _load_reply(untrusted_reply, limits)
+    if not isinstance(untrusted_doc, dict) or set(untrusted_doc) != {"result"}:
+        raise FormatError("sys-usb reply is not an object with a result")
+    untrusted_result = untrusted_doc["result"]
+    if untrusted_result is None:
+        return None
+    if not isinstance(untrusted_result, dict):
+        raise FormatError("sys-usb reply: result is not an object")
+    if untrusted_result.get("DeviceId") != device_id:
+        raise FormatError("sys-usb reply: the result is about another device")
+    return untrusted_result
+
+
 @dataclass(frozen=True)
 class UsbvmClient:
     """dom0's handle on the sys-usb agent."""
@@ -210,6 +228,24 @@ class UsbvmClient:
             self.qube, service,
         )  # fmt: skip
         return parse_offers_reply(result.stdout, device_ids, self.limits)
+
+    def _ask(self, argument: str, device_id: str) -> bytes:
+        service = f"{SERVICE}+{argument}"
+        header = {"device_id": device_id}
+        return check(
+            call(self.transport, self.qube, service,
+                 feed=lambda out: write_frame(out, header, []),
+                 max_stdout=self.limits.reply_max_bytes, timeout=self.limits.usbvm_seconds),
+            self.qube, service,
+        ).stdout  # fmt: skip
+
+    def results(self, device_id: str) -> dict[str, Any] | None:
+        """sys-usb's fwupd's GetResults for one device: its a{sv}, checked to be about
+        that device, for showing only (None: no results)."""
+        return parse_results_reply(self._ask("GetResults", device_id), device_id, self.limits)
+
+    def clear_results(self, device_id: str) -> None:
+        self._ask("ClearResults", device_id)
 
     def refresh(self, remote: Remote, data_fd: int, jcat_fd: int) -> bool:
         """Push verified metadata; False when sys-usb's fwupd already had it."""
@@ -282,6 +318,17 @@ def agent(ctx: ServiceContext) -> int:
         return 0
     reader = StreamReader(ctx.stdin_fd, time.monotonic() + limits.transfer_seconds)
     header, files = parse_header(reader.readline(limits.header_max_bytes))
+    if ctx.argument in ("GetResults", "ClearResults"):
+        if files:
+            raise FormatError(f"{ctx.argument} needs a device id and no files")
+        reader.expect_eof()
+        device_id = _match(header.get("device_id"), _DEVICE_ID, "device id")
+        if ctx.argument == "ClearResults":
+            client.clear_results(device_id)
+            _reply(ctx, {"status": "cleared"})
+        else:
+            _reply(ctx, {"result": client.get_results(device_id)})
+        return 0
     if ctx.argument in OFFER_ARGUMENTS:
         device_ids = header.get("device_ids")
         if files or not isinstance(device_ids, list) or len(device_ids) > limits.max_devices:

@@ -235,3 +235,49 @@ def test_what_sys_usb_relays_for_json_is_rendered_printable_and_never_believed(
     assert usb["Summary"] == "?]0;pwned?Camera?"
     assert "Created" not in usb and "BatteryLevel" not in usb  # out of range: not printed
     assert_clean(sandbox, before)
+
+
+# (id, sys-usb's GetResults reply, what dom0's one line names)
+RESULTS = [
+    ("another-device", b'{"result": {"DeviceId": "' + b"0" * 40 + b'", "UpdateState": 2}}\n',
+     "the result is about another device"),
+    ("result-not-an-object", b'{"result": [1, 2]}\n', "result is not an object"),
+    ("extra-keys", b'{"result": null, "devices": []}\n', "not an object with a result"),
+    ("not-json", b"\x1b]0;pwned\x07", "not valid JSON"),
+    ("too-large", b'{"result": "' + b"x" * (5 * MiB) + b'"}',
+     "qubes.FwupdUsbvm+GetResults in sys-usb sent more than 4194304 bytes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("data", "cause"), [c[1:] for c in RESULTS], ids=[c[0] for c in RESULTS])
+def test_a_hostile_results_reply_is_refused_with_one_line(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm, data: bytes, cause: str
+) -> None:
+    usbvm.answer(reply(device()))
+    usbvm.answer(data, argument="GetResults")
+    before = baseline(sandbox)
+    r = manager(sandbox, "get-results", f"sys-usb:{WEBCAM_ID}")
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = one_line(r.stderr)
+    assert line.startswith("qubes-fwupdmgr: ") and "sys-usb" in line, line
+    assert cause in line, line
+    assert r.stdout == ""
+    assert json.loads(usbvm.request("GetResults").split(b"\n", 1)[0])["device_id"] == WEBCAM_ID
+    assert_printable(r.stdout, r.stderr)
+    assert_clean(sandbox, before)
+
+
+def test_a_results_reply_with_escapes_is_shown_printable(
+    sandbox: Sandbox, usbvm: MaliciousUsbvm
+) -> None:
+    usbvm.answer(reply(device()))
+    usbvm.answer(json.dumps({"result": {
+        "DeviceId": WEBCAM_ID, "Name": "\x1b]0;pwned\x07Webcam", "UpdateState": 3,
+        "UpdateError": "\x1b[2Jflash failed\u202e", "Version": "1.2.2"}}).encode(),
+        argument="GetResults")  # fmt: skip
+    for args in ((), ("--json",)):
+        r = manager(sandbox, "get-results", WEBCAM_ID, *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert_printable(r.stdout, r.stderr)
+        assert "flash failed" in r.stdout
+    assert json.loads(r.stdout)["UpdateState"] == 3

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from broker.fwupd_json import ERROR_CODES, error_json
 from broker.manager import Manager, Progress
 from broker.metadata import Release
 from broker.qrexec import transport_from_env
-from broker.reboots import Pending
+from broker.reboots import Pending, what_restarts
 from broker.remotes import RemoteSwitches, remote_json
 from broker.routing import DOM0, QubeDevice
 from broker.sanitize import printable, printable_tree
@@ -272,6 +273,55 @@ def _print_applied(app: Manager, args: argparse.Namespace, done: list[Applied]) 
     print(json.dumps({"Devices": out}))
 
 
+def _interactive(args: argparse.Namespace) -> bool:
+    return not args.assume_yes and sys.stdin.isatty()
+
+
+def _choose(args: argparse.Namespace, what: str, options: list[str]) -> int:
+    """fwupdmgr's numbered choice (0 cancels): the index chosen. Without a terminal, or
+    with -y, nobody can choose: one line says what to name instead."""
+    if len(options) == 1:
+        return 0
+    if not _interactive(args):
+        listed = "; ".join(options[:8]) + ("; …" if len(options) > 8 else "")
+        raise BrokerError(f"several {what}s qualify ({listed}): name one")
+    print(f"Choose a {what}:")
+    print("0. Cancel")
+    for n, option in enumerate(options, 1):
+        print(f"{n}. {option}")
+    for _ in range(3):
+        try:
+            answer = input(f"[0-{len(options)}]: ").strip()
+        except EOFError:  # Ctrl-D: cancel
+            print()
+            answer = "0"
+        if answer == "0":
+            raise NothingToDo("cancelled")
+        if answer.isdigit() and 1 <= int(answer) <= len(options):
+            return int(answer) - 1
+        print(f"qubes-fwupdmgr: {printable(answer, 20)!r} is not one of 0-{len(options)}",
+              file=sys.stderr)  # fmt: skip
+    raise NothingToDo("no choice made")
+
+
+def _details(qd: QubeDevice, release: Release) -> list[str]:
+    """What the admin weighs before saying yes: urgency, size, what must restart after,
+    and the release notes (AppStream markup as text), all from dom0's verified catalog
+    except the device's own flags."""
+    after = what_restarts(qd.qube) if qd.device.needs_reboot else "nothing to restart"
+    lines = [
+        f"  Urgency:  {_p(release.urgency) or 'unknown'}",
+        f"  Download: {_size(release.size)} ({_p(release.filename)} from {release.remote_id})",
+        f"  After:    {after}",
+    ]
+    if release.summary:
+        lines.append(f"  {_p(release.summary)}")
+    for paragraph in release.description.splitlines()[:40]:
+        lines += textwrap.wrap(_p(paragraph), 76, initial_indent="  ",
+                               subsequent_indent="    ")  # fmt: skip
+    return lines
+
+
 def _confirm(args: argparse.Namespace, question: str) -> bool:
     if args.assume_yes:
         return True
@@ -315,6 +365,8 @@ def _apply(
     None when the admin declined."""
     desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> {_p(release.version)}"
     _stale_check(app, args, release)
+    if _interactive(args):
+        print("\n".join([desc, *_details(qd, release)]))
     if not _confirm(args, f"{verb} {desc}?"):
         _say(args, "skipped")
         return None
@@ -377,9 +429,14 @@ def cmd_check_reboot_needed(app: Manager, args: argparse.Namespace) -> int:
     return _finish(app, EXIT_OK if pending else NothingToDo.exit_code)
 
 
-def _device(app: Manager, selector: str) -> QubeDevice:
-    """The one device a selector names (broker.selection)."""
-    return select_one(app.devices(), selector)
+def _device(app: Manager, selector: str, args: argparse.Namespace | None = None) -> QubeDevice:
+    """The one device a selector names (broker.selection); on a terminal, a selector that
+    names several (a GUID both qubes report) is a numbered choice."""
+    found = select_all(app.devices(), selector)
+    if len(found) > 1 and args is not None and _interactive(args):
+        names = [f"{_p(qd.device.name)} [{qd.qube}:{qd.device.device_id[:12]}]" for qd in found]
+        return found[_choose(args, "device", names)]
+    return select_one(found, selector)
 
 
 def cmd_get_releases(app: Manager, args: argparse.Namespace) -> int:
@@ -409,9 +466,17 @@ def _one_release(app: Manager, qd: QubeDevice, version: str) -> Release:
 
 def cmd_install(app: Manager, args: argparse.Namespace) -> int:
     """A chosen version: older ones with allow-older, the same with allow-reinstall, as
-    fwupdmgr install DEVICE VERSION."""
-    qd = _device(app, args.device)
-    release = _one_release(app, qd, args.version)
+    fwupdmgr install DEVICE VERSION; without VERSION, chosen from a numbered list."""
+    qd = _device(app, args.device, args)
+    if args.version is None:
+        offered = app.releases(qd, "releases")
+        if not offered:
+            if app.problems:
+                return _finish(app, EXIT_FAILURE)
+            raise NothingToDo(f"{_p(qd.device.name)} [{qd.qube}]: no releases available")
+        release = offered[_choose(args, "release", [_release_line(r) for r in offered])]
+    else:
+        release = _one_release(app, qd, args.version)
     order = versions.compare(
         release.version, qd.device.version, versions.version_format(release.version_format)
     )
@@ -437,11 +502,17 @@ def cmd_downgrade(app: Manager, args: argparse.Namespace) -> int:
         if app.problems:
             return _finish(app, EXIT_FAILURE)
         raise NothingToDo("no downgrades available")
-    if len(offered) > 1:
-        names = ", ".join(f"{qd.qube}:{qd.device.device_id[:12]}" for qd, _ in offered)
-        raise BrokerError(f"several devices can be downgraded ({names}): name one")
-    qd, rs = offered[0]
-    return _apply_one(app, args, qd, rs[0], "Downgrade", allow_older=True)
+    names = [f"{_p(qd.device.name)} [{qd.qube}:{qd.device.device_id[:12]}] "
+             f"{_p(qd.device.version)}" for qd, _ in offered]  # fmt: skip
+    qd, rs = offered[_choose(args, "device", names)]
+    # the newest older one unless the admin picks another
+    release = rs[_choose(args, "release", [_release_line(r) for r in rs])] if len(rs) > 1 else rs[0]
+    return _apply_one(app, args, qd, release, "Downgrade", allow_older=True)
+
+
+def _release_line(r: Release) -> str:
+    return f"{_p(r.version)} ({_p(r.urgency) or 'unknown urgency'}) {_p(r.summary)}"
+
 
 
 def cmd_clean(app: Manager, args: argparse.Namespace) -> int:
@@ -656,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_get_releases)
     p = sub.add_parser("install", help="install a chosen version", parents=[verb_flags])
     p.add_argument("device", help=_DEVICE_HELP)
-    p.add_argument("version")
+    p.add_argument("version", nargs="?", help="without it: a numbered choice of releases")
     p.set_defaults(func=cmd_install)
     p = sub.add_parser("reinstall", help="install the current version again",
                        parents=[verb_flags])  # fmt: skip

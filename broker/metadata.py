@@ -166,6 +166,22 @@ def _text(el: etree._Element | None) -> str:
     return "".join(str(t) for t in el.itertext()).strip() if el is not None else ""
 
 
+def _description(el: etree._Element | None) -> str:
+    """AppStream's description markup as plain text: a line per paragraph, "• " per list
+    item (what a person reads at the prompt; fwupd's own markup goes to --json)."""
+    if el is None:
+        return ""
+    lines = []
+    for child in el:
+        if not isinstance(child.tag, str):
+            continue  # comments, processing instructions
+        if child.tag in ("ul", "ol"):
+            lines += [f"• {' '.join(_text(li).split())}" for li in child if li.tag == "li"]
+        else:
+            lines.append(" ".join(_text(child).split()))
+    return "\n".join(line for line in lines if line) or " ".join(_text(el).split())
+
+
 def _one(values: list[str], what: str) -> str | None:
     distinct = set(values)
     if len(distinct) > 1:
@@ -296,7 +312,7 @@ def _release_from(remote: Remote, comp: _Component, rel: etree._Element) -> Rele
         sha256=sha256,
         size=_size(size),
         urgency=rel.get("urgency", ""),
-        description=_text(rel.find("description")),
+        description=_description(rel.find("description")),
         version_format=comp.version_format,
     )
 

@@ -28,8 +28,12 @@ class Pending:
 
     @property
     def what(self) -> str:
-        """What has to restart: dom0's devices need the machine, sys-usb's only sys-usb."""
-        return "reboot the machine" if self.qube == DOM0 else f"restart {self.qube}"
+        return what_restarts(self.qube)
+
+
+def what_restarts(qube: str) -> str:
+    """What has to restart: dom0's devices need the machine, sys-usb's only sys-usb."""
+    return "reboot the machine" if qube == DOM0 else f"restart {qube}"
 
 
 class PendingReboots:

@@ -68,7 +68,7 @@ def test_install_downgrade_reinstall_on_sys_usb(refreshed: Sandbox) -> None:
         (["install", "-y", WEBCAM_ID, "9.9.9"], 3, "no release 9.9.9"),
         (["reinstall", "-y", "dom0:" + WEBCAM_ID], 3, "no device matches"),
         (["get-releases", "ffff"], 3, "no device matches 'ffff'"),
-        (["install", "-y", ""], 1, None),
+        (["install", "-y", ""], 3, "no device matches ''"),
     ],
 )
 def test_what_cannot_be_found_says_so(

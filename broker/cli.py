@@ -18,6 +18,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 from broker import fwupd_json, history, versions
@@ -485,6 +486,30 @@ def cmd_install(app: Manager, args: argparse.Namespace) -> int:
     )
 
 
+def cmd_local_install(app: Manager, args: argparse.Namespace) -> int:
+    """A cab file in dom0, as fwupdmgr local-install: only one that dom0's verified
+    catalog holds (by sha256) for the device, checked as a download is, then installed
+    through the device's owner. Older or the same version only when the flag says so."""
+    app.catalogs()
+    devices = _devices(app, args)
+    if args.device:
+        devices = select_all(devices, args.device)
+    found = app.local_cab(Path(args.file), devices)
+    names = [f"{_p(qd.device.name)} [{qd.qube}:{qd.device.device_id[:12]}] "
+             f"{_p(qd.device.version)} -> {_p(r.version)}" for qd, r in found]  # fmt: skip
+    qd, release = found[_choose(args, "device", names)]
+    order = versions.compare(
+        release.version, qd.device.version, versions.version_format(release.version_format)
+    )
+    if order < 0 and not args.allow_older:
+        raise BrokerError(f"{_p(release.version)} is older than {_p(qd.device.version)} on "
+                          f"{_p(qd.device.name)}: pass --allow-older to install it")  # fmt: skip
+    if order == 0 and not args.allow_reinstall:
+        raise BrokerError(f"{_p(qd.device.name)} already runs {_p(release.version)}: pass "
+                          "--allow-reinstall to install it again")  # fmt: skip
+    return _apply_one(app, args, qd, release, "Install")
+
+
 def cmd_reinstall(app: Manager, args: argparse.Namespace) -> int:
     qd = _device(app, args.device)
     release = _one_release(app, qd, qd.device.version)
@@ -729,6 +754,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("device", help=_DEVICE_HELP)
     p.add_argument("version", nargs="?", help="without it: a numbered choice of releases")
     p.set_defaults(func=cmd_install)
+    p = sub.add_parser(
+        "local-install", parents=[verb_flags],
+        help="install a cab file in dom0 that dom0's verified metadata holds",
+    )  # fmt: skip
+    p.add_argument("file", metavar="FILE.cab")
+    p.add_argument("device", nargs="?", help=_DEVICE_HELP)
+    p.set_defaults(func=cmd_local_install)
     p = sub.add_parser("reinstall", help="install the current version again",
                        parents=[verb_flags])  # fmt: skip
     p.add_argument("device", help=_DEVICE_HELP)
@@ -768,6 +800,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("remote", metavar="REMOTE-ID")
         p.set_defaults(func=func)
     return parser
+
+
+def _flags_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The global flags moved in front of the verb, as getopt lets fwupdmgr take them
+    anywhere (argparse wants a verb's positionals together: `local-install F -y DEV`)."""
+    takes_value = {o for a in parser._actions if a.nargs != 0 for o in a.option_strings}
+    known = {o for a in parser._actions for o in a.option_strings} - {"-h", "--help"}
+    flags: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        name = arg.split("=", 1)[0]
+        if name in known:
+            flags.append(arg)
+            if name in takes_value and "=" not in arg and i + 1 < len(argv):
+                i += 1
+                flags.append(argv[i])
+        else:
+            rest.append(arg)
+        i += 1
+    return flags + rest
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
+    return parser.parse_args(_flags_first(parser, list(argv)))
 
 
 _DEVICE_HELP = "device id (or an unambiguous prefix) or GUID; QUBE:ID for one qube's"
@@ -817,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return proc.wait()
             except KeyboardInterrupt:
                 continue  # a terminal's Ctrl-C reached dom0's run too: it says what happened
-    args = build_parser().parse_args(args_list)
+    args = parse_args(args_list)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="qubes-fwupdmgr: %(message)s",

@@ -5,6 +5,7 @@ user reads stay in broker.cli, so automation and tests can drive this without ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from broker import history, remotes
@@ -19,7 +21,10 @@ from broker.cabinet import ExpectedRelease, inspect_cab
 from broker.config import Config, Limits, Paths, Remote
 from broker.errors import (
     BrokerError,
+    FormatError,
+    LimitExceeded,
     NoMetadata,
+    NotFound,
     NothingToDo,
     TransferError,
     VerificationError,
@@ -35,7 +40,7 @@ from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
 from broker.session import ExpectedFile, Outcome, Sessions
 from broker.signatures import TrustStore, sha256_fd
-from broker.transfer import prune_cabs, write_all
+from broker.transfer import CHUNK, UntrustedFiles, install_file, prune_cabs, write_all
 from broker.updatevm import DownloadRequest, Wanted
 from broker.usbvm import UsbvmClient
 
@@ -317,6 +322,55 @@ class Manager:
             return False
         finally:
             os.close(fd)
+
+    def local_cab(self, path: Path, devices: list[QubeDevice]) -> list[tuple[QubeDevice, Release]]:
+        """A cab file in dom0 (``local-install``) into dom0's cache, as if downloaded:
+        copied into the untrusted dir while hashed, and accepted only if dom0's verified
+        catalog holds a release with that sha256 for one of ``devices`` (so the cab layer,
+        the decompressors and libxml2 meet only bytes verified metadata binds), then the
+        same cab and payload checks as a download, then an atomic rename. Returns each
+        device with the release this cab is for it."""
+        try:
+            src = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise NotFound(f"{printable(str(path), 200)}: {e.strerror}") from e
+        try:
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{printable(str(path), 200)}: not a regular file")
+            if st.st_size > self.limits.cab_max_bytes:
+                raise LimitExceeded(
+                    f"{printable(path.name, 200)} is {st.st_size} bytes, more than cab_max_bytes"
+                )
+            with UntrustedFiles(self.paths.untrusted_dir, f"local{os.getpid()}") as untrusted:
+                fd = untrusted.create("cab")
+                h = hashlib.sha256()
+                left = self.limits.cab_max_bytes + 1
+                while chunk := os.read(src, min(CHUNK, left)):
+                    h.update(chunk)
+                    write_all(fd, chunk)
+                    left -= len(chunk)
+                    if left <= 0:
+                        raise LimitExceeded(f"{printable(path.name, 200)} grew past cab_max_bytes")
+                sha256 = h.hexdigest()
+                found = [
+                    (qd, r) for qd in devices for c in self.catalogs()
+                    for r in c.find(sha256, qd.device.guids)
+                ]  # fmt: skip
+                if not found:
+                    raise VerificationError(
+                        f"{printable(path.name, 200)} (sha256 {sha256[:16]}…) is no release in "
+                        "dom0's verified metadata for these devices: refused unread"
+                    )
+                release = found[0][1]
+                inspect_cab(fd, expected_release(release),
+                            TrustStore.from_dirs(self.paths.pki_firmware_dirs), self.limits,
+                            self.paths.untrusted_dir, self.config.trust)  # fmt: skip
+                install_file(fd, untrusted.paths["cab"], self.paths.cabs_dir / f"{sha256}.cab")
+                del untrusted.paths["cab"]  # handed over: not to be removed on exit
+                return found
+        finally:
+            os.close(src)
 
     def download(self, release: Release) -> None:
         """The release's cab into dom0's cache, through the UpdateVM and dom0's checks."""

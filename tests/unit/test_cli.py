@@ -178,3 +178,12 @@ def test_a_misspelt_config_key_is_named_in_a_warning(
         f"qubes-fwupdmgr: warning: {paths.config_file}: unknown key 'update_vm' in "
         "[qubes-fwupd] (ignored)\n"
     )
+
+
+def test_flags_between_a_verbs_positionals_as_getopt_allows() -> None:
+    args = cli.parse_args(["local-install", "f.cab", "-y", "--updatevm", "sys-whonix",
+                           "--filter=updatable", "08d4", "--json", "--", ])  # fmt: skip
+    assert (args.file, args.device, args.assume_yes, args.json) == ("f.cab", "08d4", True, True)
+    assert (args.updatevm, args.filter) == ("sys-whonix", "updatable")
+    args = cli.parse_args(["install", "-y", "08d4", "--allow-older", "1.2.3"])
+    assert (args.device, args.version, args.allow_older) == ("08d4", "1.2.3", True)

@@ -873,6 +873,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # acting as dom0 of a sandbox: start ourselves in its dom0, as the launcher does
         from broker.sandbox.launcher import Launcher
 
+        if not sandbox.bus_socket("dom0").exists():
+            print(f"qubes-fwupdmgr: no sandbox is up in {sandbox.dir} (qubes-fwupd-sandbox up "
+                  f"--dir {sandbox.dir})", file=sys.stderr)  # fmt: skip
+            return EXIT_FAILURE
         proc = Launcher(sandbox).popen("dom0", [sys.executable, "-m", "broker.cli", *args_list])
         while True:
             try:

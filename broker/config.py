@@ -288,7 +288,7 @@ class Config:
         try:
             parser.read(paths.config_file, encoding="utf-8")
         except (configparser.Error, UnicodeDecodeError) as e:
-            raise ConfigError(f"{paths.config_file}: {e}") from e
+            raise ConfigError(f"{paths.config_file}: {_parse_problem(e)}") from e
         main = parser["qubes-fwupd"] if parser.has_section("qubes-fwupd") else {}
         warnings = [
             f"{paths.config_file}: unknown key {key!r} in [{section}] (ignored)"
@@ -358,3 +358,19 @@ class Config:
             update_max_devices=numbers["update_max_devices"],
             trust=TrustPolicy(accepted=kinds),
         )
+
+
+def _parse_problem(e: Exception) -> str:
+    """configparser's message without its Python reprs: the line and what is wrong."""
+    if isinstance(e, configparser.MissingSectionHeaderError):
+        return f"line {e.lineno}: no [section] before it (the file starts with [qubes-fwupd])"
+    if isinstance(e, configparser.ParsingError):
+        lines = ", ".join(str(n) for n, _ in e.errors[:5])
+        return f"line {lines}: not KEY = VALUE"
+    if isinstance(e, configparser.DuplicateOptionError):
+        return f"line {e.lineno}: key {e.option!r} in [{e.section}] given twice"
+    if isinstance(e, configparser.DuplicateSectionError):
+        return f"line {e.lineno}: section [{e.section}] given twice"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 (byte {e.start})"
+    return type(e).__name__

@@ -196,8 +196,11 @@ def _unwrap(d: dict[str, Any]) -> dict[str, Any]:
 class FwupdClient:
     """Synchronous facade: each call opens the bus, does one thing, closes it."""
 
-    def __init__(self, bus_address: str | None = None) -> None:
+    def __init__(self, bus_address: str | None = None, qube: str = "") -> None:
         self.bus_address = bus_address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+        # named in every error, so the admin knows whose fwupd (dom0's, or sys-usb's as
+        # relayed) failed
+        self.where = f"{qube}: " if qube else ""
 
     async def _with_fwupd(self, op: Callable[[Any], Awaitable[T]]) -> T:
         try:
@@ -207,12 +210,18 @@ class FwupdClient:
                 bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
             await bus.connect()
         except (OSError, DBusError) as e:
-            raise DaemonError(f"cannot reach the system bus: {e}") from e
+            raise DaemonError(
+                f"{self.where}cannot reach the system bus ({printable(str(e), 120)}): is "
+                "dbus running?"
+            ) from e
         try:
             try:
                 intro = await bus.introspect(BUS_NAME, "/")
             except DBusError as e:
-                raise DaemonError(f"fwupd is not running: {printable(e.text or '')}") from e
+                raise DaemonError(
+                    f"{self.where}fwupd is not running ({printable(e.text or '', 120)}): "
+                    "systemctl start fwupd"
+                ) from e
             fw = bus.get_proxy_object(BUS_NAME, "/", intro).get_interface(IFACE)
             try:
                 return await op(fw)
@@ -220,7 +229,7 @@ class FwupdClient:
                 text = printable(e.text or e.type, 300)
                 if e.type.endswith(".NothingToDo"):
                     raise NothingToDo(text) from e
-                raise DaemonError(f"fwupd refused: {text}") from e
+                raise DaemonError(f"{self.where}fwupd refused: {text}") from e
         finally:
             bus.disconnect()  # type: ignore[no-untyped-call]
 

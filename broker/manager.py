@@ -147,7 +147,7 @@ class Manager:
         )
 
     def devices(self) -> list[QubeDevice]:
-        dom0 = FwupdClient().get_devices()
+        dom0 = FwupdClient(qube=DOM0).get_devices()
         usbvm = self.usbvm()
         usb: list[Device] = []
         if usbvm:
@@ -188,14 +188,14 @@ class Manager:
     def results(self, qd: QubeDevice) -> dict[str, Any] | None:
         """The owner's fwupd's result of the device's last update (its a{sv})."""
         if qd.qube == DOM0:
-            return FwupdClient().get_results(qd.device.device_id)
+            return FwupdClient(qube=DOM0).get_results(qd.device.device_id)
         usbvm = self.usbvm()
         assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
         return usbvm.results(qd.device.device_id)
 
     def clear_results(self, qd: QubeDevice) -> None:
         if qd.qube == DOM0:
-            FwupdClient().clear_results(qd.device.device_id)
+            FwupdClient(qube=DOM0).clear_results(qd.device.device_id)
             return
         usbvm = self.usbvm()
         assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
@@ -219,7 +219,7 @@ class Manager:
         for qube, qds in by_qube.items():
             ids = [qd.device.device_id for qd in qds]
             if qube == DOM0:
-                found = FwupdClient().offers(kind, ids)
+                found = FwupdClient(qube=DOM0).offers(kind, ids)
             else:
                 usbvm = self.usbvm()
                 assert usbvm is not None  # noqa: S101  routing only names the usbvm when set
@@ -289,7 +289,7 @@ class Manager:
             if opened is None:
                 return []
             data_fd, jcat_fd = opened
-            done = [(DOM0, FwupdClient().update_metadata(remote.id, data_fd, jcat_fd))]
+            done = [(DOM0, FwupdClient(qube=DOM0).update_metadata(remote.id, data_fd, jcat_fd))]
             usbvm = self.usbvm()
             if usbvm:
                 try:
@@ -396,7 +396,7 @@ class Manager:
             if sha256_fd(fd)[0] != release.sha256:
                 raise VerificationError(f"{cab.name}: cached cab no longer matches its sha256")
             if qd.qube == DOM0:
-                FwupdClient().install(
+                FwupdClient(qube=DOM0).install(
                     qd.device.device_id,
                     fd,
                     release.filename,
@@ -447,7 +447,7 @@ class Manager:
     def _owner_devices(self, qube: str) -> list[QubeDevice]:
         """What one qube's fwupd reports now (the other qube is not asked)."""
         if qube == DOM0:
-            return [QubeDevice(DOM0, d) for d in FwupdClient().get_devices()]
+            return [QubeDevice(DOM0, d) for d in FwupdClient(qube=DOM0).get_devices()]
         usbvm = self.usbvm()
         assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
         return [QubeDevice(qube, d) for d in usbvm.get_devices()]

@@ -326,3 +326,22 @@ def test_signature_kinds_can_be_narrowed(tmp_path: Path) -> None:
 def test_signature_kinds_refuses_unknown_kinds(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match="signature_kinds must name"):
         _load(tmp_path, f"[qubes-fwupd]\nsignature_kinds = {value}\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [("[main\nupdatevm = x\n",
+      "line 1: no [section] before it (the file starts with [qubes-fwupd])"),
+     ("[qubes-fwupd]\nupdatevm\n", "line 2: not KEY = VALUE"),
+     ("[qubes-fwupd]\na = 1\na = 2\n", "line 3: key 'a' in [qubes-fwupd] given twice"),
+     ("[qubes-fwupd]\n[qubes-fwupd]\n", "line 2: section [qubes-fwupd] given twice")],
+)  # fmt: skip
+def test_a_config_that_does_not_parse_names_the_line_without_python_reprs(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    paths = Paths(tmp_path)
+    paths.config_file.parent.mkdir(parents=True)
+    paths.config_file.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        Config.load(paths)
+    assert str(e.value) == f"{paths.config_file}: {said}"

@@ -61,6 +61,8 @@ def _say(args: argparse.Namespace, text: str) -> None:
     """A step, not a result: on stdout for a person, on stderr beside --json (stdout is
     JSON only), nowhere with --quiet."""
     if not args.quiet:
+        if _progress is not None:
+            _progress.end()
         # flushed: a step is news only while it happens (a pipe would hold it to the end)
         print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
@@ -554,17 +556,33 @@ def cmd_clean(app: Manager, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- progress
 class ProgressLine:
     """One line on stderr, rewritten in place, per step of long work: the qube, bytes so
-    far of how many, rate and time left (as qubes-vm-update shows each qube). Only on a
-    terminal, never with --json or --quiet (main decides)."""
+    far of how many, rate and time left (as qubes-vm-update shows each qube), or a
+    daemon's install status and percentage. Only on a terminal, never with --json or
+    --quiet (main decides)."""
 
     def __init__(self, min_interval: float = 0.2) -> None:
         self.min_interval = min_interval
         self._started: dict[tuple[str, str], float] = {}
         self._finished: set[tuple[str, str]] = set()
         self._shown = 0.0
+        self._open = False  # a line is on the terminal without its newline yet
+
+    def end(self) -> None:
+        """Before anything else is printed: the open line keeps what it last said."""
+        if self._open:
+            print(file=sys.stderr, flush=True)
+            self._open = False
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()
+        if p.unit == "%":
+            if p.what in ("idle", "unknown") or (
+                now - self._shown < self.min_interval and p.done < 100
+            ):
+                return
+            self._shown, self._open = now, True
+            print(f"\r\033[K{p.qube}: {p.what} {p.done}%", end="", file=sys.stderr, flush=True)
+            return
         key = (p.qube, p.what)
         if key in self._finished:
             return  # the UpdateVM's last word repeats the end: once is enough
@@ -575,14 +593,22 @@ class ProgressLine:
         elif now - self._shown < self.min_interval:
             return
         self._shown = now
-        elapsed = max(now - start, 1e-6)
-        rate = p.done / elapsed
+        # the clock starts at the first report, so the first half second says nothing
+        # true about the rate
+        elapsed = now - start
+        rate = p.done / elapsed if elapsed >= 0.5 else 0.0
         of = f"/{_size(p.total)}" if p.total else ""
         left = ""
         if p.total and rate > 0 and not finished:
             left = f", {max(0, (p.total - p.done) / rate):.0f} s left"
-        text = f"{p.qube}: {p.what} {_size(p.done)}{of} at {_size(int(rate))}/s{left}"
+        speed = f" at {_size(int(rate))}/s" if rate else ""
+        text = f"{p.qube}: {p.what} {_size(p.done)}{of}{speed}{left}"
         print(f"\r\033[K{text}", end="\n" if finished else "", file=sys.stderr, flush=True)
+        self._open = not finished
+
+
+# the run's progress display, if it shows one: a step printed closes its open line
+_progress: ProgressLine | None = None
 
 
 def _size(n: int) -> str:
@@ -900,7 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         app = Manager(paths, config, transport_from_env())
         if not args.json and not args.quiet and sys.stderr.isatty():
-            app.on_progress = ProgressLine()
+            global _progress
+            app.on_progress = _progress = ProgressLine()
         code: int = args.func(app, args)
         return code
     except KeyboardInterrupt:

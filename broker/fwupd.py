@@ -19,6 +19,7 @@ from dbus_next.errors import DBusError
 from dbus_next.signature import Variant
 
 from broker.errors import DaemonError, NothingToDo
+from broker.fwupd_json import STATUSES
 from broker.sanitize import printable
 
 BUS_NAME = IFACE = "org.freedesktop.fwupd"
@@ -201,6 +202,7 @@ class FwupdClient:
         # named in every error, so the admin knows whose fwupd (dom0's, or sys-usb's as
         # relayed) failed
         self.where = f"{qube}: " if qube else ""
+        self._proxy: Any = None
 
     async def _with_fwupd(self, op: Callable[[Any], Awaitable[T]]) -> T:
         try:
@@ -222,7 +224,9 @@ class FwupdClient:
                     f"{self.where}fwupd is not running ({printable(e.text or '', 120)}): "
                     "systemctl start fwupd"
                 ) from e
-            fw = bus.get_proxy_object(BUS_NAME, "/", intro).get_interface(IFACE)
+            proxy = bus.get_proxy_object(BUS_NAME, "/", intro)
+            self._proxy = proxy  # for calls that also watch the daemon's properties
+            fw = proxy.get_interface(IFACE)
             try:
                 return await op(fw)
             except DBusError as e:
@@ -291,8 +295,10 @@ class FwupdClient:
         filename: str,
         allow_reinstall: bool = False,
         allow_older: bool = False,
+        progress: Callable[[str, int], None] | None = None,
     ) -> None:
-        """Install the cab behind cab_fd (the fd that was verified, not a path)."""
+        """Install the cab behind cab_fd (the fd that was verified, not a path);
+        ``progress`` gets the daemon's Status (by name) and Percentage as they change."""
         os.lseek(cab_fd, 0, os.SEEK_SET)
         flags = (INSTALL_ALLOW_REINSTALL if allow_reinstall else 0) | (
             INSTALL_ALLOW_OLDER if allow_older else 0
@@ -304,9 +310,25 @@ class FwupdClient:
         }
 
         async def op(fw: Any) -> None:
+            if progress is not None:
+                self._watch(progress)
             await fw.call_install(device_id, cab_fd, options)
 
         self._run(op)
+
+    def _watch(self, progress: Callable[[str, int], None]) -> None:
+        props: Any = self._proxy.get_interface("org.freedesktop.DBus.Properties")
+        state = {"Status": 0, "Percentage": 0}
+
+        def changed(interface: str, values: dict[str, Any], invalidated: list[str]) -> None:
+            if interface != IFACE:
+                return
+            for key in state:
+                if key in values and isinstance(values[key].value, int):
+                    state[key] = values[key].value
+            progress(STATUSES.get(state["Status"], "busy"), min(100, max(0, state["Percentage"])))
+
+        props.on_properties_changed(changed)
 
     def get_results(self, device_id: str) -> dict[str, Any] | None:
         """The device with the result of its last update (GetResults), None if it has

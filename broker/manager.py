@@ -55,6 +55,7 @@ class Progress:
     what: str
     done: int
     total: int | None
+    unit: str = "bytes"  # or "%": a daemon's install
 
 
 @dataclass
@@ -131,13 +132,14 @@ class Manager:
             untrusted = json.loads(untrusted_line)["progress"]
             done, total = untrusted["done"], untrusted["total"]
             name = printable(untrusted["name"], 80)
-        except (ValueError, KeyError, TypeError):
+            unit = untrusted.get("unit", "bytes")
+        except (ValueError, KeyError, TypeError, AttributeError):
             return
-        if not isinstance(done, int) or not 0 <= done < 2**63:
+        if not isinstance(done, int) or not 0 <= done < 2**63 or unit not in ("bytes", "%"):
             return
         if not (total is None or (isinstance(total, int) and 0 < total < 2**63)):
             return
-        self.on_progress(Progress(qube, name, done, total))
+        self.on_progress(Progress(qube, name, done, total, unit))
 
     # ------------------------------------------------------------------ views
     def unreachable(self, qube: str, error: BrokerError) -> None:
@@ -402,6 +404,7 @@ class Manager:
                     release.filename,
                     allow_reinstall=allow_reinstall,
                     allow_older=allow_older,
+                    progress=lambda status, percent: self._installing(status, percent),
                 )
             else:
                 usbvm = self.usbvm()
@@ -413,9 +416,14 @@ class Manager:
                     expected_release(release),
                     allow_older=allow_older,
                     allow_reinstall=allow_reinstall,
+                    on_line=lambda line: self._progress_line(qd.qube, line),
                 )
         finally:
             os.close(fd)
+
+    def _installing(self, status: str, percent: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(Progress(DOM0, status, percent, 100, "%"))
 
     def clean(self) -> list[str]:
         """Every cached cab, whatever a killed run left in the untrusted dir, and sessions

@@ -192,6 +192,27 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
     fsync_dir(path.parent)
 
 
+class ProgressLines:
+    """Progress as JSON lines on a service's stdout, at most a few a second (the UpdateVM's
+    download in bytes, sys-usb's install in percent). dom0 shows them, never decides on
+    them; a write that fails means dom0 is gone (Ctrl-C), and the work stops there
+    rather than running on for nobody."""
+
+    def __init__(self, fd: int, interval: float = 0.25, unit: str = "bytes") -> None:
+        self.fd, self.interval, self.unit, self._last = fd, interval, unit, 0.0
+
+    def __call__(self, name: str, done: int, total: int | None, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < self.interval:
+            return
+        self._last = now
+        doc = {"name": name, "done": done, "total": total, "unit": self.unit}
+        try:
+            write_all(self.fd, json.dumps({"progress": doc}).encode() + b"\n")
+        except OSError as e:
+            raise TransferError("dom0 went away: cancelled") from e
+
+
 class UntrustedFiles:
     """Files received from another qube, in the untrusted dir; removed on exit unless
     handed over. O_EXCL + 0600: never follows or reuses something already there."""

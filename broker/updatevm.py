@@ -32,6 +32,7 @@ from broker.session import check_nonce
 from broker.transfer import (
     CHUNK,
     FRAME_VERSION,
+    ProgressLines,
     StreamReader,
     is_file_name,
     write_all,
@@ -156,26 +157,6 @@ def download(
     except requests.RequestException as e:
         raise TransferError(f"{host}: {_cause(e, connect_seconds, read_seconds)}") from e
     return h.hexdigest()
-
-
-class ProgressLines:
-    """Progress as JSON lines on the service's stdout, at most a few a second. dom0 shows
-    them; a write that fails means dom0 is gone (Ctrl-C), and the download stops there
-    rather than running on and pushing to a session that no longer exists."""
-
-    def __init__(self, fd: int, interval: float = 0.25) -> None:
-        self.fd, self.interval, self._last = fd, interval, 0.0
-
-    def __call__(self, name: str, done: int, total: int | None, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self._last < self.interval:
-            return
-        self._last = now
-        line = json.dumps({"progress": {"name": name, "done": done, "total": total}})
-        try:
-            write_all(self.fd, line.encode() + b"\n")
-        except OSError as e:
-            raise TransferError("dom0 went away: download cancelled") from e
 
 
 def fetch_and_push(ctx: ServiceContext) -> int:

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from broker.sanitize import printable
 from broker.service import ServiceContext, run_service
 from broker.signatures import TrustStore
 from broker.transfer import (
+    ProgressLines,
     StreamReader,
     UntrustedFiles,
     parse_header,
@@ -267,7 +269,10 @@ class UsbvmClient:
         expected: ExpectedRelease,
         allow_older: bool = False,
         allow_reinstall: bool = False,
+        on_line: Callable[[bytes], None] | None = None,
     ) -> None:
+        """The cab to sys-usb's agent; ``on_line`` gets its progress lines (its fwupd's
+        Status and Percentage), shown by dom0 and never decided on."""
         header = {
             "device_id": device_id,
             "sha256": release.sha256,
@@ -282,7 +287,7 @@ class UsbvmClient:
         check(
             call(self.transport, self.qube, f"{SERVICE}+Install",
                  feed=lambda out: write_frame(out, header, [(release.filename, cab_fd)]),
-                 max_stdout=4096, timeout=self.limits.transfer_seconds),
+                 max_stdout=4096, timeout=self.limits.transfer_seconds, on_line=on_line),
             self.qube, f"{SERVICE}+Install",
         )  # fmt: skip
 
@@ -389,12 +394,14 @@ def agent(ctx: ServiceContext) -> int:
                 ctx.paths.untrusted_dir,
                 ctx.config.trust,
             )
+            report = ProgressLines(ctx.stdout_fd, unit="%")
             client.install(
                 device_id,
                 fd,
                 cab.name,
                 allow_reinstall=header.get("allow_reinstall") is True,
                 allow_older=header.get("allow_older") is True,
+                progress=lambda status, percent: report(status, percent, 100, percent >= 100),
             )
             _reply(ctx, {"status": "installed"})
             return 0

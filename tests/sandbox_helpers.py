@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,6 +14,9 @@ from typing import Any
 
 import jsonschema
 import pytest
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import MessageType
+from dbus_next.message import Message
 
 from broker.config import Paths
 from broker.fwupd import FwupdClient
@@ -178,3 +182,22 @@ def processes_mentioning(text: str) -> list[str]:
         if text.encode() in blob:
             found.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()!r}")
     return found
+
+
+def fwupd_call(sandbox: Sandbox, qube: str, member: str, signature: str, *body: str) -> None:
+    """A D-Bus call on that qube's fwupd (ModifyConfig, ResetConfig), as an admin would
+    make it with busctl (fwupdmgr modify-config would make the daemon quit)."""
+
+    async def call() -> None:
+        bus = await MessageBus(bus_address=sandbox.bus_address(qube)).connect()
+        try:
+            reply = await bus.call(
+                Message(destination="org.freedesktop.fwupd", path="/",
+                        interface="org.freedesktop.fwupd", member=member,
+                        signature=signature, body=list(body))
+            )  # fmt: skip
+        finally:
+            bus.disconnect()
+        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
+
+    asyncio.run(call())

@@ -3,19 +3,22 @@ get-remotes/enable-remote/disable-remote, on the sandbox's real daemons."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 from typing import Any
 
 import pytest
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import MessageType
-from dbus_next.message import Message
 
 from broker.sandbox.launcher import Sandbox
-from tests.sandbox_helpers import WEBCAM_GUID, manager, qube_paths, tree_snapshot, webcam_version
+from tests.sandbox_helpers import (
+    WEBCAM_GUID,
+    fwupd_call,
+    manager,
+    qube_paths,
+    tree_snapshot,
+    webcam_version,
+)
 
 pytestmark = pytest.mark.sandbox
 
@@ -28,24 +31,6 @@ def refreshed(sandbox: Sandbox) -> Sandbox:
     r = manager(sandbox, "refresh")
     assert r.returncode in (0, 2), r.stdout + r.stderr
     return sandbox
-
-
-def _fwupd(sandbox: Sandbox, qube: str, member: str, signature: str, *body: str) -> None:
-    """A D-Bus call on that qube's fwupd (ModifyConfig, ResetConfig), as an admin would."""
-
-    async def call() -> None:
-        bus = await MessageBus(bus_address=sandbox.bus_address(qube)).connect()
-        try:
-            reply = await bus.call(
-                Message(destination="org.freedesktop.fwupd", path="/",
-                        interface="org.freedesktop.fwupd", member=member,
-                        signature=signature, body=list(body))
-            )  # fmt: skip
-        finally:
-            bus.disconnect()
-        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
-
-    asyncio.run(call())
 
 
 def _history(sandbox: Sandbox) -> list[dict[str, Any]]:
@@ -109,11 +94,11 @@ def test_an_install_the_daemon_refuses_is_a_failure_and_changes_nothing_else(
     dom0 = qube_paths(sandbox, "dom0")
     start = len(_history(sandbox))
     pending = tree_snapshot(dom0.state_dir / "pending-reboot.json")
-    _fwupd(sandbox, "sys-usb", "ModifyConfig", "sss", "test", "WriteSupported", "false")
+    fwupd_call(sandbox, "sys-usb", "ModifyConfig", "sss", "test", "WriteSupported", "false")
     try:
         r = manager(sandbox, "update", "-y", WEBCAM_ID)
     finally:
-        _fwupd(sandbox, "sys-usb", "ResetConfig", "s", "test")
+        fwupd_call(sandbox, "sys-usb", "ResetConfig", "s", "test")
     assert r.returncode == 1, r.stdout + r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("qubes-fwupdmgr: sys-usb: qubes.FwupdUsbvm+Install failed: "), line

@@ -16,7 +16,13 @@ import pytest
 
 from broker.sandbox.launcher import Sandbox
 from broker.sandbox.mirror import rate_file
-from tests.sandbox_helpers import WEBCAM_GUID, _manager_command, manager, webcam_version
+from tests.sandbox_helpers import (
+    WEBCAM_GUID,
+    _manager_command,
+    fwupd_call,
+    manager,
+    webcam_version,
+)
 
 pytestmark = pytest.mark.sandbox
 
@@ -130,3 +136,22 @@ def test_without_a_terminal_nothing_waits_for_an_answer(at_123: Sandbox) -> None
     assert r.returncode == 1, r.stdout + r.stderr
     assert r.stderr.strip().endswith("not a terminal: pass -y to answer yes without being asked")
     assert webcam_version(at_123, "sys-usb") == "1.2.3"
+
+
+def test_a_slow_install_on_sys_usb_shows_its_fwupds_status_and_percentage(
+    at_123: Sandbox,
+) -> None:
+    """sys-usb relays its fwupd's Status and Percentage while it writes (3 s here)."""
+    fwupd_call(at_123, "sys-usb", "ModifyConfig", "sss", "test", "WriteDelay", "3000")
+    try:
+        term = Terminal(at_123, "update", "-y", WEBCAM_GUID)
+        code, shown = term.finish()
+    finally:
+        fwupd_call(at_123, "sys-usb", "ResetConfig", "s", "test")
+    assert code == 0, shown
+    steps = [s for s in shown.replace("\r", "\n").split("\n") if "sys-usb: device-write" in s]
+    percents = {int(s.rsplit(" ", 1)[1].rstrip("%")) for s in steps}
+    assert len(percents) >= 3 and max(percents) <= 100, shown  # it moved while it wrote
+    # the line is closed before the result is said, not overwritten by it
+    assert "%\r\nUpdated Integrated Webcam™ [sys-usb] 1.2.3 -> 1.2.4: now 1.2.4" in shown, shown
+    assert webcam_version(at_123, "sys-usb") == "1.2.4"

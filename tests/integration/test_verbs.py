@@ -4,16 +4,12 @@ Each goes through the owning fwupd's offers and dom0's catalog, as update does."
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import MessageType
-from dbus_next.message import Message
 
 from broker.sandbox.launcher import Sandbox
-from tests.sandbox_helpers import WEBCAM_GUID, manager, webcam_version
+from tests.sandbox_helpers import WEBCAM_GUID, fwupd_call, manager, webcam_version
 
 pytestmark = pytest.mark.sandbox
 
@@ -81,31 +77,13 @@ def test_what_cannot_be_found_says_so(
         assert needle in line, line
 
 
-def _fwupd(sandbox: Sandbox, qube: str, member: str, signature: str, *body: str) -> None:
-    """A D-Bus call on that qube's fwupd (ModifyConfig, ResetConfig), as an admin would."""
-
-    async def call() -> None:
-        bus = await MessageBus(bus_address=sandbox.bus_address(qube)).connect()
-        try:
-            reply = await bus.call(
-                Message(destination="org.freedesktop.fwupd", path="/",
-                        interface="org.freedesktop.fwupd", member=member,
-                        signature=signature, body=list(body))
-            )  # fmt: skip
-        finally:
-            bus.disconnect()
-        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
-
-    asyncio.run(call())
-
-
 def test_an_install_that_waits_for_a_reboot_is_pending_and_not_offered_again(
     refreshed: Sandbox,
 ) -> None:
     sandbox = refreshed
     r = manager(sandbox, "install", "-y", f"sys-usb:{WEBCAM_ID}", "1.2.3")
     assert r.returncode == 0, r.stdout + r.stderr
-    _fwupd(sandbox, "sys-usb", "ModifyConfig", "sss", "test", "NeedsReboot", "true")
+    fwupd_call(sandbox, "sys-usb", "ModifyConfig", "sss", "test", "NeedsReboot", "true")
     try:
         r = manager(sandbox, "update", "-y", WEBCAM_ID, "--json")
         assert r.returncode == 0, r.stdout + r.stderr
@@ -126,7 +104,7 @@ def test_an_install_that_waits_for_a_reboot_is_pending_and_not_offered_again(
         assert r.returncode == 0, r.stdout + r.stderr
         assert r.stdout.strip() == "Integrated Webcam™ [sys-usb] 1.2.4 waits: restart sys-usb"
     finally:
-        _fwupd(sandbox, "sys-usb", "ResetConfig", "s", "test")
+        fwupd_call(sandbox, "sys-usb", "ResetConfig", "s", "test")
     # an explicit install is the admin's choice; done without a reboot, nothing waits
     r = manager(sandbox, "install", "-y", WEBCAM_ID, "1.2.4")
     assert r.returncode == 0, r.stdout + r.stderr

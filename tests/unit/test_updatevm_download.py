@@ -16,7 +16,8 @@ import pytest
 import broker.updatevm as updatevm
 from broker.config import Limits
 from broker.errors import TransferError
-from broker.updatevm import ProgressLines, download
+from broker.transfer import ProgressLines
+from broker.updatevm import download
 
 BODY = bytes(range(256)) * 40  # 10,240 bytes
 
@@ -93,7 +94,7 @@ def test_progress_to_a_dom0_that_went_away_cancels_the_download() -> None:
     read, write = os.pipe()
     os.close(read)  # dom0's end is gone (Ctrl-C)
     try:
-        with pytest.raises(TransferError, match="dom0 went away: download cancelled"):
+        with pytest.raises(TransferError, match="dom0 went away: cancelled"):
             ProgressLines(write)("firmware.cab", 1024, 10240, final=True)
     finally:
         os.close(write)

@@ -134,6 +134,11 @@ class Sandbox:
     def isolation_file(self) -> Path:
         return self.dir / "isolation"
 
+    def halted_file(self, qube: str) -> Path:
+        """While it exists, the qube is "down": qrexec calls to it fail as qvm-run's do for
+        a qube that cannot start (the emulation cannot stop a qube's daemons for real)."""
+        return self.dir / "halted" / qube
+
 
 @dataclass(frozen=True)
 class Isolation:

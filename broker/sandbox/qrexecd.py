@@ -5,7 +5,8 @@ request arrives on *is* the caller's identity, as the vchan is in Qubes, so a qu
 claim to be another. Per request it follows real qrexec (shared/QUBES.md): service names
 cleaned to ``A-Za-z0-9_.-+``, a missing argument becomes ``+``, calls from dom0 skip
 policy, other calls are evaluated against ``policy.d`` (a syntax error denies all), a
-refusal is "Request refused" on the caller's stderr and exit 126, a missing service 127.
+refusal is "Request refused" on the caller's stderr and exit 126, a missing service 127,
+a target marked halted (:meth:`Sandbox.halted_file`) one line and exit 1, as qvm-run.
 The service runs in the target qube through the launcher, with QREXEC_* set by us, and
 the caller's own stdin/stdout/stderr (received over SCM_RIGHTS) as its channel.
 """
@@ -82,6 +83,13 @@ class Daemon:
                 self.log(f"deny {source} -> {target} {service}+{arg}: {reason}")
                 os.write(fds[2], b"Request refused\n")
                 conn.sendall(json.dumps({"exit": EXIT_QREXEC_REFUSED}).encode())
+                return
+            if self.sandbox.halted_file(resolved).exists():
+                # as qvm-run fails for a qube that cannot start: one line, exit 1
+                self.log(f"halted {source} -> {resolved} {service}+{arg}: {reason}")
+                down = f"qrexec: {resolved} is not running and could not be started"
+                os.write(fds[2], f"{down} (sandbox: halted)\n".encode())
+                conn.sendall(json.dumps({"exit": 1}).encode())
                 return
             path = self.find_service(resolved, service, arg)
             if path is None:

@@ -97,15 +97,22 @@ def test_no_progress_with_json_or_quiet_or_off_a_terminal(behind: Sandbox) -> No
     assert webcam_version(behind, "sys-usb") == "1.2.4"
 
 
+def _ctrl_c_allowed() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_a_download_stops_the_updatevm_and_stores_nothing(
     behind: Sandbox,
 ) -> None:
     _slow_lvfs(behind, 400)  # more than 12 s for the cab
     dom0 = qube_paths(behind, "dom0")
     updatevm = qube_paths(behind, "sys-firewall")
+    # a shell's background job starts with SIGINT ignored, and children inherit that:
+    # as at a terminal, Ctrl-C must reach the run
     proc = subprocess.Popen(**{**_manager_command(behind, ("update", "-y", WEBCAM_GUID)),
                                "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
-                               "start_new_session": True})  # fmt: skip
+                               "start_new_session": True,
+                               "preexec_fn": _ctrl_c_allowed})  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()
     assert line.startswith(f"Downloading {CAB}"), line

@@ -496,7 +496,10 @@ def cmd_local_install(app: Manager, args: argparse.Namespace) -> int:
     devices = _devices(app, args)
     if args.device:
         devices = select_all(devices, args.device)
-    found = app.local_cab(Path(args.file), devices)
+    try:
+        found = app.local_cab(Path(args.file), devices)
+    except OSError as e:  # reading the admin's file failed (EIO, EACCES...)
+        raise BrokerError(f"{_p(args.file)}: {e.strerror or type(e).__name__}") from e
     names = [f"{_p(qd.device.name)} [{qd.qube}:{qd.device.device_id[:12]}] "
              f"{_p(qd.device.version)} -> {_p(r.version)}" for qd, r in found]  # fmt: skip
     qd, release = found[_choose(args, "device", names)]
@@ -509,7 +512,10 @@ def cmd_local_install(app: Manager, args: argparse.Namespace) -> int:
     if order == 0 and not args.allow_reinstall:
         raise BrokerError(f"{_p(qd.device.name)} already runs {_p(release.version)}: pass "
                           "--allow-reinstall to install it again")  # fmt: skip
-    return _apply_one(app, args, qd, release, "Install")
+    try:
+        return _apply_one(app, args, qd, release, "Install")
+    finally:
+        app.forget_cab(release.sha256)  # the admin keeps the file; dom0 keeps no copy
 
 
 def cmd_reinstall(app: Manager, args: argparse.Namespace) -> int:
@@ -667,7 +673,7 @@ def cmd_get_history(app: Manager, args: argparse.Namespace) -> int:
         print(json.dumps({"Devices": out}))
     for e in [] if args.json else events:
         error = f": {_p(e.error)}" if e.error else ""
-        print(f"{e.time}  {e.qube}  {_p(e.device_name)} ({e.device_id[:12]})  "
+        print(f"{_p(e.time)}  {_p(e.qube)}  {_p(e.device_name)} ({_p(e.device_id[:12])})  "
               f"{_p(e.version_old)} -> {_p(e.version_new)}  {e.result}{error}")  # fmt: skip
     if not events and not args.json:
         print("No history")
@@ -842,9 +848,10 @@ def _flags_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
             rest += argv[i:]
             break
         name = arg.split("=", 1)[0]
-        if name in known:
+        needs_value = name in takes_value and "=" not in arg
+        if name in known and not (needs_value and i + 1 == len(argv)):
             flags.append(arg)
-            if name in takes_value and "=" not in arg and i + 1 < len(argv):
+            if needs_value:
                 i += 1
                 flags.append(argv[i])
         else:

@@ -67,11 +67,12 @@ class History:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         # the lock is its own file: trimming replaces the history file, and a writer
         # waiting on the old one would append to a file no longer linked
-        lock = os.open(self.file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                       0o640)  # fmt: skip
+        nofollow = os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        lock = os.open(self.file.with_suffix(".lock"), os.O_RDWR | nofollow, 0o640)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            with self.file.open("ab") as f:
+            fd = os.open(self.file, os.O_WRONLY | os.O_APPEND | nofollow, 0o640)
+            with os.fdopen(fd, "ab") as f:
                 f.write(json.dumps(asdict(event)).encode() + b"\n")
             if self.file.stat().st_size > _MAX_BYTES:
                 kept = self.file.read_bytes().splitlines(keepends=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from broker.errors import (
     VerificationError,
 )
 from broker.fwupd import Device, FwupdClient, OfferedRelease
+from broker.fwupd_json import STATUSES
 from broker.history import Event, History
 from broker.metadata import Catalog, MetadataStore, Release, iter_catalogs, staleness
 from broker.offers import decide
@@ -45,6 +47,7 @@ from broker.updatevm import DownloadRequest, Wanted
 from broker.usbvm import UsbvmClient
 
 DOWNLOAD_SERVICE = "qubes.FwupdDownload"
+_PROGRESS_INTERVAL = 0.1  # seconds between progress reports taken from a qube
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class Manager:
     # how far long work got (the UpdateVM's download), for a progress display; None: quiet
     on_progress: Callable[[Progress], None] | None = field(default=None, repr=False)
     _catalogs: list[Catalog] | None = field(default=None, repr=False)
+    _last_progress: float = field(default=0.0, repr=False)
+    _ended: set[tuple[str, str]] = field(default_factory=set, repr=False)
 
     @property
     def limits(self) -> Limits:
@@ -97,6 +102,7 @@ class Manager:
         force: bool = False,
     ) -> Outcome:
         """Ask the UpdateVM for files; return dom0's own verdict on what it pushed."""
+        self._ended.clear()  # a new step: its end shows again
         sessions = Sessions(self.paths.sessions_dir)
         expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
         updatevm = self.config.updatevm
@@ -112,7 +118,9 @@ class Manager:
                 feed=lambda fd: write_all(fd, request),
                 max_stdout=4096,
                 timeout=self.limits.transfer_seconds + 60,
-                on_line=lambda line: self._progress_line(updatevm, line),
+                on_line=lambda line: self._progress_line(
+                    updatevm, line, "bytes", frozenset(w.name for w in wanted)
+                ),
             )
             outcome = sessions.outcome(session.nonce)
             if outcome is None:
@@ -124,21 +132,37 @@ class Manager:
         finally:
             sessions.close(session.nonce)
 
-    def _progress_line(self, qube: str, untrusted_line: bytes) -> None:
-        """The UpdateVM's word on how far its download got: shown, never decided on."""
+    def _progress_line(
+        self, qube: str, untrusted_line: bytes, unit: str, names: frozenset[str]
+    ) -> None:
+        """A qube's word on how far its work got: shown, never decided on. Only the names
+        dom0 expects (the files it asked for, fwupd's status names) and a few lines a
+        second: a qube sending a new name per line must not grow dom0's memory or flood
+        its terminal."""
+        now = time.monotonic()
         if self.on_progress is None:
             return
         try:
             untrusted = json.loads(untrusted_line)["progress"]
-            done, total = untrusted["done"], untrusted["total"]
-            name = printable(untrusted["name"], 80)
-            unit = untrusted.get("unit", "bytes")
+            done, total, name = untrusted["done"], untrusted["total"], untrusted["name"]
+            unit_said = untrusted.get("unit", "bytes")
         except (ValueError, KeyError, TypeError, AttributeError):
             return
-        if not isinstance(done, int) or not 0 <= done < 2**63 or unit not in ("bytes", "%"):
+        if not isinstance(name, str) or name not in names or unit_said != unit:
             return
-        if not (total is None or (isinstance(total, int) and 0 < total < 2**63)):
+        if type(done) is not int or not 0 <= done < 2**63:
             return
+        if not (total is None or (type(total) is int and 0 < total < 2**63)):
+            return
+        # the end of each expected step always shows, once; the rest a few times a second
+        end = (qube, name) if total is not None and done >= total else None
+        if (end is not None and end in self._ended) or (
+            end is None and now - self._last_progress < _PROGRESS_INTERVAL
+        ):
+            return
+        if end is not None:
+            self._ended.add(end)
+        self._last_progress = now
         self.on_progress(Progress(qube, name, done, total, unit))
 
     # ------------------------------------------------------------------ views
@@ -334,7 +358,7 @@ class Manager:
         device with the release this cab is for it."""
         try:
             src = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
+        except FileNotFoundError as e:
             raise NotFound(f"{printable(str(path), 200)}: {e.strerror}") from e
         try:
             st = os.fstat(src)
@@ -344,7 +368,9 @@ class Manager:
                 raise LimitExceeded(
                     f"{printable(path.name, 200)} is {st.st_size} bytes, more than cab_max_bytes"
                 )
-            with UntrustedFiles(self.paths.untrusted_dir, f"local{os.getpid()}") as untrusted:
+            # a random prefix: a killed run's leftover with our pid must not collide
+            prefix = f"local-{secrets.token_hex(8)}"
+            with UntrustedFiles(self.paths.untrusted_dir, prefix) as untrusted:
                 fd = untrusted.create("cab")
                 h = hashlib.sha256()
                 left = self.limits.cab_max_bytes + 1
@@ -364,10 +390,11 @@ class Manager:
                         f"{printable(path.name, 200)} (sha256 {sha256[:16]}…) is no release in "
                         "dom0's verified metadata for these devices: refused unread"
                     )
-                release = found[0][1]
-                inspect_cab(fd, expected_release(release),
-                            TrustStore.from_dirs(self.paths.pki_firmware_dirs), self.limits,
-                            self.paths.untrusted_dir, self.config.trust)  # fmt: skip
+                trust = TrustStore.from_dirs(self.paths.pki_firmware_dirs)
+                # each release it may be installed as: the metainfo must say each of them
+                for release in dict.fromkeys(r for _, r in found):
+                    inspect_cab(fd, expected_release(release), trust, self.limits,
+                                self.paths.untrusted_dir, self.config.trust)  # fmt: skip
                 install_file(fd, untrusted.paths["cab"], self.paths.cabs_dir / f"{sha256}.cab")
                 del untrusted.paths["cab"]  # handed over: not to be removed on exit
                 return found
@@ -391,6 +418,7 @@ class Manager:
         allow_reinstall: bool = False,
     ) -> None:
         """The cached cab, by the fd that is hashed, to the daemon that owns the device."""
+        self._ended.clear()
         cab = self.paths.cabs_dir / f"{release.sha256}.cab"
         fd = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW)
         try:
@@ -416,7 +444,9 @@ class Manager:
                     expected_release(release),
                     allow_older=allow_older,
                     allow_reinstall=allow_reinstall,
-                    on_line=lambda line: self._progress_line(qd.qube, line),
+                    on_line=lambda line: self._progress_line(
+                        qd.qube, line, "%", frozenset(STATUSES.values())
+                    ),
                 )
         finally:
             os.close(fd)

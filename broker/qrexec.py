@@ -30,6 +30,9 @@ from broker.errors import (
 from broker.sanitize import printable
 
 _log = logging.getLogger("qubes-fwupd")
+# progress lines one call may send: an honest one sends a few a second for the
+# transfer deadline; a peer past this fails its call, as one past the output cap does
+_MAX_LINES = 100_000
 SANDBOX_SOCKET_ENV = "QUBES_FWUPD_QREXEC_SOCKET"
 
 
@@ -85,6 +88,7 @@ def _lines(
     """stdout as lines for ``on_line`` (progress), none kept: a line longer than ``cap``
     is an error, as too much output is in :func:`_drain`."""
     pending = b""
+    budget = _MAX_LINES
     while chunk := stream.read1(65536):  # type: ignore[attr-defined]
         pending += chunk
         *lines, pending = pending.split(b"\n")
@@ -92,8 +96,9 @@ def _lines(
             over.append(True)
             pending = b""
         for line in lines:
-            if len(line) > cap:
-                over.append(True)
+            budget -= 1
+            if len(line) > cap or budget < 0:
+                over.append(True)  # drained on, never handed over
                 continue
             with contextlib.suppress(Exception):  # showing progress must never end a call
                 on_line(line)
@@ -144,11 +149,11 @@ def call(
         threading.Thread(target=_drain, args=(proc.stderr, max_stderr, err, over_err)),
         threading.Thread(target=feed_then_close),
     ]
-    for t in threads:
-        t.daemon = True
-        t.start()
     deadline = time.monotonic() + timeout
     try:
+        for t in threads:  # inside: a Ctrl-C while they start still ends the call
+            t.daemon = True
+            t.start()
         code = proc.wait(timeout=timeout)
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))

@@ -73,14 +73,9 @@ def receive(ctx: ServiceContext) -> int:
     reader = StreamReader(ctx.stdin_fd, time.monotonic() + limits.transfer_seconds)
     untrusted_header, files = parse_header(reader.readline(limits.header_max_bytes))
     nonce = check_nonce(untrusted_header.get("nonce"))
-    session = sessions.take(nonce)
+    # a session counts only for the qube it was opened for
+    session = sessions.take(nonce, ctx.caller, config.updatevm)
     try:
-        # a session counts only for the qube it was opened for
-        if ctx.caller != (session.updatevm or config.updatevm):
-            raise TransferError(
-                f"qube {printable(ctx.caller, 64)} pushed for a download dom0 asked of "
-                f"{session.updatevm or config.updatevm}; refused"
-            )
         outcome = _receive_for(ctx, session, reader, files)
     except NothingToDo as e:
         sessions.finish(nonce, Outcome(True, str(e), nothing_new=True))

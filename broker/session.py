@@ -19,6 +19,7 @@ from pathlib import Path
 
 from broker.cabinet import ExpectedRelease
 from broker.errors import FormatError, TransferError
+from broker.sanitize import printable
 from broker.transfer import write_atomic
 
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
@@ -104,17 +105,34 @@ class Sessions:
         return removed
 
     def asked(self) -> set[str]:
-        """The qubes pending sessions asked for a push (a run's --updatevm among them)."""
+        """The qubes unexpired pending sessions asked for a push (a run's --updatevm)."""
         qubes = set()
+        now = time.time()
         for path in self.dir.glob("*.pending"):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                qubes.add(str(json.loads(path.read_text()).get("updatevm", "")))
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+                doc = json.loads(path.read_text())
+                if float(doc.get("expires", 0)) >= now:
+                    qubes.add(str(doc.get("updatevm", "")))
         return qubes - {""}
 
-    def take(self, untrusted_nonce: object) -> Session:
-        """Claim a pending session exactly once; refuses unknown, used or expired nonces."""
+    def take(self, untrusted_nonce: object, caller: str, updatevm: str) -> Session:
+        """Claim a pending session exactly once; refuses unknown, used or expired nonces,
+        and, before claiming it, a caller that is not the qube it asked (``updatevm``
+        for a session that names none): that caller cannot use it up."""
         nonce = check_nonce(untrusted_nonce)
         pending, taken = self.dir / f"{nonce}.pending", self.dir / f"{nonce}.taken"
+        try:
+            # dom0 wrote this file; it names the qube dom0 asked
+            asked = str(json.loads(pending.read_text()).get("updatevm") or updatevm)
+        except FileNotFoundError:
+            raise TransferError("no pending dom0 session for this nonce") from None
+        except (ValueError, AttributeError) as e:
+            raise TransferError("dom0's session file is damaged") from e
+        if caller != asked:
+            raise TransferError(
+                f"qube {printable(caller, 64)} pushed for a download dom0 asked of {asked}; "
+                "refused"
+            )
         try:
             os.rename(pending, taken)  # atomic: a second push with the same nonce fails here
         except FileNotFoundError:

@@ -23,6 +23,7 @@ from broker.fwupd import FwupdClient
 from broker.sandbox.launcher import SANDBOX_ENV, Launcher, Sandbox
 
 WEBCAM_GUID = "b585990a-003e-5270-89d5-3705a17f9a43"
+WEBCAM_ID = "08d460be0f1f9f128413f816022a6439e0078018"  # the same in both daemons
 
 
 def sandbox_prerequisites() -> str | None:

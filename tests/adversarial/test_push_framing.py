@@ -256,7 +256,7 @@ def test_wrong_caller_is_refused(
 
 def test_a_session_counts_only_for_the_qube_dom0_asked(sandbox: Sandbox) -> None:
     """qubes-fwupdmgr --updatevm work opens its session for work: the configured UpdateVM,
-    holding the nonce, is refused for it (and uses it up); work itself gets past the
+    holding the nonce, is refused for it (without using it up); work itself gets past the
     caller checks (its bytes are then refused as metadata, by the signature check)."""
     sessions = Sessions(qube_paths(sandbox, "dom0").sessions_dir)
     before = baseline(sandbox)
@@ -269,7 +269,8 @@ def test_a_session_counts_only_for_the_qube_dom0_asked(sandbox: Sandbox) -> None
         assert one_line(r.stderr) == (
             f"{RECEIVE}: qube sys-firewall pushed for a download dom0 asked of work; refused"
         )
-        assert not (sessions.dir / f"{session.nonce}.pending").exists()
+        # refused before it is claimed: the wrong caller cannot use it up for work
+        assert (sessions.dir / f"{session.nonce}.pending").exists()
     finally:
         sessions.close(session.nonce)
 

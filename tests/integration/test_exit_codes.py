@@ -29,6 +29,7 @@ import pytest
 from broker.sandbox.launcher import Sandbox
 from tests.sandbox_helpers import (
     WEBCAM_GUID,
+    WEBCAM_ID,
     _manager_command,
     fwupd_call,
     manager,
@@ -38,7 +39,6 @@ from tests.sandbox_helpers import (
 
 pytestmark = pytest.mark.sandbox
 
-WEBCAM_ID = "08d460be0f1f9f128413f816022a6439e0078018"
 RELEASES = ("1.2.3", "1.2.4")  # what the sandbox LVFS has for the webcam
 PROMPT = "[y/N] "
 

@@ -13,6 +13,7 @@ import pytest
 from broker.sandbox.launcher import Sandbox
 from tests.sandbox_helpers import (
     WEBCAM_GUID,
+    WEBCAM_ID,
     fwupd_call,
     manager,
     qube_paths,
@@ -22,15 +23,7 @@ from tests.sandbox_helpers import (
 
 pytestmark = pytest.mark.sandbox
 
-WEBCAM_ID = "08d460be0f1f9f128413f816022a6439e0078018"
 CAB_124 = "fakedevice124.cab"
-
-
-@pytest.fixture(scope="module")
-def refreshed(sandbox: Sandbox) -> Sandbox:
-    r = manager(sandbox, "refresh")
-    assert r.returncode in (0, 2), r.stdout + r.stderr
-    return sandbox
 
 
 def _history(sandbox: Sandbox) -> list[dict[str, Any]]:

@@ -11,11 +11,10 @@ import pytest
 
 from broker.sandbox.launcher import Sandbox
 from tests.adversarial.hostile import assert_clean, baseline
-from tests.sandbox_helpers import manager, qube_paths, webcam_version
+from tests.sandbox_helpers import WEBCAM_ID, manager, qube_paths, webcam_version
 
 pytestmark = pytest.mark.sandbox
 
-WEBCAM_ID = "08d460be0f1f9f128413f816022a6439e0078018"
 REAL_CABS = Path("/usr/share/installed-tests/fwupd")
 
 

@@ -9,18 +9,10 @@ import json
 import pytest
 
 from broker.sandbox.launcher import Sandbox
-from tests.sandbox_helpers import WEBCAM_GUID, fwupd_call, manager, webcam_version
+from tests.sandbox_helpers import WEBCAM_GUID, WEBCAM_ID, fwupd_call, manager, webcam_version
 
 pytestmark = pytest.mark.sandbox
 
-WEBCAM_ID = "08d460be0f1f9f128413f816022a6439e0078018"
-
-
-@pytest.fixture(scope="module")
-def refreshed(sandbox: Sandbox) -> Sandbox:
-    r = manager(sandbox, "refresh")
-    assert r.returncode in (0, 2), r.stdout + r.stderr
-    return sandbox
 
 
 def test_get_releases_lists_what_the_owner_offers_and_dom0_holds(refreshed: Sandbox) -> None:

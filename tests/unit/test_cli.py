@@ -187,3 +187,9 @@ def test_flags_between_a_verbs_positionals_as_getopt_allows() -> None:
     assert (args.updatevm, args.filter) == ("sys-whonix", "updatable")
     args = cli.parse_args(["install", "-y", "08d4", "--allow-older", "1.2.3"])
     assert (args.device, args.version, args.allow_older) == ("08d4", "1.2.3", True)
+
+
+def test_a_value_flag_at_the_end_does_not_swallow_the_verb() -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["refresh", "update", "--updatevm"])
+    assert e.value.code == EXIT_FAILURE

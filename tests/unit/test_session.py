@@ -47,25 +47,25 @@ def test_nonces_are_unique(sessions: Sessions) -> None:
 
 def test_take_returns_the_session_once(sessions: Sessions) -> None:
     opened = sessions.open("cab", "lvfs", FILES, ttl=60)
-    taken = sessions.take(opened.nonce)
+    taken = sessions.take(opened.nonce, "sys-firewall", "sys-firewall")
     assert taken == opened
     assert isinstance(taken, Session)
     assert taken.files == FILES
     assert not (sessions.dir / f"{opened.nonce}.pending").exists()
     assert (sessions.dir / f"{opened.nonce}.taken").exists()
     with pytest.raises(TransferError, match="no pending dom0 session for this nonce"):
-        sessions.take(opened.nonce)
+        sessions.take(opened.nonce, "sys-firewall", "sys-firewall")
 
 
 def test_take_refuses_an_unknown_nonce(sessions: Sessions) -> None:
     sessions.open("cab", "lvfs", FILES, ttl=60)
     with pytest.raises(TransferError, match="no pending dom0 session"):
-        sessions.take("0" * 32)
+        sessions.take("0" * 32, "sys-firewall", "sys-firewall")
 
 
 def test_take_refuses_with_no_session_directory(tmp_path: Path) -> None:
     with pytest.raises(TransferError, match="no pending dom0 session"):
-        Sessions(tmp_path / "absent").take("f" * 32)
+        Sessions(tmp_path / "absent").take("f" * 32, "sys-firewall", "sys-firewall")
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_take_refuses_with_no_session_directory(tmp_path: Path) -> None:
 def test_take_refuses_malformed_nonces(sessions: Sessions, nonce: object) -> None:
     sessions.dir.mkdir(parents=True)
     with pytest.raises(TransferError, match="malformed session nonce"):
-        sessions.take(nonce)
+        sessions.take(nonce, "sys-firewall", "sys-firewall")
     with pytest.raises(TransferError, match="malformed session nonce"):
         check_nonce(nonce)
 
@@ -103,7 +103,7 @@ def test_take_of_a_nonce_with_a_trailing_newline_finds_no_session(sessions: Sess
     # whatever check_nonce says, the pending file of a real session is not reached
     opened = sessions.open("cab", "lvfs", FILES, ttl=60)
     with pytest.raises(TransferError):
-        sessions.take(opened.nonce + "\n")
+        sessions.take(opened.nonce + "\n", "sys-firewall", "sys-firewall")
     assert (sessions.dir / f"{opened.nonce}.pending").exists()
 
 
@@ -114,10 +114,10 @@ def test_check_nonce_returns_a_valid_nonce() -> None:
 def test_take_refuses_an_expired_session(sessions: Sessions) -> None:
     opened = sessions.open("metadata", "lvfs", FILES, ttl=-1)
     with pytest.raises(TransferError, match="dom0 session expired"):
-        sessions.take(opened.nonce)
+        sessions.take(opened.nonce, "sys-firewall", "sys-firewall")
     # it is used up all the same: a retry with the same nonce is refused too
     with pytest.raises(TransferError, match="no pending"):
-        sessions.take(opened.nonce)
+        sessions.take(opened.nonce, "sys-firewall", "sys-firewall")
 
 
 def test_finish_and_outcome_round_trip(sessions: Sessions) -> None:
@@ -146,7 +146,7 @@ def test_outcome_refuses_a_corrupt_record(sessions: Sessions) -> None:
 def test_close_removes_every_file_of_the_session(sessions: Sessions) -> None:
     kept = sessions.open("cab", "lvfs", FILES, ttl=60)
     opened = sessions.open("cab", "lvfs", FILES, ttl=60)
-    sessions.take(opened.nonce)
+    sessions.take(opened.nonce, "sys-firewall", "sys-firewall")
     sessions.finish(opened.nonce, Outcome(True, "ok"))
     assert {p.name for p in sessions.dir.iterdir()} == {
         f"{kept.nonce}.pending",
@@ -180,3 +180,22 @@ def test_sweep_tolerates_a_session_closed_while_it_runs(
     monkeypatch.setattr(Path, "iterdir", lambda self: iter(listed))
     sessions.sweep(60)  # must not raise FileNotFoundError
     assert not (sessions.dir / f"{s.nonce}.pending").exists()
+
+
+def test_only_the_qube_a_session_asked_may_take_it_and_a_wrong_one_cannot_burn_it(
+    tmp_path: Path,
+) -> None:
+    sessions = Sessions(tmp_path)
+    opened = sessions.open("metadata", "lvfs", (ExpectedFile("f.xml.zst", 10),), 60,
+                           updatevm="sys-whonix")  # fmt: skip
+    assert sessions.asked() == {"sys-whonix"}
+    with pytest.raises(TransferError, match="qube sys-firewall pushed for a download dom0 "
+                       "asked of sys-whonix; refused"):  # fmt: skip
+        sessions.take(opened.nonce, "sys-firewall", "sys-firewall")
+    assert sessions.take(opened.nonce, "sys-whonix", "sys-firewall").updatevm == "sys-whonix"
+
+
+def test_an_expired_session_asks_no_qube(tmp_path: Path) -> None:
+    sessions = Sessions(tmp_path)
+    sessions.open("metadata", "lvfs", (ExpectedFile("f", 1),), -1, updatevm="sys-whonix")
+    assert sessions.asked() == set()

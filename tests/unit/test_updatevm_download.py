@@ -55,17 +55,22 @@ def test_progress_comes_in_about_one_percent_steps(server: str, tmp_path: Path) 
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
 
 
-def test_a_refused_connection_names_the_host_and_says_refused(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def _failure(tmp_path: Path, port: int) -> str:
+    """What a download from 127.0.0.1:port fails with."""
     fd = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         with pytest.raises(TransferError) as e:
             download(f"http://127.0.0.1:{port}/firmware.cab", fd, 1 << 20, Limits())
     finally:
         os.close(fd)
-    assert str(e.value) == "127.0.0.1: connection refused"
+    return str(e.value)
+
+
+def test_a_refused_connection_names_the_host_and_says_refused(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert _failure(tmp_path, port) == "127.0.0.1: connection refused"
 
 
 def test_a_server_that_never_answers_is_a_timeout_not_a_refusal(
@@ -79,15 +84,12 @@ def test_a_server_that_never_answers_is_a_timeout_not_a_refusal(
     monkeypatch.setattr(
         updatevm.requests, "get", lambda url, **kw: real_get(url, **{**kw, "timeout": (1, 1)})
     )
-    fd = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        with pytest.raises(TransferError) as e:
-            download(f"http://127.0.0.1:{port}/firmware.cab", fd, 1 << 20, Limits())
+        said = _failure(tmp_path, port)
     finally:
-        os.close(fd)
         listener.close()
-    assert str(e.value).startswith("127.0.0.1: the server sent nothing for ")
-    assert str(e.value).endswith("(timed out)")
+    assert said.startswith("127.0.0.1: the server sent nothing for ")
+    assert said.endswith("(timed out)")
 
 
 def test_progress_to_a_dom0_that_went_away_cancels_the_download() -> None:

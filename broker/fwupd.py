@@ -67,37 +67,30 @@ class Device:
     def needs_reboot(self) -> bool:
         return bool(self.flags & FLAG_NEEDS_REBOOT)
 
-    def to_json(self) -> dict[str, Any]:
-        """The agent's wire form: the checked fields, and the a{sv} as plain JSON."""
+    def _checked(self, separator: str) -> dict[str, Any]:
+        """The fields dom0 checks, with lists joined as the wire in question joins them
+        (fwupd's D-Bus: "|"; our agent's JSON: ",")."""
         return {
             "DeviceId": self.device_id,
             "Name": self.name,
             "Version": self.version,
             "Guid": list(self.guids),
             "Vendor": self.vendor,
-            "VendorId": ",".join(self.vendor_ids),
+            "VendorId": separator.join(self.vendor_ids),
             "Plugin": self.plugin,
-            "Protocol": ",".join(self.protocols),
+            "Protocol": separator.join(self.protocols),
             "Flags": self.flags,
-            "Raw": dict(self.raw),
         }
+
+    def to_json(self) -> dict[str, Any]:
+        """The agent's wire form: the checked fields, and the a{sv} as plain JSON."""
+        return {**self._checked(","), "Raw": dict(self.raw)}
 
     def dbus_form(self) -> dict[str, Any]:
         """The a{sv}, with every field dom0 checked put back in fwupd's own form over
         whatever the raw dict said: what broker.fwupd_json renders. Releases nested in it
         are dropped (GetDevices sends none): the releases shown are those dom0 binds."""
-        return {
-            **{k: v for k, v in self.raw.items() if k != "Release"},
-            "DeviceId": self.device_id,
-            "Name": self.name,
-            "Version": self.version,
-            "Guid": list(self.guids),
-            "Vendor": self.vendor,
-            "VendorId": "|".join(self.vendor_ids),
-            "Plugin": self.plugin,
-            "Protocol": "|".join(self.protocols),
-            "Flags": self.flags,
-        }
+        return {**{k: v for k, v in self.raw.items() if k != "Release"}, **self._checked("|")}
 
 
 def plain(value: Any, depth: int = 0) -> Any:

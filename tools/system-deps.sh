@@ -2,7 +2,9 @@
 # Install the Debian packages that `make test` and `make demo` need.
 # As root: apt-get installs what is missing. Otherwise: one line naming what is missing, exit 1.
 set -euo pipefail
-pkgs=(fwupd fwupd-tests gnupg openssl dbus-daemon dbus-bin iproute2 util-linux ca-certificates man-db)
+# gcab: the cab walker is compared with it (a missing tool would skip that test)
+pkgs=(fwupd fwupd-tests gnupg openssl dbus-daemon dbus-bin iproute2 util-linux ca-certificates man-db
+      gcab)
 # a pyenv or other python may bring its own venv/ensurepip; Debian's python3 needs python3-venv
 python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
 missing=()

@@ -924,6 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = Paths.from_env()
     app: Manager | None = None
     try:
+        paths.make_dom0_dirs()
         config = Config.load(paths)
         for warning in config.warnings:
             print(f"qubes-fwupdmgr: warning: {printable(warning, 300)}", file=sys.stderr)

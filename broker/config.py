@@ -8,8 +8,10 @@ real qube and at ``$SANDBOX/vm/<qube>`` in the sandbox (the launcher sets
 from __future__ import annotations
 
 import configparser
+import grp
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -61,6 +63,11 @@ class Limits:
     # releases a daemon may offer for one device (the LVFS's largest component has ~80)
     max_offered_releases: int = 1024
     max_string_chars: int = 4096
+
+
+# the group of dom0's login user, which runs dom0's qrexec services in Qubes
+DOM0_GROUP = "qubes"
+DOM0_DIR_MODE = 0o2770
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,35 @@ class Paths:
     @property
     def log_file(self) -> Path:
         return self.root / "var/log/qubes-fwupd/qubes-fwupd.log"
+
+    @property
+    def dom0_dirs(self) -> tuple[Path, ...]:
+        """dom0's dirs, as packaging/tmpfiles.d makes them at boot (a test holds the two
+        together): root:qubes 2770, so the receive service (the login user, group qubes)
+        writes where it must and the root manager reads it."""
+        return (self.state_dir, self.sessions_dir, self.cache_dir, self.metadata_dir,
+                self.cabs_dir, self.untrusted_dir, self.log_file.parent)  # fmt: skip
+
+    def make_dom0_dirs(self, group: str = DOM0_GROUP) -> None:
+        """What systemd-tmpfiles does with the package's snippet, for a dom0 where it has
+        not run yet (first use before a reboot, a checkout): each dir made or put back to
+        2770, group ``group`` where that group exists (it does in Qubes' dom0)."""
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            gid = -1
+        for path in self.dom0_dirs:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                st = path.lstat()
+                if not stat.S_ISDIR(st.st_mode):
+                    raise ConfigError(f"{path}: not a directory")
+                if gid not in (-1, st.st_gid):
+                    os.chown(path, -1, gid, follow_symlinks=False)
+                if stat.S_IMODE(st.st_mode) != DOM0_DIR_MODE:
+                    os.chmod(path, DOM0_DIR_MODE, follow_symlinks=False)
+            except PermissionError as e:
+                raise ConfigError(f"{path}: {e.strerror} (qubes-fwupdmgr runs as root)") from e
 
 
 _QUBE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")

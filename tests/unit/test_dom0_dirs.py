@@ -1,0 +1,50 @@
+"""dom0's dirs as the package's tmpfiles snippet makes them: the code that makes them on
+first use and the snippet name the same dirs with the same owner group and mode."""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from broker.config import DOM0_DIR_MODE, DOM0_GROUP, Paths
+from broker.errors import ConfigError
+
+SNIPPET = Path(__file__).parents[2] / "packaging/tmpfiles.d/qubes-fwupd-dom0.conf"
+
+
+def test_the_tmpfiles_snippet_and_the_code_agree() -> None:
+    rows = [line.split() for line in SNIPPET.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]  # fmt: skip
+    root = Paths(Path("/"))
+    assert [Path(r[1]) for r in rows] == list(root.dom0_dirs)
+    assert {(r[0], int(r[2], 8), r[3], r[4]) for r in rows} == {
+        ("d", DOM0_DIR_MODE, "root", DOM0_GROUP)
+    }
+
+
+def test_first_use_makes_them_2770_in_the_group_and_repairs_modes(tmp_path: Path) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name  # a group that exists here, for "qubes"
+    paths = Paths(tmp_path)
+    paths.state_dir.mkdir(parents=True, mode=0o755)  # as an older version left it
+    paths.make_dom0_dirs(group)
+    for d in paths.dom0_dirs:
+        st = d.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o2770, os.getgid()), d
+
+
+def test_a_missing_group_leaves_the_group_alone(tmp_path: Path) -> None:
+    Paths(tmp_path).make_dom0_dirs("no-such-group-here")
+    assert stat.S_IMODE(Paths(tmp_path).cabs_dir.stat().st_mode) == 0o2770
+
+
+def test_a_symlink_in_place_of_a_dir_is_refused(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    paths.cache_dir.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    paths.cabs_dir.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="cabs: not a directory"):
+        paths.make_dom0_dirs("no-such-group-here")

@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
@@ -226,6 +227,8 @@ class GeneratedRelease:
     version: str
     guids: tuple[str, ...]
     shape: str
+    # the release notes as a correct parser gives them to a person (Description.text)
+    description: str
     # the container sha256 a correct parser takes; None when it takes none (skipped)
     sha256: str | None
     # basename of the chosen https location; None when skipped
@@ -286,7 +289,7 @@ class _Release:
     content_name: str
     content_sha1: str
     content_sha256: str
-    description: str
+    description: Description
     details_url: str | None
     source_url: str | None
     issues: list[str]
@@ -419,15 +422,27 @@ def _cab_name(
     return name
 
 
-def _description(rng: random.Random, lo: int, hi: int) -> str:
-    """An AppStream description body: <p>s and sometimes a <ul> of <li>s."""
-    parts = [f"<p>{escape(rng.choice(_SENTENCES))}</p>"]
+class Description(NamedTuple):
+    """An AppStream description body, and the text a correct reader makes of it (a line
+    per paragraph, "• " per list item): known here from the sentences, not re-parsed."""
+
+    markup: str
+    text: str
+
+
+def _description(rng: random.Random, lo: int, hi: int) -> Description:
+    """<p>s and sometimes a <ul> of <li>s."""
+    first = rng.choice(_SENTENCES)
+    parts, lines = [f"<p>{escape(first)}</p>"], [first]
     if rng.random() < 0.4:
         items = rng.sample(_SENTENCES, rng.randint(lo, hi))
         parts.append("<ul>" + "".join(f"<li>{escape(s)}</li>" for s in items) + "</ul>")
+        lines += [f"• {s}" for s in items]
     if rng.random() < 0.2:
-        parts.append(f"<p>{escape(rng.choice(_SENTENCES))}</p>")
-    return "".join(parts)
+        last = rng.choice(_SENTENCES)
+        parts.append(f"<p>{escape(last)}</p>")
+        lines.append(last)
+    return Description("".join(parts), "\n".join(lines))
 
 
 # ---------------------------------------------------------------------------- components
@@ -436,7 +451,7 @@ class _Component:
     cid: str
     name: str
     summary: str
-    description: str
+    description: Description
     guids: tuple[str, ...]
     homepage: str
     license: str
@@ -740,7 +755,7 @@ def _release_text(rel: _Release) -> str:
                 f'        <checksum type="{kind}" filename="{filename}" target="{target}">'
                 f"{value}</checksum>\n"
             )
-    out.append(f"        <description>{rel.description}</description>\n")
+    out.append(f"        <description>{rel.description.markup}</description>\n")
     if rel.details_url:
         out.append(f'        <url type="details">{escape(rel.details_url)}</url>\n')
     if rel.source_url:
@@ -774,7 +789,7 @@ def _component_text(comp: _Component, release_texts: Sequence[str]) -> str:
             f"    <name_variant_suffix>{escape(comp.name_variant_suffix)}</name_variant_suffix>\n"
         )
     out.append(f"    <summary>{escape(comp.summary)}</summary>\n")
-    out.append(f"    <description>{comp.description}</description>\n")
+    out.append(f"    <description>{comp.description.markup}</description>\n")
     out.append("    <provides>\n")
     out.extend(f'      <firmware type="flashed">{g}</firmware>\n' for g in sorted(comp.guids))
     out.append("    </provides>\n")
@@ -826,6 +841,7 @@ def _manifest(comp: _Component, rel: _Release) -> GeneratedRelease:
         component_id=comp.cid,
         version=rel.version,
         guids=comp.guids,
+        description=rel.description.text,
         shape=rel.shape,
         sha256=sha256,
         filename=filename,
@@ -928,7 +944,8 @@ def release_case(
     )
     comp = _Component(
         cid="org.example.Generated.firmware", name="Widget", summary="Widget firmware",
-        description="<p>Widget.</p>", guids=("b585990a-003e-5270-89d5-3705a17f9a43",),
+        description=Description("<p>Widget.</p>", "Widget."),
+        guids=("b585990a-003e-5270-89d5-3705a17f9a43",),
         homepage="https://example.org/", license="GPL-2.0+", developer="Example",
         category="X-Device", verfmt=fmt, protocol="com.acme.test", integrity=None,
         update_message=None, keywords=(), requires=[], releases=[rel],

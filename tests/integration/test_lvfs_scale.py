@@ -76,6 +76,8 @@ def test_refresh_accepts_an_lvfs_scale_catalog_and_both_daemons_load_it(
         held_release = by_sha[g.sha256]
         assert (held_release.filename, held_release.size) == (g.filename, g.size)
         assert held_release.url == f"{remote.firmware_base_uri}/{g.filename}"
+        # release notes as the admin reads them at the prompt: <p> and <li> as lines
+        assert held_release.description == g.description, g.component_id
     assert max(len(r.filename) for r in catalog.releases) == 200
     # the skipped ones are named in dom0's log, each with its reason
     log = paths.log_file.read_text()

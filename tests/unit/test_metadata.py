@@ -1062,3 +1062,23 @@ def test_fwupds_own_test_catalog_parses_and_every_release_is_skipped_with_its_re
     assert len(catalog.skipped) == xml.count(b"<release ") > 0
     assert {s.reason for s in catalog.skipped} == {"sha1 only (no container sha256)"}
     assert "fakedevice.firmware 1.2.4: sha1 only (no container sha256)" in map(str, catalog.skipped)
+
+
+@pytest.mark.parametrize(
+    ("markup", "text"),
+    [
+        # as the LVFS serves it: paragraphs and lists, entities escaped
+        ("<p>Fixes a crash &amp; a hang.</p><ul><li>One</li><li>Two</li></ul><p>Then.</p>",
+         "Fixes a crash & a hang.\n• One\n• Two\nThen."),
+        # as vendors write metainfo: indented, wrapped, an ordered list, a comment
+        ("\n  <p>\n    This release\n    fixes bugs.\n  </p>\n  <!-- internal -->\n"
+         "  <ol>\n    <li>First</li>\n    <li>Second\n      line</li>\n  </ol>\n",
+         "This release fixes bugs.\n• First\n• Second line"),
+        # no markup at all, or empty paragraphs
+        ("Plain text only.", "Plain text only."),
+        ("<p></p><p>  </p>", ""),
+    ],
+)  # fmt: skip
+def test_release_notes_become_lines_and_bullets(markup: str, text: str) -> None:
+    (release,) = _parse(catalog_xml(Comp(releases=[Rel("1.0", description=markup)]))).releases
+    assert release.description == text

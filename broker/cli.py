@@ -45,7 +45,7 @@ from broker.manager import Manager, Progress
 from broker.metadata import Release
 from broker.qrexec import transport_from_env
 from broker.reboots import Pending, what_restarts
-from broker.remotes import RemoteSwitches, remote_json
+from broker.remotes import remote_json
 from broker.routing import DOM0, QubeDevice
 from broker.sanitize import printable, printable_tree
 from broker.selection import DeviceFilter, select_all, select_one
@@ -255,10 +255,6 @@ class Applied:
     pending: Pending | None
 
 
-_UPDATE_STATE_SUCCESS = 2  # FwupdUpdateState, as fwupdmgr --json prints it
-_UPDATE_STATE_NEEDS_REBOOT = 4
-
-
 def _print_applied(app: Manager, args: argparse.Namespace, done: list[Applied]) -> None:
     """With --json: each device installed, as its daemon reports it now, with the release
     installed and its UpdateState (2 success, 4 needs-reboot: the pending state)."""
@@ -267,7 +263,7 @@ def _print_applied(app: Manager, args: argparse.Namespace, done: list[Applied]) 
     out = []
     for a in done:
         device = a.now or a.qd.device
-        state = _UPDATE_STATE_NEEDS_REBOOT if a.pending else _UPDATE_STATE_SUCCESS
+        state = history.UPDATE_STATES[history.NEEDS_REBOOT if a.pending else history.SUCCESS]
         form = {**device.dbus_form(), "UpdateState": state}
         doc = fwupd_json.device_json(
             form, releases=[_release_dbus(app, a.qd, a.release)], qube=a.qd.qube
@@ -320,7 +316,8 @@ def _details(qd: QubeDevice, release: Release) -> list[str]:
     if release.summary:
         lines.append(f"  {_p(release.summary)}")
     for paragraph in release.description.splitlines()[:40]:
-        lines += textwrap.wrap(_p(paragraph), 76, initial_indent="  ",
+        # whole paragraphs (not _p's 200 characters): they are wrapped, not cut
+        lines += textwrap.wrap(printable(paragraph, 2000), 76, initial_indent="  ",
                                subsequent_indent="    ")  # fmt: skip
     return lines
 
@@ -547,7 +544,6 @@ def _release_line(r: Release) -> str:
     return f"{_p(r.version)} ({_p(r.urgency) or 'unknown urgency'}) {_p(r.summary)}"
 
 
-
 def cmd_clean(app: Manager, args: argparse.Namespace) -> int:
     """Empty dom0's cab cache, leftovers in its untrusted dir and sessions no run holds.
     Verified metadata stays: it is what the daemons hold, and rollback needs its state."""
@@ -642,7 +638,7 @@ def cmd_get_remotes(app: Manager, args: argparse.Namespace) -> int:
 
 def _switch_remote(app: Manager, args: argparse.Namespace, enabled: bool) -> int:
     word = "enabled" if enabled else "disabled"
-    if not RemoteSwitches(app.paths).set_enabled(app.config, args.remote, enabled):
+    if not app.switches.set_enabled(app.config, args.remote, enabled):
         raise NothingToDo(f"{_p(args.remote)} is already {word}")
     _say(args, f"{args.remote}: {word}")
     if not enabled:
@@ -680,11 +676,6 @@ def cmd_get_history(app: Manager, args: argparse.Namespace) -> int:
     return _finish(app, EXIT_OK if events else NothingToDo.exit_code)
 
 
-# FwupdUpdateState names, for get-results' text
-_UPDATE_STATE_NAMES = {0: "unknown", 1: "pending", 2: "success", 3: "failed",
-                       4: "needs-reboot", 5: "failed-transient"}  # fmt: skip
-
-
 def cmd_get_results(app: Manager, args: argparse.Namespace) -> int:
     qd = _device(app, args.device)
     raw = app.results(qd)
@@ -697,7 +688,7 @@ def cmd_get_results(app: Manager, args: argparse.Namespace) -> int:
         return _finish(app, EXIT_OK)
     state = doc.get("UpdateState", 0)
     print(f"{_p(qd.device.name)} [{qd.qube}] {_p(str(doc.get('Version', '')))}: "
-          f"{_UPDATE_STATE_NAMES.get(state, str(state))}")  # fmt: skip
+          f"{fwupd_json.UPDATE_STATES.get(state, 'unknown')}")  # fmt: skip
     if doc.get("UpdateError"):
         print(f"  {_p(str(doc['UpdateError']))}")
     return _finish(app, EXIT_OK)

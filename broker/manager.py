@@ -5,6 +5,7 @@ user reads stay in broker.cli, so automation and tests can drive this without ar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -184,12 +185,17 @@ class Manager:
                 self.unreachable(usbvm.qube, e)
         return route(dom0, usb, self.config.usbvm)
 
+    @functools.cached_property
+    def switches(self) -> RemoteSwitches:
+        """The admin's enable/disable choices, read once per run."""
+        return RemoteSwitches(self.paths)
+
     def remotes(self) -> tuple[Remote, ...]:
         """The configured remotes the admin has not disabled."""
-        return remotes.enabled(self.config, RemoteSwitches(self.paths))
+        return remotes.enabled(self.config, self.switches)
 
     def remote_states(self) -> list[RemoteState]:
-        off = RemoteSwitches(self.paths).disabled()
+        off = self.switches.disabled()
         store = MetadataStore(self.paths)
         out = []
         for r in self.config.remotes:
@@ -255,7 +261,7 @@ class Manager:
                     self.unreachable(qube, e)
                     continue
             # what a daemon still offers from a remote the admin disabled: left out quietly
-            off = RemoteSwitches(self.paths).disabled()
+            off = self.switches.disabled()
             for qd in qds:
                 offered = found.get(qd.device.device_id, [])
                 if not isinstance(offered, str):

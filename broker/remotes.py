@@ -33,8 +33,14 @@ class RemoteSwitches:
 
     def __init__(self, paths: Paths) -> None:
         self.file = paths.state_dir / "remotes.json"
+        self._read: frozenset[str] | None = None  # once per instance: one run reads it once
 
     def disabled(self) -> frozenset[str]:
+        if self._read is None:
+            self._read = self._load()
+        return self._read
+
+    def _load(self) -> frozenset[str]:
         try:
             doc = json.loads(self.file.read_text())
         except FileNotFoundError:
@@ -57,6 +63,7 @@ class RemoteSwitches:
             return False
         self.file.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.file, json.dumps({"disabled": sorted(now)}).encode())
+        self._read = now
         return True
 
 

@@ -95,7 +95,7 @@ def _file_name(value: object) -> str:
 
 
 # (done, total or None) after each chunk: how the UpdateVM tells dom0 how far it got
-Progress = Callable[[int, int | None], None]
+OnProgress = Callable[[int, int | None], None]
 
 
 def _cause(e: requests.RequestException, connect_seconds: float, read_seconds: float) -> str:
@@ -117,7 +117,7 @@ def _cause(e: requests.RequestException, connect_seconds: float, read_seconds: f
 
 
 def download(
-    url: str, out_fd: int, max_size: int, limits: Limits, progress: Progress | None = None
+    url: str, out_fd: int, max_size: int, limits: Limits, progress: OnProgress | None = None
 ) -> str:
     """Stream url into out_fd; returns the sha256. Caps bytes, total time and rate."""
     start = time.monotonic()

@@ -8,7 +8,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,24 @@ def fwupd_call(sandbox: Sandbox, qube: str, member: str, signature: str, *body: 
         assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply
 
     asyncio.run(call())
+
+
+@contextmanager
+def plugin_knobs(sandbox: Sandbox, qube: str, **knobs: str) -> Iterator[None]:
+    """fwupd's test plugin in that qube with these ``[test]`` knobs (WriteSupported,
+    NeedsReboot, WriteDelay...) for the block, and reset to its defaults after it."""
+    for key, value in knobs.items():
+        fwupd_call(sandbox, qube, "ModifyConfig", "sss", "test", key, value)
+    try:
+        yield
+    finally:
+        fwupd_call(sandbox, qube, "ResetConfig", "s", "test")
+
+
+def fwupd_log(sandbox: Sandbox, qube: str, lines: int = 30) -> str:
+    """The end of that qube's fwupd log, for a failure message."""
+    try:
+        text = (sandbox.log_dir / f"{qube}-fwupd.log").read_text(errors="replace")
+    except OSError as e:
+        return f"(no fwupd log: {e.strerror})"
+    return "\n".join(text.splitlines()[-lines:])

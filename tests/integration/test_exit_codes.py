@@ -32,7 +32,9 @@ from tests.sandbox_helpers import (
     WEBCAM_ID,
     _manager_command,
     fwupd_call,
+    fwupd_log,
     manager,
+    plugin_knobs,
     qube_paths,
     webcam_version,
 )
@@ -121,9 +123,18 @@ def kept(refreshed: Sandbox) -> Iterator[Sandbox]:
 
 
 def _webcam_at(sandbox: Sandbox, version: str) -> None:
-    if webcam_version(sandbox, "sys-usb") != version:
+    if webcam_version(sandbox, "sys-usb") == version:
+        return
+    r = manager(sandbox, "install", "-y", f"sys-usb:{WEBCAM_ID}", version)
+    if r.returncode != 0 and "not in supported mode" in r.stderr:
+        # once in CI (stop 24), sys-usb's fwupd still refused writes right after the
+        # daemon-refused case's ResetConfig had returned; not seen in 87 tries here.
+        # Putting the webcam back is set-up, not what is tested: reset and try once more,
+        # and keep fwupd's log in the message if that fails too
+        fwupd_call(sandbox, "sys-usb", "ResetConfig", "s", "test")
+        time.sleep(2)
         r = manager(sandbox, "install", "-y", f"sys-usb:{WEBCAM_ID}", version)
-        assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr + fwupd_log(sandbox, "sys-usb")
 
 
 @contextmanager
@@ -135,15 +146,6 @@ def _halted(sandbox: Sandbox, qube: str) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
-
-
-@contextmanager
-def _refusing_writes(sandbox: Sandbox, qube: str) -> Iterator[None]:
-    fwupd_call(sandbox, qube, "ModifyConfig", "sss", "test", "WriteSupported", "false")
-    try:
-        yield
-    finally:
-        fwupd_call(sandbox, qube, "ResetConfig", "s", "test")
 
 
 def _at_the_prompt(sandbox: Sandbox, argv: tuple[str, ...], answer: str) -> tuple[int, str, str]:
@@ -211,7 +213,7 @@ def test_exit_code_and_the_line_that_says_why(kept: Sandbox, case: Case) -> None
         if case.halted:
             stack.enter_context(_halted(sandbox, case.halted))
         if case.refuses_writes:
-            stack.enter_context(_refusing_writes(sandbox, "sys-usb"))
+            stack.enter_context(plugin_knobs(sandbox, "sys-usb", WriteSupported="false"))
         if case.answer is None:
             r = manager(sandbox, *case.argv)
             code, out, err = r.returncode, r.stdout, r.stderr

@@ -14,8 +14,8 @@ from broker.sandbox.launcher import Sandbox
 from tests.sandbox_helpers import (
     WEBCAM_GUID,
     WEBCAM_ID,
-    fwupd_call,
     manager,
+    plugin_knobs,
     qube_paths,
     tree_snapshot,
     webcam_version,
@@ -87,11 +87,8 @@ def test_an_install_the_daemon_refuses_is_a_failure_and_changes_nothing_else(
     dom0 = qube_paths(sandbox, "dom0")
     start = len(_history(sandbox))
     pending = tree_snapshot(dom0.state_dir / "pending-reboot.json")
-    fwupd_call(sandbox, "sys-usb", "ModifyConfig", "sss", "test", "WriteSupported", "false")
-    try:
+    with plugin_knobs(sandbox, "sys-usb", WriteSupported="false"):
         r = manager(sandbox, "update", "-y", WEBCAM_ID)
-    finally:
-        fwupd_call(sandbox, "sys-usb", "ResetConfig", "s", "test")
     assert r.returncode == 1, r.stdout + r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("qubes-fwupdmgr: sys-usb: qubes.FwupdUsbvm+Install failed: "), line

@@ -19,8 +19,8 @@ from broker.sandbox.mirror import rate_file
 from tests.sandbox_helpers import (
     WEBCAM_GUID,
     _manager_command,
-    fwupd_call,
     manager,
+    plugin_knobs,
     webcam_version,
 )
 
@@ -142,12 +142,9 @@ def test_a_slow_install_on_sys_usb_shows_its_fwupds_status_and_percentage(
     at_123: Sandbox,
 ) -> None:
     """sys-usb relays its fwupd's Status and Percentage while it writes (3 s here)."""
-    fwupd_call(at_123, "sys-usb", "ModifyConfig", "sss", "test", "WriteDelay", "3000")
-    try:
+    with plugin_knobs(at_123, "sys-usb", WriteDelay="3000"):
         term = Terminal(at_123, "update", "-y", WEBCAM_GUID)
         code, shown = term.finish()
-    finally:
-        fwupd_call(at_123, "sys-usb", "ResetConfig", "s", "test")
     assert code == 0, shown
     steps = [s for s in shown.replace("\r", "\n").split("\n") if "sys-usb: device-write" in s]
     percents = {int(s.rsplit(" ", 1)[1].rstrip("%")) for s in steps}

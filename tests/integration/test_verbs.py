@@ -9,7 +9,7 @@ import json
 import pytest
 
 from broker.sandbox.launcher import Sandbox
-from tests.sandbox_helpers import WEBCAM_GUID, WEBCAM_ID, fwupd_call, manager, webcam_version
+from tests.sandbox_helpers import WEBCAM_GUID, WEBCAM_ID, manager, plugin_knobs, webcam_version
 
 pytestmark = pytest.mark.sandbox
 
@@ -75,8 +75,7 @@ def test_an_install_that_waits_for_a_reboot_is_pending_and_not_offered_again(
     sandbox = refreshed
     r = manager(sandbox, "install", "-y", f"sys-usb:{WEBCAM_ID}", "1.2.3")
     assert r.returncode == 0, r.stdout + r.stderr
-    fwupd_call(sandbox, "sys-usb", "ModifyConfig", "sss", "test", "NeedsReboot", "true")
-    try:
+    with plugin_knobs(sandbox, "sys-usb", NeedsReboot="true"):
         r = manager(sandbox, "update", "-y", WEBCAM_ID, "--json")
         assert r.returncode == 0, r.stdout + r.stderr
         (device,) = json.loads(r.stdout)["Devices"]  # and the steps went to stderr
@@ -95,8 +94,6 @@ def test_an_install_that_waits_for_a_reboot_is_pending_and_not_offered_again(
         r = manager(sandbox, "check-reboot-needed")
         assert r.returncode == 0, r.stdout + r.stderr
         assert r.stdout.strip() == "Integrated Webcam™ [sys-usb] 1.2.4 waits: restart sys-usb"
-    finally:
-        fwupd_call(sandbox, "sys-usb", "ResetConfig", "s", "test")
     # an explicit install is the admin's choice; done without a reboot, nothing waits
     r = manager(sandbox, "install", "-y", WEBCAM_ID, "1.2.4")
     assert r.returncode == 0, r.stdout + r.stderr

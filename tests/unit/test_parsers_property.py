@@ -17,8 +17,8 @@ from broker.config import Limits, Remote
 from broker.errors import BrokerError
 from broker.jcat import BlobKind, JcatBlob, JcatItem
 from broker.metadata import open_catalog, parse_catalog
+from broker.session import DownloadRequest
 from broker.signatures import TrustStore, verify_file
-from broker.updatevm import DownloadRequest
 from tests.properties import assert_user_message, expect_only_our_errors
 
 REMOTE = Remote("lvfs", "https://cdn.example/firmware.xml.zst")

@@ -50,7 +50,7 @@ from broker.routing import DOM0, QubeDevice
 from broker.sanitize import printable, printable_tree
 from broker.selection import DeviceFilter, select_all, select_one
 from broker.service import log
-from broker.updatevm import Wanted
+from broker.session import Wanted
 
 
 def _p(text: str) -> str:

@@ -41,10 +41,9 @@ from broker.reboots import Pending, PendingReboots
 from broker.remotes import RemoteState, RemoteSwitches
 from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
-from broker.session import ExpectedFile, Outcome, Sessions
+from broker.session import DownloadRequest, ExpectedFile, Outcome, Sessions, Wanted
 from broker.signatures import TrustStore, sha256_fd
 from broker.transfer import CHUNK, UntrustedFiles, install_file, prune_cabs, write_all
-from broker.updatevm import DownloadRequest, Wanted
 from broker.usbvm import UsbvmClient
 
 DOWNLOAD_SERVICE = "qubes.FwupdDownload"

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from broker.cabinet import ExpectedRelease
+from broker.config import check_url
 from broker.errors import FormatError, TransferError
 from broker.sanitize import printable
-from broker.transfer import write_atomic
+from broker.transfer import FRAME_VERSION, is_file_name, write_atomic
 
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -63,6 +64,59 @@ def check_nonce(untrusted_nonce: object) -> str:
     if not isinstance(untrusted_nonce, str) or not _NONCE.fullmatch(untrusted_nonce):
         raise TransferError("malformed session nonce")
     return untrusted_nonce
+
+
+# what dom0 sends qubes.FwupdDownload: the wire form of a session (the UpdateVM parses it)
+@dataclass(frozen=True)
+class Wanted:
+    name: str
+    url: str
+    max_size: int
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    nonce: str
+    kind: str
+    remote: str
+    files: tuple[Wanted, ...]
+
+    def to_json(self) -> bytes:
+        doc = {
+            "version": FRAME_VERSION,
+            "nonce": self.nonce,
+            "kind": self.kind,
+            "remote": self.remote,
+            "files": [w.__dict__ for w in self.files],
+        }
+        return json.dumps(doc).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, line: bytes) -> DownloadRequest:
+        try:
+            doc = json.loads(line)
+            files = tuple(
+                Wanted(
+                    name=_file_name(f["name"]),
+                    url=check_url(str(f["url"]), "download URL"),
+                    max_size=int(f["max_size"]),
+                    sha256=f.get("sha256"),
+                    size=f.get("size"),
+                )
+                for f in doc["files"]
+            )
+            return cls(check_nonce(doc["nonce"]), str(doc["kind"]), str(doc["remote"]), files)
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError("malformed download request") from e
+
+
+def _file_name(value: object) -> str:
+    if not isinstance(value, str) or not is_file_name(value):
+        raise FormatError("download request names an invalid file")
+    return value
+
 
 
 class Sessions:

@@ -10,88 +10,33 @@ dom0's qubes.FwupdReceiveUpdates with the session nonce.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
 
-from broker.config import Limits, Remote, check_url
-from broker.errors import FormatError, LimitExceeded, TransferError, VerificationError
+from broker.config import Limits, Remote
+from broker.errors import LimitExceeded, TransferError, VerificationError
 from broker.metadata import verify_metadata_files
 from broker.qrexec import call, check, transport_from_env
 from broker.service import ServiceContext, run_service
-from broker.session import check_nonce
+from broker.session import DownloadRequest
 from broker.transfer import (
     CHUNK,
-    FRAME_VERSION,
     ProgressLines,
     StreamReader,
-    is_file_name,
     write_all,
     write_frame,
 )
 
 PUSH_SERVICE = "qubes.FwupdReceiveUpdates"
 _GRACE_SECONDS = 10.0  # before the minimum-rate rule applies (TLS set-up, slow start)
-
-
-@dataclass(frozen=True)
-class Wanted:
-    name: str
-    url: str
-    max_size: int
-    sha256: str | None = None
-    size: int | None = None
-
-
-@dataclass(frozen=True)
-class DownloadRequest:
-    nonce: str
-    kind: str
-    remote: str
-    files: tuple[Wanted, ...]
-
-    def to_json(self) -> bytes:
-        doc = {
-            "version": FRAME_VERSION,
-            "nonce": self.nonce,
-            "kind": self.kind,
-            "remote": self.remote,
-            "files": [w.__dict__ for w in self.files],
-        }
-        return json.dumps(doc).encode() + b"\n"
-
-    @classmethod
-    def from_json(cls, line: bytes) -> DownloadRequest:
-        try:
-            doc = json.loads(line)
-            files = tuple(
-                Wanted(
-                    name=_file_name(f["name"]),
-                    url=check_url(str(f["url"]), "download URL"),
-                    max_size=int(f["max_size"]),
-                    sha256=f.get("sha256"),
-                    size=f.get("size"),
-                )
-                for f in doc["files"]
-            )
-            return cls(check_nonce(doc["nonce"]), str(doc["kind"]), str(doc["remote"]), files)
-        except (ValueError, KeyError, TypeError) as e:
-            raise FormatError("malformed download request") from e
-
-
-def _file_name(value: object) -> str:
-    if not isinstance(value, str) or not is_file_name(value):
-        raise FormatError("download request names an invalid file")
-    return value
 
 
 # (done, total or None) after each chunk: how the UpdateVM tells dom0 how far it got

@@ -43,7 +43,7 @@ from broker.fwupd import Device
 from broker.fwupd_json import ERROR_CODES, error_json
 from broker.manager import Manager, Progress
 from broker.metadata import Release
-from broker.qrexec import transport_from_env
+from broker.qrexec import FROM_DOM0
 from broker.reboots import Pending, what_restarts
 from broker.remotes import remote_json
 from broker.routing import DOM0, QubeDevice
@@ -923,7 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(
                 config, updatevm=check_qube_name(args.updatevm, "--updatevm")
             )
-        app = Manager(paths, config, transport_from_env())
+        app = Manager(paths, config, FROM_DOM0)
         if not args.json and not args.quiet and sys.stderr.isatty():
             global _progress
             app.on_progress = _progress = ProgressLine()

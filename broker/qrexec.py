@@ -1,9 +1,8 @@
-"""How a call leaves this qube: the transport seam, chosen once at start-up.
-
-In Qubes, dom0 calls a VM service with ``qvm-run --pass-io --service`` and a VM calls with
-``qrexec-client-vm``; in the sandbox, the launcher sets QUBES_FWUPD_QREXEC_SOCKET and a
-small client hands our stdio to the emulated qrexec daemon. Everything above this module
-only sees :func:`call`.
+"""How a call leaves this qube: dom0 calls a VM service with ``qvm-run --pass-io
+--service``, a VM calls with ``qrexec-client-vm``. The sandbox puts both commands on its
+qubes' PATH (its qrexec emulation's clients, which reach its daemon through the socket the
+launcher names in QUBES_FWUPD_QREXEC_SOCKET). Everything above this module only sees
+:func:`call`.
 """
 
 from __future__ import annotations
@@ -13,12 +12,10 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 from broker.errors import (
@@ -33,31 +30,24 @@ _log = logging.getLogger("qubes-fwupd")
 # progress lines one call may send: an honest one sends a few a second for the
 # transfer deadline; a peer past this fails its call, as one past the output cap does
 _MAX_LINES = 100_000
-SANDBOX_SOCKET_ENV = "QUBES_FWUPD_QREXEC_SOCKET"
 
 
 @dataclass(frozen=True)
 class Transport:
     """Builds the argv of the qrexec client for one call."""
 
-    kind: str  # "dom0" | "vm" | "sandbox"
+    kind: str  # "dom0" | "vm": who calls (the manager in dom0, a service in a VM)
 
     def argv(self, target: str, service: str) -> list[str]:
         if self.kind == "dom0":
             # dom0 -> VM calls are not subject to policy in Qubes; --no-autostart would
             # fail for a halted UpdateVM, which an admin expects to be started
             return ["qvm-run", "--pass-io", "--no-gui", "--service", "--", target, service]
-        if self.kind == "vm":
-            return ["qrexec-client-vm", "--", target, service]
-        return [sys.executable, "-m", "broker.sandbox.qrexec_client", target, service]
+        return ["qrexec-client-vm", "--", target, service]
 
 
-def transport_from_env() -> Transport:
-    if os.environ.get(SANDBOX_SOCKET_ENV):
-        return Transport("sandbox")
-    if Path("/usr/share/qubes/marker-vm").exists():
-        return Transport("vm")
-    return Transport("dom0")
+FROM_DOM0 = Transport("dom0")
+FROM_VM = Transport("vm")
 
 
 @dataclass(frozen=True)

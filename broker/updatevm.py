@@ -24,7 +24,7 @@ import requests
 from broker.config import Limits, Remote
 from broker.errors import LimitExceeded, TransferError, VerificationError
 from broker.metadata import verify_metadata_files
-from broker.qrexec import call, check, transport_from_env
+from broker.qrexec import FROM_VM, call, check
 from broker.service import ServiceContext, run_service
 from broker.session import DownloadRequest
 from broker.transfer import (
@@ -126,7 +126,7 @@ def fetch_and_push(ctx: ServiceContext) -> int:
                 _first_check_metadata(ctx, request, dict(fds))
             frame_header = {"nonce": request.nonce}
             result = call(
-                transport_from_env(),
+                FROM_VM,
                 "dom0",
                 PUSH_SERVICE,
                 feed=lambda out: write_frame(out, frame_header, fds),

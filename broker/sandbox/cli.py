@@ -30,6 +30,7 @@ from broker.sandbox.launcher import (
 )
 from broker.sandbox.pki import certificate_sha256, create_pki
 from broker.sandbox.processes import ProcessTable
+from broker.sandbox.qrexec_client import install_clients
 
 REPO = Path(__file__).resolve().parents[2]
 FWUPD_TESTS = Path("/usr/share/installed-tests/fwupd")
@@ -120,6 +121,7 @@ def up(sandbox: Sandbox) -> None:
         daemons.install_trust_store(sandbox.root(qube), pki)
         write_qube_config(sandbox, qube)
         install_services(sandbox, qube)
+        install_clients(sandbox.root(qube), qube)
     for qube in FWUPD_QUBES:
         daemons.write_fwupd_tree(sandbox, qube)
         daemons.start_fwupd(sandbox, launcher, table, qube)

@@ -45,9 +45,9 @@ from typing import IO, Any, cast
 
 import broker
 from broker.config import ROOT_ENV
-from broker.qrexec import SANDBOX_SOCKET_ENV
 from broker.sandbox.policy import QubeInfo
 from broker.sandbox.processes import ProcessTable, Recorded, proc_stat
+from broker.sandbox.qrexec_client import SANDBOX_SOCKET_ENV
 
 SANDBOX_ENV = "QUBES_FWUPD_SANDBOX"
 QUBE_ENV = "QUBES_FWUPD_QUBE"
@@ -242,7 +242,9 @@ class Launcher:
         root = self.sandbox.root(qube)
         venv_bin = str(Path(sys.executable).parent)
         env = {
-            "PATH": f"{venv_bin}:{_SYSTEM_PATH}",
+            # the qube's own usr/bin first: qrexec's clients (qvm-run in dom0,
+            # qrexec-client-vm in a VM), as the sandbox's up puts them there
+            "PATH": f"{root / 'usr/bin'}:{venv_bin}:{_SYSTEM_PATH}",
             "LANG": "C.UTF-8",
             "HOME": str(root / "home"),
             "TMPDIR": str(root / "tmp"),

@@ -204,9 +204,9 @@ def test_sys_usbs_releases_and_downgrades_arrive_as_its_fwupd_gives_them(
     code = f"""
 import json
 from broker.config import Config, Paths
-from broker.qrexec import transport_from_env
+from broker.qrexec import FROM_DOM0
 from broker.usbvm import UsbvmClient
-client = UsbvmClient(transport_from_env(), "sys-usb", Config.load(Paths.from_env()).limits)
+client = UsbvmClient(FROM_DOM0, "sys-usb", Config.load(Paths.from_env()).limits)
 out = {{}}
 for kind in ("releases", "downgrades", "upgrades"):
     found = client.offers(kind, ["{WEBCAM_ID}"])["{WEBCAM_ID}"]

@@ -19,7 +19,7 @@ def _line(name: object, done: int, total: int | None, unit: str = "bytes") -> by
 
 def _manager(tmp_path: Path) -> tuple[Manager, list[Progress]]:
     shown: list[Progress] = []
-    app = Manager(Paths(tmp_path), Config(), Transport("sandbox"), on_progress=shown.append)
+    app = Manager(Paths(tmp_path), Config(), Transport("dom0"), on_progress=shown.append)
     return app, shown
 
 

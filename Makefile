@@ -1,5 +1,8 @@
 # Every target does its own set-up on a fresh Debian 12 machine (apt-get when root, a venv, pip).
-PYTHON ?= python3
+# Debian's python3 where there is one: the interpreter the packages' scripts name, and one
+# that the sandbox's non-root dom0 service user can run (a pyenv under root's 0700 home
+# it cannot reach, and its tests would then skip)
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # keep it short: unix socket paths under it are limited to 107 bytes
@@ -10,7 +13,7 @@ DEMO_DIR ?= /tmp/qfwupd-demo
 all: test
 
 deps:
-	@tools/system-deps.sh
+	@PYTHON=$(PYTHON) tools/system-deps.sh
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -22,6 +22,9 @@ from broker.signatures import TrustPolicy
 MiB = 1024 * 1024
 
 ROOT_ENV = "QUBES_FWUPD_ROOT"
+# the group standing for ``qubes``: a name, or a bare gid where the host has no such group
+# (the sandbox's dom0, whose services run as a uid it made up)
+DOM0_GROUP_ENV = "QUBES_FWUPD_DOM0_GROUP"
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,14 @@ DOM0_DIR_MODE = 0o2770
 @dataclass(frozen=True)
 class Paths:
     root: Path
+    # who may write dom0's dirs besides root: group name, or gid
+    dom0_group: str | int = DOM0_GROUP
 
     @classmethod
     def from_env(cls) -> Paths:
-        return cls(Path(os.environ.get(ROOT_ENV, "/")))
+        group = os.environ.get(DOM0_GROUP_ENV) or DOM0_GROUP
+        gid = group.isascii() and group.isdigit()
+        return cls(Path(os.environ.get(ROOT_ENV, "/")), int(group) if gid else group)
 
     @property
     def config_dir(self) -> Path:
@@ -146,17 +153,15 @@ class Paths:
         return (self.state_dir, self.sessions_dir, self.cache_dir, self.metadata_dir,
                 self.cabs_dir, self.untrusted_dir, self.log_file.parent)  # fmt: skip
 
-    def make_dom0_dirs(self, group: str = DOM0_GROUP) -> None:
+    def make_dom0_dirs(self) -> None:
         """What systemd-tmpfiles does with the package's snippet, for a dom0 where it has
         not run yet (first use before a reboot, a checkout): each dir made or put back to
-        2770, group ``group`` where that group exists (it does in Qubes' dom0)."""
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            gid = -1
+        2770, group :attr:`dom0_group` where that group exists (it does in Qubes' dom0)."""
+        gid = self._dom0_gid()
         for path in self.dom0_dirs:
             try:
-                path.mkdir(parents=True, exist_ok=True)
+                _make_parents(path)
+                path.mkdir(exist_ok=True)
                 st = path.lstat()
                 if not stat.S_ISDIR(st.st_mode):
                     raise ConfigError(f"{path}: not a directory")
@@ -166,6 +171,31 @@ class Paths:
                     os.chmod(path, DOM0_DIR_MODE, follow_symlinks=False)
             except PermissionError as e:
                 raise ConfigError(f"{path}: {e.strerror} (qubes-fwupdmgr runs as root)") from e
+
+    def _dom0_gid(self) -> int:
+        if isinstance(self.dom0_group, int):
+            return self.dom0_group
+        try:
+            return grp.getgrnam(self.dom0_group).gr_gid
+        except KeyError:
+            return -1
+
+
+def _make_parents(path: Path) -> None:
+    """The missing parents of one of dom0's dirs, 0755 whatever the umask, as
+    systemd-tmpfiles makes them: the service user must pass through them (a root umask
+    of 077 would otherwise lock it out of /var/cache on a fresh tree)."""
+    missing = []
+    for parent in path.parents:
+        if parent.is_dir():
+            break
+        missing.append(parent)
+    for parent in reversed(missing):
+        try:
+            parent.mkdir(mode=0o755)
+        except FileExistsError:
+            continue  # a concurrent run made it: its modes are its own
+        os.chmod(parent, 0o755)  # noqa: S103  /var/lib and /var/cache are 0755 everywhere
 
 
 _QUBE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")

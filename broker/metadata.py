@@ -571,7 +571,11 @@ class MetadataStore:
         pass the check against the same old state and then store in the wrong order.
         Readers handing a generation over take it shared."""
         self.paths.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.paths.state_dir / "metadata.lock", os.O_RDWR | os.O_CREAT, 0o660)
+        # read-only is all flock needs, and the file may be the other side's: made by the
+        # root manager (a reader) or the receive service, it is group-readable only; and
+        # never a link the service left for root to follow
+        flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.paths.state_dir / "metadata.lock", flags, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield

@@ -29,10 +29,24 @@ class ServiceContext:
 def log(paths: Paths, text: str) -> None:
     try:
         paths.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with paths.log_file.open("a", encoding="utf-8") as f:
+        with os.fdopen(_open_log(paths), "a", encoding="utf-8") as f:
             f.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {text}\n")
     except OSError:
         pass  # logging must never turn a verdict into a crash
+
+
+def _open_log(paths: Paths) -> int:
+    """dom0's log is shared by the root manager and the receive service (the login user):
+    whichever makes it leaves it group-writable, or the other's lines would be lost."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(paths.log_file, flags, 0o660)
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o660)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def run_service(name: str, handler: Callable[[ServiceContext], int]) -> int:

@@ -184,6 +184,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
+        os.fchmod(fd, mode)  # a umask of 077 would leave the other side unable to read it
         write_all(fd, data)
         os.fsync(fd)
     finally:

@@ -110,10 +110,12 @@ def call_from(
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def probe(sandbox: Sandbox, qube: str, code: str) -> Any:
-    """Run Python code in the qube, as its own code would run there; the code prints one
-    JSON value, which is returned."""
-    proc = Launcher(sandbox).popen(
+def probe(sandbox: Sandbox, qube: str, code: str, as_service: bool = False) -> Any:
+    """Run Python code in the qube, as its own code would run there (``as_service``: as
+    its qrexec services run, e.g. dom0's as the login user); the code prints one JSON
+    value, which is returned."""
+    launcher = Launcher(sandbox)
+    proc = (launcher.popen_service if as_service else launcher.popen)(
         qube,
         [sys.executable, "-c", code],
         stdin=subprocess.DEVNULL,

@@ -6,7 +6,7 @@ set -euo pipefail
 pkgs=(fwupd fwupd-tests gnupg openssl dbus-daemon dbus-bin iproute2 util-linux ca-certificates man-db
       gcab)
 # a pyenv or other python may bring its own venv/ensurepip; Debian's python3 needs python3-venv
-python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
+"${PYTHON:-python3}" -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -122,6 +122,8 @@ def up(sandbox: Sandbox) -> None:
         write_qube_config(sandbox, qube)
         install_services(sandbox, qube)
         install_clients(sandbox.root(qube), qube)
+    # as the package's tmpfiles snippet makes them at boot, in the group of ours
+    launcher.paths("dom0").make_dom0_dirs()
     for qube in FWUPD_QUBES:
         daemons.write_fwupd_tree(sandbox, qube)
         daemons.start_fwupd(sandbox, launcher, table, qube)
@@ -150,6 +152,7 @@ def up(sandbox: Sandbox) -> None:
         print(f"  isolation: {isolation}: each qube in its own network and mount namespaces")
     else:
         print(f"  isolation: {isolation}: qubes share the host's network and files")
+    print(f"  dom0's qrexec services run as {launcher.service_user()}")
     print(f"use: QUBES_FWUPD_SANDBOX={sandbox.dir} qubes-fwupdmgr refresh")
 
 
@@ -165,6 +168,7 @@ def status(sandbox: Sandbox) -> int:
         dead += not alive
         print(f"  {e.role:<10} {e.qube:<13} pid {e.pid:<8} {'running' if alive else 'DEAD'}")
     print(f"isolation: {Launcher(sandbox).isolation()}")
+    print(f"dom0's qrexec services run as {Launcher(sandbox).service_user()}")
     return 1 if dead else 0
 
 

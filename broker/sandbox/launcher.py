@@ -26,25 +26,34 @@ Isolation (where the kernel allows it) stands in for Xen's:
   still runs in a qube's namespaces.
 - Without root or unprivileged user namespaces, or with QUBES_FWUPD_ISOLATION=off,
   processes start as before; ``DIR/isolation`` records which was chosen at ``up``.
+
+Users, as in Qubes: dom0's qrexec services run as its login user, in group ``qubes``,
+while the manager and the daemons run as root. The sandbox stands for that user with bare
+ids (:data:`DOM0_USER_UID`, :data:`DOM0_QUBES_GID`) and drops to them with ``setpriv``
+(:meth:`Launcher.popen_service`). Only root can change uid: not run as root, services run
+as everything else does. ``DIR/service-user`` records which was chosen at ``up``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import grp
 import os
+import pwd
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
 import broker
-from broker.config import ROOT_ENV
+from broker.config import DOM0_GROUP_ENV, ROOT_ENV, Paths
 from broker.sandbox.policy import QubeInfo
 from broker.sandbox.processes import ProcessTable, Recorded, proc_stat
 from broker.sandbox.qrexec_client import SANDBOX_SOCKET_ENV
@@ -78,6 +87,14 @@ _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _PRIVATE_SCRATCH = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"))  # noqa: S108
 _HOLDER_READY_SECONDS = 15.0
 _TOOLS = ("unshare", "nsenter", "ip")
+
+# dom0's login user and group qubes, with no entry in the host's /etc/passwd or /etc/group.
+# 65536-99999 is a gap no allocator hands out: above Debian's and systemd's ranges (system
+# < 1000, users < 60000, Debian's static 60000-64999, systemd's dynamic users to 65519,
+# nobody 65534) and below useradd's subordinate ids for rootless containers (/etc/subuid,
+# from 100000) and systemd-nspawn's (from 524288)
+DOM0_USER_UID = 89101  # also the gid of its own group, as a login user's private group is
+DOM0_QUBES_GID = 89100
 
 # <sys/mount.h>, <linux/mount.h>, <fcntl.h>
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC = 2, 4, 4096, 16384
@@ -134,6 +151,10 @@ class Sandbox:
     def isolation_file(self) -> Path:
         return self.dir / "isolation"
 
+    @property
+    def service_user_file(self) -> Path:
+        return self.dir / "service-user"
+
     def halted_file(self, qube: str) -> Path:
         """While it exists, the qube is "down": qrexec calls to it fail as qvm-run's do for
         a qube that cannot start (the emulation cannot stop a qube's daemons for real)."""
@@ -160,6 +181,72 @@ class Isolation:
         if word == "on":
             return cls(True, rest == "userns")
         return cls(False, reason=rest or "not recorded")
+
+
+@dataclass(frozen=True)
+class ServiceUser:
+    """Whom dom0's qrexec services run as: its login user (``dropped``), or, where the
+    sandbox cannot change uid, the sandbox's own user, as everything else."""
+
+    dropped: bool
+    reason: str = ""  # why not
+    uid: int = DOM0_USER_UID
+    gid: int = DOM0_USER_UID
+    qubes_gid: int = DOM0_QUBES_GID
+
+    def __str__(self) -> str:
+        if not self.dropped:
+            return f"the sandbox's own user ({self.reason})"
+        return f"uid {self.uid}, gid {self.gid}, group qubes {self.qubes_gid}"
+
+    def line(self) -> str:
+        if not self.dropped:
+            return f"kept {self.reason}\n"
+        return f"dropped {self.uid} {self.gid} {self.qubes_gid}\n"
+
+    @classmethod
+    def parse(cls, text: str) -> ServiceUser:
+        word, _, rest = text.strip().partition(" ")
+        if word == "dropped":
+            uid, gid, qubes_gid = (int(v) for v in rest.split())
+            return cls(True, uid=uid, gid=gid, qubes_gid=qubes_gid)
+        return cls(False, reason=rest or "not recorded")
+
+    def setpriv(self) -> list[str]:
+        """The prefix that makes a command run as this user and nothing more: no
+        capabilities to inherit or regain, and no setuid binary (sudo) to climb back by."""
+        if not self.dropped:
+            return []
+        # setpriv keeps root's capabilities across setresuid (to apply its cap options),
+        # so its own exec still has them: env's exec is that one, and env looks up and
+        # runs the command with this user's rights only
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
+                f"--groups={self.qubes_gid}", "--inh-caps=-all", "--bounding-set=-all",
+                "--no-new-privs", "--", "env", "--"]  # fmt: skip
+
+
+def service_user_available() -> ServiceUser:
+    """Whether dom0's services can run as its login user here (before the probe that
+    :meth:`Launcher.create_qubes` then runs)."""
+    if os.geteuid() != 0:
+        return ServiceUser(False, "not root: only root can change uid")
+    if shutil.which("setpriv", path=_SYSTEM_PATH) is None:
+        return ServiceUser(False, "setpriv not found")
+    user = ServiceUser(True)
+    taken = [f"uid {user.uid}"] if _known(pwd.getpwuid, user.uid) else []
+    taken += [f"gid {g}" for g in (user.gid, user.qubes_gid) if _known(grp.getgrgid, g)]
+    if taken:
+        # it would be a real account's: that user could reach dom0's dirs
+        return ServiceUser(False, f"{', '.join(taken)} already named on this host")
+    return user
+
+
+def _known(lookup: Callable[[int], object], number: int) -> bool:
+    try:
+        lookup(number)
+    except KeyError:
+        return False
+    return True
 
 
 def _code_paths() -> list[Path]:
@@ -238,6 +325,21 @@ class Launcher:
         except FileNotFoundError:
             return Isolation(False, reason="no sandbox was started here")
 
+    def service_user(self) -> ServiceUser:
+        try:
+            return ServiceUser.parse(self.sandbox.service_user_file.read_text())
+        except FileNotFoundError:
+            return ServiceUser(False, "no sandbox was started here")
+
+    def paths(self, qube: str) -> Paths:
+        """The qube's Paths; dom0's name the group its dirs are made in at `up` (ours,
+        where its services run as everything else)."""
+        user = self.service_user()
+        root = self.sandbox.root(qube)
+        if qube == "dom0":
+            return Paths(root, user.qubes_gid if user.dropped else os.getgid())
+        return Paths(root)
+
     def env(self, qube: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         root = self.sandbox.root(qube)
         venv_bin = str(Path(sys.executable).parent)
@@ -254,6 +356,10 @@ class Launcher:
         }
         if qube in FWUPD_QUBES:
             env["DBUS_SYSTEM_BUS_ADDRESS"] = self.sandbox.bus_address(qube)
+        user = self.service_user()
+        if qube == "dom0" and user.dropped:
+            # the host has no group qubes: the manager's Paths must name ours
+            env[DOM0_GROUP_ENV] = str(user.qubes_gid)
         env.update(extra or {})
         return env
 
@@ -279,6 +385,18 @@ class Launcher:
             return self._popen_passing(held, [*enter, *argv], env=self.env(qube, env),
                                        cwd=home, **kwargs)  # fmt: skip
 
+    def popen_service(
+        self,
+        qube: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> subprocess.Popen[bytes]:
+        """A qrexec service in the qube, as the user qrexec runs it as: in dom0, the login
+        user (a VM's services still run as whoever the sandbox runs as)."""
+        prefix = self.service_user().setpriv() if qube == "dom0" else []
+        return self.popen(qube, [*prefix, *argv], env=env, **kwargs)
+
     def popen_on_network_of(
         self, qube: str, argv: Sequence[str], **kwargs: Any
     ) -> subprocess.Popen[bytes]:
@@ -297,16 +415,45 @@ class Launcher:
     # ------------------------------------------------------------------ lifecycle
     def create_qubes(self) -> Isolation:
         """Make every qube's tree root and, where the kernel allows it, its namespaces
-        (one holder process each, in the PID table as soon as it exists)."""
+        (one holder process each, in the PID table as soon as it exists); then decide
+        whom dom0's services run as."""
         for qube in QUBES:
             for sub in ("home", "tmp"):
                 (self.sandbox.root(qube) / sub).mkdir(parents=True, exist_ok=True)
+            # the qube's /tmp: its services' scratch whatever user they run as
+            os.chmod(self.sandbox.root(qube) / "tmp", 0o1777)  # noqa: S103  as /tmp is
         isolation = isolation_available(self.sandbox)
         # written before the first holder: from now on no process of a qube may start
         # outside its namespaces, whatever happens to `up`
         self.sandbox.isolation_file.write_text(isolation.line())
-        if not isolation.on:
-            return isolation
+        if isolation.on:
+            self._start_holders(isolation)
+        self.sandbox.service_user_file.write_text(self._choose_service_user().line())
+        return isolation
+
+    def _choose_service_user(self) -> ServiceUser:
+        user = service_user_available()
+        if not user.dropped:
+            return user
+        # dom0's tree must be reachable through DIR, which may be mkdtemp's 0700
+        for d in (self.sandbox.dir, self.sandbox.dir / "vm", self.sandbox.root("dom0")):
+            os.chmod(d, stat.S_IMODE(d.stat().st_mode) | stat.S_IXOTH)
+        # probed, not guessed: the python3 our entry points' #! finds, the code and dom0's
+        # tree, as that user (a venv's interpreter under root's 0700 home is out of reach,
+        # and PATH then finds another)
+        code = (f"import os, sys\nif sys.prefix != {sys.prefix!r}:\n"
+                f"    sys.exit(f'python3 is {{sys.executable}}, not {sys.executable}')\n"
+                f"import broker.receive\nos.listdir(os.environ[{ROOT_ENV!r}])")  # fmt: skip
+        proc = self.popen("dom0", [*user.setpriv(), "python3", "-c", code],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)  # fmt: skip
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            why = (err.decode(errors="replace").strip().splitlines() or ["failed"])[-1]
+            return ServiceUser(False, f"uid {user.uid} cannot run dom0's code here: {why}")
+        return user
+
+    def _start_holders(self, isolation: Isolation) -> None:
         self.sandbox.log_dir.mkdir(parents=True, exist_ok=True)
         started = []
         for qube in QUBES:
@@ -323,7 +470,6 @@ class Launcher:
             started.append((qube, proc))
         for qube, proc in started:
             _wait_ready(proc, self.sandbox.log_dir / f"{qube}-ns.log", qube)
-        return isolation
 
     def stop_all(self) -> list[str]:
         """Stop every recorded process (newest first: the holders go last), then anything
@@ -343,6 +489,7 @@ class Launcher:
                 ns.close()
         if not self.table.entries():
             self.sandbox.isolation_file.unlink(missing_ok=True)
+            self.sandbox.service_user_file.unlink(missing_ok=True)
         return report
 
     # ------------------------------------------------------------------ internals

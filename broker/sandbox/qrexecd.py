@@ -7,8 +7,9 @@ cleaned to ``A-Za-z0-9_.-+``, a missing argument becomes ``+``, calls from dom0 
 policy, other calls are evaluated against ``policy.d`` (a syntax error denies all), a
 refusal is "Request refused" on the caller's stderr and exit 126, a missing service 127,
 a target marked halted (:meth:`Sandbox.halted_file`) one line and exit 1, as qvm-run.
-The service runs in the target qube through the launcher, with QREXEC_* set by us, and
-the caller's own stdin/stdout/stderr (received over SCM_RIGHTS) as its channel.
+The service runs in the target qube through the launcher, as the user qrexec runs it as
+there, with QREXEC_* set by us, and the caller's own stdin/stdout/stderr (received over
+SCM_RIGHTS) as its channel.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Daemon:
                 "QREXEC_REQUESTED_TARGET_TYPE": "name" if resolved == "dom0" else "",
             }
             argv = [str(path), *([arg] if arg else [])]
-            proc = self.launcher.popen(
+            proc = self.launcher.popen_service(
                 resolved, argv, env=env, stdin=fds[0], stdout=fds[1], stderr=fds[2]
             )
             # our copies must go, or the caller would never see EOF from the service

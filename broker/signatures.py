@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import inspect
 import os
 import re
 import selectors
@@ -657,6 +658,15 @@ def _check_signature_packets(data: bytes) -> None:
         raise VerificationError(f"more than {_MAX_GPG_SIGNATURES} PGP signatures")
 
 
+# gpg's environment is ours to set from python-gnupg 0.5.1 on; Debian 12's 0.4.9 (and
+# so its templates) passes the caller's on, and there gpg is named by its full path
+_GPG_ENV: dict[str, Any] = (
+    {"env": dict(_ENV)}
+    if "env" in inspect.signature(gnupg.GPG.__init__).parameters
+    else {"gpgbinary": "/usr/bin/gpg"}
+)
+
+
 class _BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg ships no type hints
     """python-gnupg with a deadline on every gpg it starts; it has none of its own."""
 
@@ -668,7 +678,7 @@ class _BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg ships no typ
             # --no-autostart: verifying and importing public keys needs no agent or
             # dirmngr; --log-file: stderr then carries nothing but status lines
             options=["--no-autostart", "--no-auto-key-retrieve", "--log-file", "/dev/null"],
-            env=dict(_ENV),
+            **_GPG_ENV,
         )
 
     def _open_subprocess(self, args: list[str], passphrase: bool = False) -> Any:
@@ -793,8 +803,10 @@ def _verify_gpg(fd: int, armored: str, trust: TrustStore, problems: list[str]) -
             sig_path = Path(home, "signature.sig")
             sig_path.write_bytes(binary)
             # gpg re-opens our descriptor through /proc: the inode we hold, never a name
-            # that someone could swap
-            result = gpg.verify_file(str(sig_path), data_filename=f"/proc/{os.getpid()}/fd/{fd}")
+            # that someone could swap. The signature goes as a file object: python-gnupg
+            # 0.4.9 (Debian 12) takes no path there
+            with sig_path.open("rb") as sig:
+                result = gpg.verify_file(sig, data_filename=f"/proc/{os.getpid()}/fd/{fd}")
             if gpg.timed_out:
                 raise VerificationError(f"gpg did not finish within {_TIMEOUT_S:.0f} s")
         finally:

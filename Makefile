@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # keep it short: unix socket paths under it are limited to 107 bytes
 DEMO_DIR ?= /tmp/qfwupd-demo
 
-.PHONY: all deps venv lint unit test demo bench man clean
+.PHONY: all deps venv lint unit test demo bench man install packages clean
 
 all: test
 
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 venv: deps $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check broker tests qrexec bench
+	$(VENV)/bin/ruff check broker tests qrexec bench packaging
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -42,6 +42,23 @@ man: venv
 	mkdir -p build
 	$(PY) -m broker.manpage > build/qubes-fwupdmgr.1
 	$(PY) -m broker.completion > build/qubes-fwupdmgr.bash-completion
+
+# what the packages hold, laid out under DESTDIR (packaging/install.py; the rpm specs and
+# debian/rules call this). COMPONENT: dom0, vm (vm-common, updatevm, usbvm) or all.
+# PYTHON must import the CLI's modules (the man page is written from its parser);
+# PKG_PYTHON is the interpreter the installed scripts name.
+PREFIX     ?= /usr
+SYSCONFDIR ?= /etc
+COMPONENT  ?= all
+PKG_PYTHON ?= /usr/bin/python3
+install:
+	$(PYTHON) packaging/install.py --destdir "$(DESTDIR)" --prefix "$(PREFIX)" \
+	  --sysconfdir "$(SYSCONFDIR)" --python "$(PKG_PYTHON)" $(COMPONENT)
+
+# the rpms (rpmbuild, also on Debian) and the VM debs (dpkg-buildpackage) into
+# build/packages, each with its file list and rpmlint/lintian's report
+packages: deps
+	$(PYTHON) packaging/build.py --out build/packages
 
 # peak memory of dom0's metadata path on the sandbox (LVFS-scale and hostile catalogs),
 # beside fwupd's own growth measured in the same run; about 15 s

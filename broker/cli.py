@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import broker
 from broker import fwupd_json, history, versions
 from broker.config import Config, Paths, check_qube_name
 from broker.errors import (
@@ -750,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_MEANINGS),
         parents=[_global_flags(defaults=True)],
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {broker.__version__}")
     verb_flags = _global_flags(defaults=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser(
@@ -881,32 +881,34 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _version() -> str:
+def _in_sandbox_dom0(args_list: list[str]) -> int | None:
+    """With QUBES_FWUPD_SANDBOX set, outside a qube: this run restarted in the sandbox's
+    dom0, as the launcher starts a qube's process; its exit code. None: run here. No
+    package ships the sandbox, so an installed qubes-fwupdmgr always runs here."""
     try:
-        return importlib.metadata.version("qubes-fwupd-broker")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+        from broker.sandbox.launcher import QUBE_ENV, Launcher, Sandbox  # the seam
+    except ModuleNotFoundError:
+        return None
+    sandbox = Sandbox.from_env()
+    if sandbox is None or os.environ.get(QUBE_ENV):
+        return None
+    if not sandbox.bus_socket("dom0").exists():
+        print(f"qubes-fwupdmgr: no sandbox is up in {sandbox.dir} (qubes-fwupd-sandbox up "
+              f"--dir {sandbox.dir})", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    proc = Launcher(sandbox).popen("dom0", [sys.executable, "-m", "broker.cli", *args_list])
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue  # a terminal's Ctrl-C reached dom0's run too: it says what happened
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    from broker.sandbox.launcher import QUBE_ENV, Sandbox  # the seam: only read at entry
-
-    sandbox = Sandbox.from_env()
-    if sandbox is not None and not os.environ.get(QUBE_ENV):
-        # acting as dom0 of a sandbox: start ourselves in its dom0, as the launcher does
-        from broker.sandbox.launcher import Launcher
-
-        if not sandbox.bus_socket("dom0").exists():
-            print(f"qubes-fwupdmgr: no sandbox is up in {sandbox.dir} (qubes-fwupd-sandbox up "
-                  f"--dir {sandbox.dir})", file=sys.stderr)  # fmt: skip
-            return EXIT_FAILURE
-        proc = Launcher(sandbox).popen("dom0", [sys.executable, "-m", "broker.cli", *args_list])
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:
-                continue  # a terminal's Ctrl-C reached dom0's run too: it says what happened
+    relaunched = _in_sandbox_dom0(args_list)
+    if relaunched is not None:
+        return relaunched
     args = parse_args(args_list)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

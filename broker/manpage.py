@@ -117,9 +117,10 @@ def render(parser: argparse.ArgumentParser, version: str) -> str:
 
 
 def main() -> int:
-    from broker.cli import _version, build_parser
+    import broker
+    from broker.cli import build_parser
 
-    sys.stdout.write(render(build_parser(), _version()))
+    sys.stdout.write(render(build_parser(), broker.__version__))
     return 0
 
 

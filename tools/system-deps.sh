@@ -3,8 +3,13 @@
 # As root: apt-get installs what is missing. Otherwise: one line naming what is missing, exit 1.
 set -euo pipefail
 # gcab: the cab walker is compared with it (a missing tool would skip that test)
+# procps: tests look for stray processes with pgrep
 pkgs=(fwupd fwupd-tests gnupg openssl dbus-daemon dbus-bin iproute2 util-linux ca-certificates man-db
-      gcab)
+      gcab procps)
+# the packages are built and checked (tests/packaging): rpm and its lint on Debian too, the
+# VM debs, and Debian's python modules, which the installed scripts' /usr/bin/python3 imports
+pkgs+=(rpm rpm2cpio cpio rpmlint lintian dpkg-dev debhelper dh-python fakeroot
+       python3-dbus-next python3-lxml python3-requests python3-gnupg python3-zstandard)
 # a pyenv or other python may bring its own venv/ensurepip; Debian's python3 needs python3-venv
 "${PYTHON:-python3}" -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
 missing=()

@@ -377,6 +377,38 @@ def test_doctype_is_refused_inside_compressed_metadata(fd_of: FdOf) -> None:
         parse_catalog(stream, REMOTE, Limits())
 
 
+class _Reads(io.BytesIO):
+    """A stream that records how much libxml2 was handed."""
+
+    handed = 0
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = super().read(n)
+        self.handed += len(data)
+        return data
+
+
+@pytest.mark.parametrize("prolog", [
+    b'<?xml version="1.0"?>\n<!-- an LVFS catalog -->\n<!DOCTYPE components>',
+    b'<?xml version="1.0"?><?pi x?>\n<!ENTITY e "x">',
+])  # fmt: skip
+def test_a_doctype_after_the_declaration_comments_and_pis_is_refused_before_parsing(
+    prolog: bytes,
+) -> None:
+    doc = prolog + b"\n<components>" + b"<component/>" * 10_000 + b"</components>"
+    stream = _Reads(doc)
+    with pytest.raises(FormatError, match="DOCTYPE"):
+        parse_catalog(stream, REMOTE, Limits())
+    # refused on the first read, before the rest of the document was handed over
+    assert stream.handed < len(doc)
+
+
+def test_a_prolog_without_end_is_refused() -> None:
+    doc = b'<?xml version="1.0"?>' + b"<!-- padding -->" * 10_000
+    with pytest.raises(FormatError, match="bytes before its root element"):
+        parse_catalog(io.BytesIO(doc), REMOTE, Limits())
+
+
 @pytest.mark.parametrize(
     "doc",
     [

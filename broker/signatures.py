@@ -24,7 +24,6 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
-import inspect
 import os
 import re
 import selectors
@@ -658,17 +657,10 @@ def _check_signature_packets(data: bytes) -> None:
         raise VerificationError(f"more than {_MAX_GPG_SIGNATURES} PGP signatures")
 
 
-# gpg's environment is ours to set from python-gnupg 0.5.1 on; Debian 12's 0.4.9 (and
-# so its templates) passes the caller's on, and there gpg is named by its full path
-_GPG_ENV: dict[str, Any] = (
-    {"env": dict(_ENV)}
-    if "env" in inspect.signature(gnupg.GPG.__init__).parameters
-    else {"gpgbinary": "/usr/bin/gpg"}
-)
-
-
 class _BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg ships no type hints
-    """python-gnupg with a deadline on every gpg it starts; it has none of its own."""
+    """python-gnupg with a deadline on every gpg it starts (it has none of its own), each
+    started with our environment: python-gnupg sets one only from 0.5.1, and Debian 12's
+    0.4.9 would pass the caller's on."""
 
     def __init__(self, home: str) -> None:
         self._timers: list[threading.Timer] = []
@@ -678,11 +670,14 @@ class _BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg ships no typ
             # --no-autostart: verifying and importing public keys needs no agent or
             # dirmngr; --log-file: stderr then carries nothing but status lines
             options=["--no-autostart", "--no-auto-key-retrieve", "--log-file", "/dev/null"],
-            **_GPG_ENV,
         )
 
     def _open_subprocess(self, args: list[str], passphrase: bool = False) -> Any:
-        proc = super()._open_subprocess(args, passphrase)
+        proc = subprocess.Popen(
+            self.make_args(args, passphrase),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(_ENV),
+        )  # fmt: skip
         timer = threading.Timer(_TIMEOUT_S, self._expire, (proc,))
         timer.daemon = True
         timer.start()

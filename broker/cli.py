@@ -888,6 +888,12 @@ def _in_sandbox_dom0(args_list: list[str]) -> int | None:
     try:
         from broker.sandbox.launcher import QUBE_ENV, Launcher, Sandbox  # the seam
     except ModuleNotFoundError:
+        if os.environ.get("QUBES_FWUPD_SANDBOX"):
+            # meant for a sandbox, it must not act on this machine's dom0 instead
+            print("qubes-fwupdmgr: QUBES_FWUPD_SANDBOX is set, but this qubes-fwupdmgr "
+                  "has no sandbox (it is the installed one): unset it",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_FAILURE
         return None
     sandbox = Sandbox.from_env()
     if sandbox is None or os.environ.get(QUBE_ENV):

@@ -89,22 +89,28 @@ class Layout:
 
 
 def entry_point(source: str, installed: str, layout: Layout) -> str:
-    """The checkout's thin entry point, with the packaged python in its #! line (-s: no
-    user site-packages; -P: not the script's own dir, /etc/qubes-rpc) and broker/ put
-    first on sys.path, found relative to the script's real path."""
+    """The checkout's thin entry point, with the packaged python in its #! line (-I: no
+    PYTHON* variables, no user site-packages, not the script's own dir, /etc/qubes-rpc)
+    and broker/ first on sys.path, found relative to the script's real path. Without that
+    dir (a removed package's leftover conffile) it stops with one line, never falling
+    back to some other broker on the path."""
     lines = (SOURCE / source).read_text().splitlines(keepends=True)[1:]
     header = [line for line in lines if line.startswith("#")]
     header = lines[: len(header)] if lines[: len(header)] == header else []
     code = f"{layout.prefix}/{CODE_DIR}"
     relative = os.path.relpath(code, os.path.dirname(installed))
+    name = os.path.basename(installed)
     return "".join([
-        f"#!{layout.python} -sP\n",
+        f"#!{layout.python} -I\n",
         *header,
         "import os as _os\n",
         "import sys as _sys\n\n",
         "# where the package put broker/ (relative: an unpacked tree runs its own copy)\n",
-        "_sys.path.insert(0, _os.path.normpath(_os.path.join(\n",
-        f"    _os.path.dirname(_os.path.realpath(__file__)), {relative!r})))\n",
+        "_code = _os.path.normpath(_os.path.join(\n",
+        f"    _os.path.dirname(_os.path.realpath(__file__)), {relative!r}))\n",
+        "if not _os.path.isdir(_os.path.join(_code, 'broker')):\n",
+        f"    _sys.exit(f'{name}: {{_code}}/broker is missing (is qubes-fwupd installed?)')\n",
+        "_sys.path.insert(0, _code)\n",
         *lines[len(header):],
     ])
 

@@ -98,9 +98,9 @@ def test_installed_entry_points_find_their_code_from_their_own_path(tmp_path: Pa
     for component in ("dom0", "updatevm", "usbvm"):
         for source, template, module in install.ENTRIES[component]:
             text = install.entry_point(source, layout.path(template), layout)
-            assert text.startswith("#!/usr/bin/python3 -sP\n")
+            assert text.startswith("#!/usr/bin/python3 -I\n")
             # from /usr/bin or /etc/qubes-rpc, the relative path lands on /usr/share/...
-            rel = re.search(r"realpath\(__file__\)\), '([^']+)'", text)
+            rel = re.search(r"realpath\(__file__\)\), '([^']+)'\)\)", text)
             assert rel is not None
             here = Path(layout.path(template)).parent
             assert (here / rel.group(1)).resolve() == Path("/usr/share/qubes-fwupd")

@@ -99,6 +99,18 @@ def test_the_unpacked_dom0_rpm_runs_its_own_qubes_fwupdmgr(built: Path, tmp_path
         REPO / "policies/85-qubes-fwupd.policy"
     ).read_bytes()
     assert (tree / "etc/qubes-rpc/qubes.FwupdReceiveUpdates").stat().st_mode & 0o777 == 0o755
+    # the installed one has no sandbox: pointed at one, it refuses rather than act on dom0
+    aimed = subprocess.run([str(tool), "get-devices"], env={**env, "QUBES_FWUPD_SANDBOX": "/x"},
+                           cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
+    assert aimed.returncode == 1 and "has no sandbox" in aimed.stderr, aimed
+    # without its code (a removed package's leftover), one line, and no other broker is
+    # taken from the environment (-I), not even the checkout's
+    shutil.rmtree(tree / "usr/share/qubes-fwupd")
+    gone = subprocess.run([str(tool), "--version"], env={**env, "PYTHONPATH": str(REPO)},
+                          cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
+    assert gone.returncode == 1, gone
+    assert gone.stderr == f"qubes-fwupdmgr: {tree}/usr/share/qubes-fwupd/broker is missing " \
+        "(is qubes-fwupd installed?)\n"
 
 
 def _dpkg_install(built: Path, root: Path, *packages: str) -> None:
@@ -161,14 +173,14 @@ def test_the_vm_debs_installed_in_the_qubes_serve_a_refresh(debs_in_the_qubes: S
     for qube, service in (("sys-firewall", "qubes.FwupdDownload"), ("sys-usb", "qubes.FwupdUsbvm")):
         installed = sandbox.rpc_dir(qube) / service
         assert not installed.is_symlink() and installed.read_text().startswith(
-            "#!/usr/bin/python3 -sP\n"
+            "#!/usr/bin/python3 -I\n"
         )  # fmt: skip
         # the deb's code is the checkout's, byte for byte
         code = sandbox.root(qube) / "usr/share/qubes-fwupd/broker"
         for module in code.glob("*.py"):
             assert module.read_bytes() == (REPO / "broker" / module.name).read_bytes()
     log_file = sandbox.log_dir / "qrexec.log"
-    seen = len(log_file.read_text())
+    seen = len(log_file.read_text()) if log_file.exists() else 0
     # 2: the mirror's metadata was current already (earlier tests refreshed): it was
     # still downloaded, checked and pushed by the installed service
     r = manager(sandbox, "refresh", "--force")

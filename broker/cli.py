@@ -7,6 +7,7 @@ update was declined), 3 no such device, 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,6 +30,7 @@ from broker.errors import (
     EXIT_MEANINGS,
     EXIT_OK,
     BrokerError,
+    Busy,
     DaemonError,
     FormatError,
     LimitExceeded,
@@ -47,6 +49,7 @@ from broker.qrexec import FROM_DOM0
 from broker.reboots import Pending, what_restarts
 from broker.remotes import remote_json
 from broker.routing import DOM0, QubeDevice
+from broker.runlock import run_lock
 from broker.sanitize import printable, printable_tree
 from broker.selection import DeviceFilter, select_all, select_one
 from broker.service import log
@@ -825,6 +828,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the verbs that change state, one run at a time (broker.runlock); the others never wait
+_CHANGES_STATE = frozenset({
+    cmd_refresh, cmd_update, cmd_install, cmd_local_install, cmd_reinstall, cmd_downgrade,
+    cmd_clean, cmd_clear_results, cmd_enable_remote, cmd_disable_remote,
+})  # fmt: skip
+
+
 def _flags_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """The global flags moved in front of the verb, as getopt lets fwupdmgr take them
     anywhere (argparse wants a verb's positionals together: `local-install F -y DEV`)."""
@@ -864,6 +874,7 @@ def _fwupd_error_code(error: BrokerError) -> int:
     for kind, name in (
         (NotFound, "NotFound"),
         (NothingToDo, "NothingToDo"),
+        (Busy, "Busy"),
         (VerificationError, "SignatureInvalid"),
         (LimitExceeded, "InvalidFile"),
         (FormatError, "InvalidData"),
@@ -935,7 +946,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.json and not args.quiet and sys.stderr.isatty():
             global _progress
             app.on_progress = _progress = ProgressLine()
-        code: int = args.func(app, args)
+        changes = args.func in _CHANGES_STATE
+        with run_lock(paths.run_lock, args.command, config.lock_wait_seconds) if changes \
+                else contextlib.nullcontext():  # fmt: skip
+            code: int = args.func(app, args)
         return code
     except KeyboardInterrupt:
         print("\nqubes-fwupdmgr: interrupted", file=sys.stderr)

@@ -94,6 +94,12 @@ class Paths:
         return self.config_dir / "qubes-fwupd.conf"
 
     @property
+    def run_lock(self) -> Path:
+        """One manager at a time: in a root-only dir of its own (not dom0's 2770 dirs,
+        where the receive service could leave something in its place)."""
+        return self.root / "run/qubes-fwupd/manager.lock"
+
+    @property
     def state_dir(self) -> Path:
         return self.root / "var/lib/qubes-fwupd"
 
@@ -272,7 +278,7 @@ class Remote:
 _MAIN_KEYS = frozenset(
     {
         "updatevm", "usbvm", "metadata_max_age_days", "metadata_future_margin_hours",
-        "cab_cache_max_mib", "update_max_devices", "signature_kinds",
+        "cab_cache_max_mib", "update_max_devices", "signature_kinds", "lock_wait_seconds",
     }
 )  # fmt: skip
 _REMOTE_KEYS = frozenset(
@@ -332,6 +338,9 @@ class Config:
     # one run installs on at most this many devices unless they are named (a hostile
     # sys-usb could claim a device per catalog component)
     update_max_devices: int = 8
+    # a run that would change state waits this long for another one to finish (an admin's
+    # install, a timer's refresh), then says who holds the lock
+    lock_wait_seconds: int = 60
     # which signature kinds count; a file needs a matching sha256 and one trusted signature
     # of these kinds (a signature this machine cannot check never counts)
     trust: TrustPolicy = field(default_factory=TrustPolicy)
@@ -401,6 +410,7 @@ class Config:
             ("metadata_future_margin_hours", cls.metadata_future_margin_hours),
             ("cab_cache_max_mib", cls.cab_cache_max_mib),
             ("update_max_devices", cls.update_max_devices),
+            ("lock_wait_seconds", cls.lock_wait_seconds),
         ):
             try:
                 numbers[key] = int(main.get(key, str(default)))
@@ -422,6 +432,7 @@ class Config:
             metadata_future_margin_hours=numbers["metadata_future_margin_hours"],
             cab_cache_max_mib=numbers["cab_cache_max_mib"],
             update_max_devices=numbers["update_max_devices"],
+            lock_wait_seconds=numbers["lock_wait_seconds"],
             trust=TrustPolicy(accepted=kinds),
         )
 

@@ -82,6 +82,10 @@ class NoMetadata(BrokerError):
     """No verified metadata yet: nothing can be said about updates until a refresh."""
 
 
+class Busy(BrokerError):
+    """Another qubes-fwupdmgr holds the run lock (broker.runlock)."""
+
+
 class NotFound(BrokerError):
     """No device, release or remote matches what the user named."""
 

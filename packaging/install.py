@@ -26,7 +26,8 @@ _COMMON = ("__init__", "cabinet", "config", "errors", "jcat", "metadata", "qrexe
            "sanitize", "service", "session", "signatures", "transfer")  # fmt: skip
 MODULES: dict[str, tuple[str, ...]] = {
     "dom0": (*_COMMON, "cli", "fwupd", "fwupd_json", "history", "manager", "offers",
-             "receive", "reboots", "remotes", "routing", "selection", "usbvm", "versions"),
+             "receive", "reboots", "remotes", "routing", "runlock", "selection", "usbvm",
+             "versions"),
     # both VM services, in one package: sys-usb and the UpdateVM often share a template
     "vm-common": (*_COMMON, "fwupd", "fwupd_json", "updatevm", "usbvm"),
 }  # fmt: skip

@@ -54,6 +54,7 @@ from broker.sanitize import printable, printable_tree
 from broker.selection import DeviceFilter, select_all, select_one
 from broker.service import log
 from broker.session import Wanted
+from broker.unattended import UnattendedPolicy
 
 
 def _p(text: str) -> str:
@@ -225,6 +226,10 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
             return _finish(app, EXIT_FAILURE)
         named_text = f" for {', '.join(_p(d) for d in args.devices)}" if args.devices else ""
         raise NothingToDo(f"no updates available{named_text}")
+    if args.unattended:
+        found = _unattended(app, args, found)
+        if not found:
+            return _finish(app, NothingToDo.exit_code)
     limit = app.config.update_max_devices
     if not args.devices and len(found) > limit:
         print(
@@ -246,6 +251,26 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
         _print_applied(app, args, done)
     # every update declined: nothing done, as fwupdmgr says it
     return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+
+
+def _unattended(
+    app: Manager, args: argparse.Namespace, found: list[tuple[QubeDevice, list[Release]]]
+) -> list[tuple[QubeDevice, list[Release]]]:
+    """The updates unattended.conf allows, to be installed without a question; each of
+    the others named on stdout with why it waits for a person."""
+    policy = UnattendedPolicy.load(app.paths.unattended_file)
+    for warning in policy.warnings:
+        print(f"qubes-fwupdmgr: warning: {printable(warning, 300)}", file=sys.stderr)
+    allowed = []
+    for qd, releases in found:
+        why = policy.refusal(qd, releases[0])
+        if why is None:
+            allowed.append((qd, releases))
+            continue
+        desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> "
+        _say(args, f"Waits for a person: {desc}{_p(releases[0].version)}: {why}")
+    args.assume_yes = True
+    return allowed
 
 
 @dataclass(frozen=True)
@@ -769,6 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("update", aliases=["upgrade"], parents=[verb_flags],
                        help="update the named devices, or all")  # fmt: skip
     p.add_argument("devices", nargs="*", metavar="DEVICE", help=_DEVICE_HELP)
+    p.add_argument("--unattended", action="store_true",
+                   help="install, without asking, only what /etc/qubes-fwupd/unattended.conf "
+                   "allows (by default nothing) and name the rest")  # fmt: skip
     p.set_defaults(func=cmd_update)
     p = sub.add_parser(
         "get-releases", help="releases a device may take (its fwupd's word, dom0's catalog)",

@@ -94,6 +94,11 @@ class Paths:
         return self.config_dir / "qubes-fwupd.conf"
 
     @property
+    def unattended_file(self) -> Path:
+        """What `update --unattended` may install (broker.unattended); none by default."""
+        return self.config_dir / "unattended.conf"
+
+    @property
     def run_lock(self) -> Path:
         """One manager at a time: in a root-only dir of its own (not dom0's 2770 dirs,
         where the receive service could leave something in its place)."""

@@ -26,8 +26,8 @@ _COMMON = ("__init__", "cabinet", "config", "errors", "jcat", "metadata", "qrexe
            "sanitize", "service", "session", "signatures", "transfer")  # fmt: skip
 MODULES: dict[str, tuple[str, ...]] = {
     "dom0": (*_COMMON, "cli", "fwupd", "fwupd_json", "history", "manager", "offers",
-             "receive", "reboots", "remotes", "routing", "runlock", "selection", "usbvm",
-             "versions"),
+             "receive", "reboots", "remotes", "routing", "runlock", "selection", "unattended",
+             "usbvm", "versions"),
     # both VM services, in one package: sys-usb and the UpdateVM often share a template
     "vm-common": (*_COMMON, "fwupd", "fwupd_json", "updatevm", "usbvm"),
 }  # fmt: skip
@@ -50,6 +50,7 @@ DATA: dict[str, tuple[tuple[str, str], ...]] = {
     "dom0": (
         ("policies/85-qubes-fwupd.policy", "{sysconfdir}/qubes/policy.d/85-qubes-fwupd.policy"),
         ("packaging/qubes-fwupd.conf", "{sysconfdir}/qubes-fwupd/qubes-fwupd.conf"),
+        ("packaging/unattended.conf", "{sysconfdir}/qubes-fwupd/unattended.conf"),
         ("packaging/tmpfiles.d/qubes-fwupd-dom0.conf",
          "{prefix}/lib/tmpfiles.d/qubes-fwupd-dom0.conf"),
     ),

@@ -49,7 +49,7 @@ from broker.qrexec import FROM_DOM0
 from broker.reboots import Pending, what_restarts
 from broker.remotes import remote_json
 from broker.routing import DOM0, QubeDevice
-from broker.runlock import run_lock
+from broker.runlock import check_inhibit, run_lock
 from broker.sanitize import printable, printable_tree
 from broker.selection import DeviceFilter, select_all, select_one
 from broker.service import log
@@ -861,6 +861,10 @@ _CHANGES_STATE = frozenset({
     cmd_refresh, cmd_update, cmd_install, cmd_local_install, cmd_reinstall, cmd_downgrade,
     cmd_clean, cmd_clear_results, cmd_enable_remote, cmd_disable_remote,
 })  # fmt: skip
+# what an inhibit file holds back (remotes, results and clean still work)
+_REFRESHES_OR_INSTALLS = frozenset({
+    cmd_refresh, cmd_update, cmd_install, cmd_local_install, cmd_reinstall, cmd_downgrade,
+})  # fmt: skip
 
 
 def _flags_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -977,6 +981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes = args.func in _CHANGES_STATE
         with run_lock(paths.run_lock, args.command, config.lock_wait_seconds) if changes \
                 else contextlib.nullcontext():  # fmt: skip
+            if args.func in _REFRESHES_OR_INSTALLS:
+                check_inhibit(paths.root, config.inhibit_files)
             code: int = args.func(app, args)
         return code
     except KeyboardInterrupt:

@@ -284,6 +284,7 @@ _MAIN_KEYS = frozenset(
     {
         "updatevm", "usbvm", "metadata_max_age_days", "metadata_future_margin_hours",
         "cab_cache_max_mib", "update_max_devices", "signature_kinds", "lock_wait_seconds",
+        "inhibit_files",
     }
 )  # fmt: skip
 _REMOTE_KEYS = frozenset(
@@ -346,6 +347,9 @@ class Config:
     # a run that would change state waits this long for another one to finish (an admin's
     # install, a timer's refresh), then says who holds the lock
     lock_wait_seconds: int = 60
+    # while one of these exists, nothing is refreshed or installed (an admin's hold: the
+    # one under /run lasts until a reboot); absolute paths, read from dom0's root
+    inhibit_files: tuple[str, ...] = ("/etc/qubes-fwupd/inhibit", "/run/qubes-fwupd/inhibit")
     # which signature kinds count; a file needs a matching sha256 and one trusted signature
     # of these kinds (a signature this machine cannot check never counts)
     trust: TrustPolicy = field(default_factory=TrustPolicy)
@@ -438,8 +442,19 @@ class Config:
             cab_cache_max_mib=numbers["cab_cache_max_mib"],
             update_max_devices=numbers["update_max_devices"],
             lock_wait_seconds=numbers["lock_wait_seconds"],
+            inhibit_files=_inhibit_files(main.get("inhibit_files"), cls.inhibit_files),
             trust=TrustPolicy(accepted=kinds),
         )
+
+
+def _inhibit_files(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if value is None:
+        return default
+    files = tuple(value.split())
+    for f in files:
+        if not f.startswith("/") or "\x00" in f or ".." in f.split("/"):
+            raise ConfigError(f"inhibit_files: {f[:80]!r} is not an absolute path")
+    return files
 
 
 def _parse_problem(e: Exception) -> str:

@@ -20,7 +20,8 @@ EXIT_QREXEC_NO_SERVICE = 127
 EXIT_MEANINGS = (
     (EXIT_OK, "done (an install that waits for a reboot says so, and is done for now)"),
     (EXIT_FAILURE, "failure, or a usage error: one line on stderr names the qube and the cause"),
-    (EXIT_NOTHING_TO_DO, "nothing to do: no update, metadata already current, or declined"),
+    (EXIT_NOTHING_TO_DO, "nothing to do: no update, metadata already current, declined, or "
+     "held by an inhibit file"),
     (EXIT_NOT_FOUND, "no device, release or remote matches what was named"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
 )
@@ -76,6 +77,11 @@ class NothingToDo(BrokerError):
     """Nothing to update, or metadata already current."""
 
     exit_code = EXIT_NOTHING_TO_DO
+
+
+class Inhibited(NothingToDo):
+    """An inhibit file of the config's exists: nothing is refreshed or installed. For a
+    timer that is the admin's choice, not a failure: exit 2, as for nothing to do."""
 
 
 class NoMetadata(BrokerError):

@@ -1,6 +1,10 @@
-"""One qubes-fwupdmgr at a time for what changes state (refresh, installs, remotes, clean):
+"""When a run may act.
+
+One qubes-fwupdmgr at a time for what changes state (refresh, installs, remotes, clean):
 the timer's run and an admin's never act at once. The second waits, up to the config's
-``lock_wait_seconds``, then says who holds the lock. Read-only verbs never wait.
+``lock_wait_seconds``, then says who holds the lock. Read-only verbs never wait. And no
+run refreshes or installs while an inhibit file of the config's exists
+(:func:`check_inhibit`); one that is under way is never interrupted by it.
 
 The lock is flock(2) on a file in a root-only dir, so it goes with its holder's process,
 however that ends; the holder writes who it is into the file for the next one to read.
@@ -18,7 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from broker.errors import Busy
+from broker.errors import Busy, Inhibited
+from broker.sanitize import printable
 
 _POLL_SECONDS = 0.2
 _HOLDER_MAX_BYTES = 4096
@@ -78,3 +83,20 @@ def run_lock(
         yield
     finally:
         os.close(fd)  # and with it the lock
+
+
+def check_inhibit(root: Path, files: tuple[str, ...]) -> None:
+    """Raise Inhibited, naming the file and its first line (the admin's reason), while
+    one of ``files`` (absolute, under dom0's ``root``) exists."""
+    for name in files:
+        path = root / name.lstrip("/")
+        try:
+            with path.open("rb") as f:
+                first = f.read(_HOLDER_MAX_BYTES).decode("utf-8", "replace").split("\n", 1)[0]
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            first = e.strerror or ""
+        why = f" ({printable(first.strip(), 200)})" if first.strip() else ""
+        raise Inhibited(f"inhibited by {name}{why}: nothing refreshed or installed; "
+                        "remove it to go on")  # fmt: skip

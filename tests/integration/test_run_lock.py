@@ -79,3 +79,27 @@ def test_two_runs_at_once_take_turns(refreshed: Sandbox) -> None:
     events = re.findall(r" (allow|done) dom0 -> sys-firewall qubes\.FwupdDownload\+",
                         log.read_text()[seen:])  # fmt: skip
     assert events == ["allow", "done", "allow", "done"], events
+
+
+def test_an_inhibit_file_holds_back_refresh_and_installs_but_not_reading(
+    refreshed: Sandbox,
+) -> None:
+    sandbox = refreshed
+    hold = qube_paths(sandbox, "dom0").config_dir / "inhibit"
+    hold.write_text("firmware audit\n")
+    try:
+        for verb in (("refresh",), ("update", "-y"), ("update", "--unattended")):
+            r = manager(sandbox, *verb)
+            assert r.returncode == 2, r.stdout + r.stderr
+            # as "nothing to do" is said: one line on stdout, exit 2
+            assert (r.stdout, r.stderr) == (
+                "Inhibited by /etc/qubes-fwupd/inhibit (firmware audit): nothing refreshed or "
+                "installed; remove it to go on\n", "",
+            ), verb  # fmt: skip
+        r = manager(sandbox, "get-updates")
+        assert r.returncode in (0, 2), r.stdout + r.stderr
+        assert "inhibited" not in r.stderr
+    finally:
+        hold.unlink()
+    r = manager(sandbox, "refresh")
+    assert r.returncode in (0, 2), r.stdout + r.stderr

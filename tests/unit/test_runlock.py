@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import Busy
-from broker.runlock import Holder, run_lock
+from broker.config import Config, Paths
+from broker.errors import Busy, ConfigError, Inhibited
+from broker.runlock import Holder, check_inhibit, run_lock
 
 
 def _held_by_other(path: Path, holder: dict[str, object] | None) -> int:
@@ -91,3 +92,31 @@ def test_the_lock_file_is_never_followed_through_a_link(tmp_path: Path) -> None:
     with pytest.raises(OSError), run_lock(lock, "refresh", 0):
         pass
     assert target.read_text() == "root's file"
+
+
+def test_an_inhibit_file_holds_back_naming_itself_and_its_first_line(tmp_path: Path) -> None:
+    files = Config().inhibit_files
+    check_inhibit(tmp_path, files)  # none there: go on
+    hold = tmp_path / "run/qubes-fwupd/inhibit"
+    hold.parent.mkdir(parents=True)
+    hold.write_text("firmware audit \x1b[31muntil Friday\nmore\n")
+    with pytest.raises(Inhibited) as e:
+        check_inhibit(tmp_path, files)
+    assert str(e.value) == (
+        "inhibited by /run/qubes-fwupd/inhibit (firmware audit ?[31muntil Friday): nothing "
+        "refreshed or installed; remove it to go on"
+    )
+    assert e.value.exit_code == 2  # a timer's hold is the admin's choice, not a failure
+    hold.write_text("")
+    with pytest.raises(Inhibited, match=r"^inhibited by /run/qubes-fwupd/inhibit: nothing"):
+        check_inhibit(tmp_path, files)
+
+
+def test_inhibit_files_in_the_config_must_be_absolute(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    paths.config_dir.mkdir(parents=True)
+    paths.config_file.write_text("[qubes-fwupd]\ninhibit_files = /srv/hold\n")
+    assert Config.load(paths).inhibit_files == ("/srv/hold",)
+    paths.config_file.write_text("[qubes-fwupd]\ninhibit_files = hold\n")
+    with pytest.raises(ConfigError, match="is not an absolute path"):
+        Config.load(paths)

@@ -18,11 +18,13 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import broker
 from broker import fwupd_json, history, versions
+from broker.backoff import Backoff
 from broker.config import Config, Paths, check_qube_name
 from broker.errors import (
     EXIT_FAILURE,
@@ -73,6 +75,31 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 # ---------------------------------------------------------------------- commands
 def cmd_refresh(app: Manager, args: argparse.Namespace) -> int:
+    """Refresh, counting failures in a row for the backoff (broker.backoff); an
+    unattended refresh waits out the backoff, an admin's never does."""
+    backoff, now = Backoff.load(app.paths.refresh_backoff), time.time()
+    until = backoff.wait_until()
+    if args.unattended and until is not None and now < until:
+        when = datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        raise NothingToDo(
+            f"backing off: {backoff.failures} refreshes failed in a row (last: "
+            f"{backoff.last_error}); the next unattended one after {when}"
+        )
+    try:
+        code = _refresh(app, args)
+    except NothingToDo:
+        Backoff().save(app.paths.refresh_backoff)
+        raise
+    except BrokerError as e:
+        backoff.failed(now, str(e)).save(app.paths.refresh_backoff)
+        raise
+    after = backoff.failed(now, "a qube could not be refreshed") if code == EXIT_FAILURE \
+        else Backoff()  # fmt: skip
+    after.save(app.paths.refresh_backoff)
+    return code
+
+
+def _refresh(app: Manager, args: argparse.Namespace) -> int:
     any_new = False
     if not app.remotes():
         raise NothingToDo("every remote is disabled (see get-remotes, enable-remote)")
@@ -784,6 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "refresh", help="fetch metadata through the UpdateVM and load it", parents=[verb_flags]
     )
+    p.add_argument("--unattended", action="store_true",
+                   help="as a timer runs it: wait out the backoff after failures")  # fmt: skip
     p.set_defaults(func=cmd_refresh)
     p = sub.add_parser("get-devices", help="devices of dom0 and sys-usb", parents=[verb_flags])
     p.set_defaults(func=cmd_get_devices)

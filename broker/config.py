@@ -105,6 +105,10 @@ class Paths:
         return self.root / "run/qubes-fwupd/manager.lock"
 
     @property
+    def refresh_backoff(self) -> Path:
+        return self.state_dir / "refresh-backoff.json"
+
+    @property
     def state_dir(self) -> Path:
         return self.root / "var/lib/qubes-fwupd"
 

@@ -25,7 +25,7 @@ CODE_DIR = "share/qubes-fwupd"  # under PREFIX
 _COMMON = ("__init__", "cabinet", "config", "errors", "jcat", "metadata", "qrexec",
            "sanitize", "service", "session", "signatures", "transfer")  # fmt: skip
 MODULES: dict[str, tuple[str, ...]] = {
-    "dom0": (*_COMMON, "cli", "fwupd", "fwupd_json", "history", "manager", "offers",
+    "dom0": (*_COMMON, "backoff", "cli", "fwupd", "fwupd_json", "history", "manager", "offers",
              "receive", "reboots", "remotes", "routing", "runlock", "selection", "unattended",
              "usbvm", "versions"),
     # both VM services, in one package: sys-usb and the UpdateVM often share a template

@@ -103,3 +103,37 @@ def test_an_inhibit_file_holds_back_refresh_and_installs_but_not_reading(
         hold.unlink()
     r = manager(sandbox, "refresh")
     assert r.returncode in (0, 2), r.stdout + r.stderr
+
+
+def test_failed_refreshes_make_the_unattended_one_back_off_until_one_works(
+    refreshed: Sandbox,
+) -> None:
+    sandbox = refreshed
+    backoff = qube_paths(sandbox, "dom0").refresh_backoff
+    assert not backoff.exists()
+    halted = sandbox.halted_file("sys-firewall")
+    halted.parent.mkdir(exist_ok=True)
+    halted.touch()
+    try:
+        r = manager(sandbox, "refresh", "--unattended")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert json.loads(backoff.read_text())["failures"] == 1
+        # within the hour: the timer's run does not try, and says until when
+        r = manager(sandbox, "refresh", "--unattended")
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert re.fullmatch(
+            r"Backing off: 1 refreshes failed in a row \(last: .*sys-firewall.*\); the next "
+            r"unattended one after \S+ \S+ UTC\n", r.stdout,
+        ), r.stdout  # fmt: skip
+        # an admin's refresh never waits: it tries, and fails again
+        r = manager(sandbox, "refresh")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert json.loads(backoff.read_text())["failures"] == 2
+    finally:
+        halted.unlink()
+    r = manager(sandbox, "refresh")
+    assert r.returncode in (0, 2), r.stdout + r.stderr
+    assert not backoff.exists()  # it worked: reset
+    r = manager(sandbox, "refresh", "--unattended")
+    assert r.returncode in (0, 2), r.stdout + r.stderr
+    assert "Backing off" not in r.stdout

@@ -254,6 +254,7 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
         named_text = f" for {', '.join(_p(d) for d in args.devices)}" if args.devices else ""
         raise NothingToDo(f"no updates available{named_text}")
     if args.unattended:
+        args.assume_yes = True  # nobody is there to ask
         found = _unattended(app, args, found)
         if not found:
             return _finish(app, NothingToDo.exit_code)
@@ -286,8 +287,7 @@ def _unattended(
     """The updates unattended.conf allows, to be installed without a question; each of
     the others named on stdout with why it waits for a person."""
     policy = UnattendedPolicy.load(app.paths.unattended_file)
-    for warning in policy.warnings:
-        print(f"qubes-fwupdmgr: warning: {printable(warning, 300)}", file=sys.stderr)
+    _warn(policy.warnings)
     allowed = []
     for qd, releases in found:
         why = policy.refusal(qd, releases[0])
@@ -295,9 +295,14 @@ def _unattended(
             allowed.append((qd, releases))
             continue
         desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> "
-        _say(args, f"Waits for a person: {desc}{_p(releases[0].version)}: {why}")
-    args.assume_yes = True
+        # why may quote the catalog's urgency: verified, not printable for all that
+        _say(args, f"Waits for a person: {desc}{_p(releases[0].version)}: {_p(why)}")
     return allowed
+
+
+def _warn(warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        print(f"qubes-fwupdmgr: warning: {printable(warning, 300)}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -885,15 +890,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# the verbs that change state, one run at a time (broker.runlock); the others never wait
-_CHANGES_STATE = frozenset({
-    cmd_refresh, cmd_update, cmd_install, cmd_local_install, cmd_reinstall, cmd_downgrade,
-    cmd_clean, cmd_clear_results, cmd_enable_remote, cmd_disable_remote,
-})  # fmt: skip
 # what an inhibit file holds back (remotes, results and clean still work)
 _REFRESHES_OR_INSTALLS = frozenset({
     cmd_refresh, cmd_update, cmd_install, cmd_local_install, cmd_reinstall, cmd_downgrade,
 })  # fmt: skip
+# the verbs that change state, one run at a time (broker.runlock); the others never wait
+_CHANGES_STATE = _REFRESHES_OR_INSTALLS | {
+    cmd_clean, cmd_clear_results, cmd_enable_remote, cmd_disable_remote,
+}  # fmt: skip
 
 
 def _flags_first(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -997,8 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths.make_dom0_dirs()
         config = Config.load(paths)
-        for warning in config.warnings:
-            print(f"qubes-fwupdmgr: warning: {printable(warning, 300)}", file=sys.stderr)
+        _warn(config.warnings)
         if args.updatevm:
             config = dataclasses.replace(
                 config, updatevm=check_qube_name(args.updatevm, "--updatevm")

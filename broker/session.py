@@ -118,7 +118,6 @@ def _file_name(value: object) -> str:
     return value
 
 
-
 class Sessions:
     def __init__(self, directory: Path) -> None:
         self.dir = directory

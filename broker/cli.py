@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 import sys
 import textwrap
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import broker
-from broker import fwupd_json, history, versions
+from broker import fwupd_json, history, plans, versions
 from broker.backoff import Backoff
 from broker.config import Config, Paths, check_qube_name
 from broker.errors import (
@@ -228,7 +229,14 @@ def cmd_get_updates(app: Manager, args: argparse.Namespace) -> int:
         devices = select_all(devices, args.device)
     found = app.updates(devices)
     if args.json:
-        print(json.dumps({"Devices": [_device_out(app, qd, rs) for qd, rs in found]}))
+        # each device's update, as `update` would take it, bound for review (broker.plans)
+        by_remote = {c.remote_id: c for c in app.catalogs()}
+        plan = [plans.entry_for(qd, rs[0], by_remote[rs[0].remote_id]) for qd, rs in found]
+        plan_doc = [e.to_json() for e in plan]
+        print(json.dumps({
+            "Devices": [_device_out(app, qd, rs) for qd, rs in found],
+            "Plan": [d if d["Qube"] == DOM0 else printable_tree(d) for d in plan_doc],
+        }))  # fmt: skip
     else:
         for qd, rs in found:
             print(f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)}")
@@ -242,12 +250,23 @@ def cmd_get_updates(app: Manager, args: argparse.Namespace) -> int:
 
 
 def cmd_update(app: Manager, args: argparse.Namespace) -> int:
+    if args.plan is not None and (args.unattended or args.devices):
+        raise BrokerError("--plan names its own devices: not with --unattended or DEVICE")
+    # the plan first: a bad file is refused before any daemon is asked
+    plan = plans.parse(_read_capped(args.plan, plans.MAX_BYTES)) if args.plan else None
     app.catalogs()
     devices = _devices(app, args)
     if args.devices:
         named = {qd.key: qd for sel in args.devices for qd in select_all(devices, sel)}
         devices = list(named.values())
+    if plan is not None:
+        devices = [qd for qd in devices if qd.key in {e.key for e in plan}]
     found = app.updates(devices)
+    if plan is not None:
+        if app.problems:  # a qube that did not answer: its entries cannot be checked
+            return _finish(app, EXIT_FAILURE)
+        found = plans.match(plan, app.catalogs(), found)
+        args.assume_yes = True  # the plan is the review
     if not found:
         if app.problems:
             return _finish(app, EXIT_FAILURE)
@@ -259,7 +278,7 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
         if not found:
             return _finish(app, NothingToDo.exit_code)
     limit = app.config.update_max_devices
-    if not args.devices and len(found) > limit:
+    if not args.devices and plan is None and len(found) > limit:
         print(
             f"qubes-fwupdmgr: {len(found) - limit} more devices have updates; one run updates "
             f"at most update_max_devices={limit} unless devices are named: run again",
@@ -279,6 +298,21 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
         _print_applied(app, args, done)
     # every update declined: nothing done, as fwupdmgr says it
     return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+
+
+def _read_capped(name: str, cap: int) -> bytes:
+    """A file the admin named, at most ``cap`` bytes (one more: to tell it is too big)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise NotFound(f"{_p(name)}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(f"{_p(name)}: not a regular file")
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise LimitExceeded(f"{_p(name)} is more than {cap} bytes")
+    return data
 
 
 def _unattended(
@@ -831,6 +865,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unattended", action="store_true",
                    help="install, without asking, only what /etc/qubes-fwupd/unattended.conf "
                    "allows (by default nothing) and name the rest")  # fmt: skip
+    p.add_argument("--plan", metavar="FILE",
+                   help="install exactly the plan that get-updates --json wrote (its \"Plan\", "
+                   "perhaps cut down), refusing it all if anything in it no longer "
+                   "matches dom0's verified metadata or the offered cab")  # fmt: skip
     p.set_defaults(func=cmd_update)
     p = sub.add_parser(
         "get-releases", help="releases a device may take (its fwupd's word, dom0's catalog)",

@@ -92,6 +92,10 @@ class Catalog:
     remote_id: str
     releases: tuple[Release, ...]
     skipped: tuple[Skipped, ...] = ()
+    # the verified metadata file this was read from, and its signing time (ISO 8601):
+    # what a reviewed plan is bound to (broker.plans); "" where no file is behind it
+    metadata_sha256: str = ""
+    signed_at: str = ""
 
     @functools.cached_property
     def by_sha256(self) -> dict[str, list[Release]]:
@@ -672,11 +676,16 @@ class MetadataStore:
             if opened is None:
                 return None
             data_fd = opened[0]
+            sha256 = sha256_fd(data_fd)[0]
+            # read under the same lock as the file: the state and the file agree
+            accepted = self.accepted(remote.id) or {}
+            signed_at = accepted.get("signed_at", "") if accepted.get("sha256") == sha256 else ""
             index = self._index(remote, limits)
-            if index is not None and index[0] == sha256_fd(data_fd)[0]:
-                return index[1]
+            if index is not None and index[0] == sha256:
+                return dataclasses.replace(index[1], metadata_sha256=sha256, signed_at=signed_at)
             with open_catalog(data_fd, remote.metadata_name, limits) as stream:
-                return parse_catalog(stream, remote, limits)
+                parsed = parse_catalog(stream, remote, limits)
+            return dataclasses.replace(parsed, metadata_sha256=sha256, signed_at=signed_at)
 
     def _index(self, remote: Remote, limits: Limits) -> tuple[str, Catalog] | None:
         path = self.paths.metadata_dir / remote.id / INDEX_NAME

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import gzip
@@ -1065,13 +1066,17 @@ def test_the_manager_reads_the_index_the_receive_service_wrote_bound_by_sha256(
         raise AssertionError("parsed the XML again")
 
     monkeypatch.setattr("broker.metadata.parse_catalog", no_parsing)
-    assert store.catalog(REMOTE, Limits()) == parsed
+    # bound to the file it came from and its signing time (a reviewed plan checks both)
+    bound = dataclasses.replace(
+        parsed, metadata_sha256=verified.sha256, signed_at=T0.isoformat()
+    )
+    assert store.catalog(REMOTE, Limits()) == bound
     monkeypatch.undo()
     # an index that does not belong to the file beside it is not believed
     (paths.metadata_dir / REMOTE.id / INDEX_NAME).write_bytes(
         catalog_index(Catalog(REMOTE.id, ()), "0" * 64)
     )
-    assert store.catalog(REMOTE, Limits()) == parsed
+    assert store.catalog(REMOTE, Limits()) == bound
 
 
 def test_the_index_round_trips_every_field() -> None:

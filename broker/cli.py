@@ -213,7 +213,11 @@ _MAX_PROBLEM_LINES = 20
 
 def _finish(app: Manager, code: int) -> int:
     """The command's exit code, after one line per problem (a hostile qube could cause
-    thousands: the first ones are shown, then a count)."""
+    thousands: the first ones are shown, then a count), and each notice (no failure of
+    this command: the exit code stays)."""
+    for line in app.notices:
+        print(f"qubes-fwupdmgr: warning: {printable(line, 400)}", file=sys.stderr)
+    app.notices.clear()  # said once, whichever way the command ends
     for line in app.problems[:_MAX_PROBLEM_LINES]:
         print(f"qubes-fwupdmgr: {printable(line, 400)}", file=sys.stderr)
     if len(app.problems) > _MAX_PROBLEM_LINES:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker import history, remotes
+from broker import history, reboots, remotes
 from broker.cabinet import ExpectedRelease, inspect_cab
 from broker.config import Config, Limits, Paths, Remote
 from broker.errors import (
@@ -73,6 +73,9 @@ class Manager:
     # what went wrong without stopping the command (a qube that failed, a refused offer):
     # one line each on stderr at the end, and exit 1 (see :func:`_finish`)
     problems: list[str] = field(default_factory=list)
+    # what the user should know that is no failure of this command (an install that
+    # waited for a reboot and did not apply): one line each on stderr, exit code unchanged
+    notices: list[str] = field(default_factory=list)
     # (device key, release sha256) -> the daemon's offer a kept release answers (--json)
     answered: dict[tuple[tuple[str, str], str], OfferedRelease] = field(
         default_factory=dict, repr=False
@@ -305,9 +308,32 @@ class Manager:
         found = self._decided(kind, [qd])
         return found[0][1] if found else []
 
+    def settle_reboots(self, devices: list[QubeDevice]) -> list[Pending]:
+        """The installs still waiting for a reboot, given what the daemons report now.
+        Each that ended (the reboot or sys-usb restart happened) goes into the history
+        as it ended, with its owner's result (GetResults); a failed one is also a line
+        in :attr:`notices`."""
+        still, ended = PendingReboots(self.paths).settle(devices)
+        for p, device in ended:
+            qd = QubeDevice(p.qube, device)
+            try:
+                results = self.results(qd)
+            except BrokerError:
+                results = None  # the version the device reports decides alone
+            error = reboots.outcome(p, device, results)
+            History(self.paths).append(Event(
+                history.now(), p.qube, p.device_id, p.name, p.version_old, p.version,
+                p.appstream_id, p.remote_id, p.sha256,
+                history.FAILED if error else history.SUCCESS, error,
+            ))  # fmt: skip
+            if error:
+                self.notices.append(f"{p.name} [{p.qube}]: the pending install of "
+                                    f"{p.version} failed: {error} (see get-history)")  # fmt: skip
+        return still
+
     def updates(self, devices: list[QubeDevice]) -> list[tuple[QubeDevice, list[Release]]]:
         # a device whose install waits for a reboot is not offered that install again
-        waiting = {(p.qube, p.device_id) for p in PendingReboots(self.paths).settle(devices)}
+        waiting = {(p.qube, p.device_id) for p in self.settle_reboots(devices)}
         return self._decided(
             "upgrades",
             [qd for qd in devices if qd.device.has_updates_to_ask_for and qd.key not in waiting],
@@ -502,16 +528,15 @@ class Manager:
         it is gone), and the pending reboot if its daemon says the install waits for one."""
         devices = self._owner_devices(qd.qube)
         now = next((d.device for d in devices if d.key == qd.key), None)
-        reboots = PendingReboots(self.paths)
         if now is not None and now.needs_reboot and now.version != release.version:
-            return now, reboots.record(qd, release.version)
-        reboots.settle(devices)  # records of the other qube's devices stay as they are
+            return now, PendingReboots(self.paths).record(qd, release, qd.device.version)
+        self.settle_reboots(devices)  # records of the other qube's devices stay as they are
         return now, None
 
     def pending_reboots(self) -> list[Pending]:
         """Installs that wait for a reboot, and devices whose daemon says one is needed."""
         devices = self.devices()
-        pending = PendingReboots(self.paths).settle(devices)
+        pending = self.settle_reboots(devices)
         known = {(p.qube, p.device_id) for p in pending}
         now = datetime.now(UTC).isoformat(timespec="seconds")
         return pending + [

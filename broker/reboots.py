@@ -4,7 +4,9 @@ fwupd stops offering a release whose install waits for a reboot (update state
 needs-reboot), except for devices it does not track that way (its test plugin among
 them); dom0 keeps its own record so that a pending release is never fetched and installed
 again, whichever daemon owns the device. A record goes when the device reports the
-version it was given or no longer waits for a reboot.
+version it was given or no longer waits for a reboot: then it has ended, and how
+(:func:`outcome`) goes into dom0's history, so a capsule that did not apply after the
+reboot is reported as failed.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from broker.config import Paths
+from broker.fwupd import Device
+from broker.metadata import Release
 from broker.routing import DOM0, QubeDevice
+from broker.sanitize import printable
 from broker.transfer import write_atomic
+
+_UPDATE_STATE_FAILED = 3  # FwupdUpdateState
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,11 @@ class Pending:
     name: str
     version: str  # what was installed and waits
     since: str
+    # what the history event of its end names (empty in records older than these fields)
+    version_old: str = ""
+    appstream_id: str = ""
+    remote_id: str = ""
+    sha256: str = ""
 
     @property
     def what(self) -> str:
@@ -50,27 +63,45 @@ class PendingReboots:
     def _write(self, entries: list[Pending]) -> None:
         write_atomic(self.file, json.dumps([asdict(p) for p in entries], indent=1).encode())
 
-    def record(self, qd: QubeDevice, version: str) -> Pending:
+    def record(self, qd: QubeDevice, release: Release, version_old: str) -> Pending:
         pending = Pending(
-            qd.qube,
-            qd.device.device_id,
-            qd.device.name,
-            version,
+            qd.qube, qd.device.device_id, qd.device.name, release.version,
             datetime.now(UTC).isoformat(timespec="seconds"),
-        )
+            version_old, release.component_id, release.remote_id, release.sha256,
+        )  # fmt: skip
         self._write([p for p in self.all() if (p.qube, p.device_id) != qd.key] + [pending])
         return pending
 
-    def settle(self, devices: list[QubeDevice]) -> list[Pending]:
-        """The records still pending, given what the daemons report now; the others go."""
+    def settle(
+        self, devices: list[QubeDevice]
+    ) -> tuple[list[Pending], list[tuple[Pending, Device]]]:
+        """The records still pending, given what the daemons report now, and those that
+        ended, each with its device as reported now; the ended ones go."""
         by_key = {qd.key: qd.device for qd in devices}
         recorded = self.all()
-        still = []
+        still, ended = [], []
         for p in recorded:
             device = by_key.get((p.qube, p.device_id))
             # a device not listed now (a qube unreachable) keeps its record
             if device is None or (device.needs_reboot and device.version != p.version):
                 still.append(p)
-        if len(still) != len(recorded):
+            else:
+                ended.append((p, device))
+        if ended:
             self._write(still)
-        return still
+        return still, ended
+
+
+def outcome(p: Pending, device: Device, results: dict[str, Any] | None) -> str:
+    """Why the pending install did not apply ("" when it did), from the device's version
+    now (fwupd's own rule after a reboot) and its daemon's result of the update, whose
+    error text, when it failed, says more than a version can."""
+    if device.version == p.version:
+        return ""
+    if results and results.get("UpdateState") == _UPDATE_STATE_FAILED:
+        error = results.get("UpdateError")
+        if isinstance(error, str) and error.strip():
+            return printable(error, 300)
+    after = "the reboot" if p.qube == DOM0 else f"{p.qube} restarted"
+    return (f"after {after} the device runs {printable(device.version, 64)}, not "
+            f"{printable(p.version, 64)}: the update did not apply")  # fmt: skip

@@ -277,7 +277,6 @@ def start_fwupd(sandbox: Sandbox, launcher: Launcher, table: ProcessTable, qube:
     for entry in table.entries():
         if entry.qube == qube and entry.role in ("dbus", "fwupd") and table.alive(entry):
             raise DaemonStartError(f"{entry} is still running: stop it first")
-    root = sandbox.root(qube)
     address = sandbox.bus_address(qube)
     # the bus, and so fwupd, is reached by address even from qubes the launcher does not
     # give a bus of their own
@@ -290,11 +289,27 @@ def start_fwupd(sandbox: Sandbox, launcher: Launcher, table: ProcessTable, qube:
     table.record("dbus", qube, bus.pid)
     _wait_for_name(address, DBUS_NAME, bus, log, f"dbus-daemon of {qube}")
 
+    _start_fwupd_on_bus(sandbox, launcher, table, qube)
+
+
+def _start_fwupd_on_bus(
+    sandbox: Sandbox, launcher: Launcher, table: ProcessTable, qube: str
+) -> None:
+    address = sandbox.bus_address(qube)
     log = sandbox.log_dir / f"{qube}-fwupd.log"
-    env |= fwupd_env(root) | {"FWUPD_MACHINE_ID": f"qubes-fwupd-{qube}"}
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": address} | fwupd_env(sandbox.root(qube))
+    env["FWUPD_MACHINE_ID"] = f"qubes-fwupd-{qube}"
     fwupd = _start(launcher, qube, [FWUPD_BIN], env, log)
     table.record("fwupd", qube, fwupd.pid)
     _wait_for_name(address, FWUPD_NAME, fwupd, log, f"fwupd of {qube}")
+
+
+def restart_fwupd(sandbox: Sandbox, launcher: Launcher, table: ProcessTable, qube: str) -> None:
+    """The qube's fwupd stopped and started again on the same bus: what a reboot (of the
+    machine, or of sys-usb) does to it, as far as the emulation can. Its history stays; the
+    test plugin's device comes back at 1.2.2 (it lives in memory)."""
+    table.stop_all(qube, roles=("fwupd",))
+    _start_fwupd_on_bus(sandbox, launcher, table, qube)
 
 
 def stop_gpg_agents(sandbox: Sandbox, table: ProcessTable, qube: str) -> None:

@@ -24,16 +24,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import broker
-from broker import fwupd_json, history, plans, versions
+from broker import fwupd_json, history, notify, plans, status, versions
 from broker.backoff import Backoff
 from broker.config import Config, Paths, check_qube_name
 from broker.errors import (
+    EXIT_CONDITION_BROKEN,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_MEANINGS,
     EXIT_OK,
     BrokerError,
     Busy,
+    ConfigError,
     DaemonError,
     FormatError,
     LimitExceeded,
@@ -250,7 +252,78 @@ def cmd_get_updates(app: Manager, args: argparse.Namespace) -> int:
                 )
         if not found:
             print("No updates available")
+        # how old the knowledge is that these are all the updates there are
+        for remote, signed in _signed(app, found).items() if found else ():
+            print(f"{remote} metadata signed {_age(signed)}")
+    if args.notify:
+        _notify(app, args, found)
     return _finish(app, EXIT_OK if found else NothingToDo.exit_code)
+
+
+def _signed(app: Manager, found: list[tuple[QubeDevice, list[Release]]]) -> dict[str, str]:
+    """When the metadata of each remote with an update here was signed."""
+    remotes = {rs[0].remote_id for _, rs in found}
+    return {c.remote_id: c.signed_at for c in app.catalogs() if c.remote_id in remotes}
+
+
+def _age(signed_at: str) -> str:
+    days = notify.age_days(signed_at, notify.now())
+    if days is None:
+        return "at an unknown time"
+    when = datetime.fromisoformat(signed_at).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{when} ({days} day{'s' if days != 1 else ''} ago)"
+
+
+def _notify(
+    app: Manager, args: argparse.Namespace, found: list[tuple[QubeDevice, list[Release]]]
+) -> None:
+    """Detect-and-notify (broker.notify): what waits goes into the state file and, when
+    anything does, to each desktop session in dom0. Nothing is installed."""
+    waiting = [
+        notify.WaitingUpdate(qd.qube, qd.device.device_id, qd.device.name, qd.device.version,
+                             rs[0].version, rs[0].urgency, rs[0].remote_id)
+        for qd, rs in found
+    ]  # fmt: skip
+    state = notify.record(app.paths.updates_waiting, waiting, _signed(app, found), notify.now())
+    if state is None:
+        return
+    summary, body, urgency = notify.message(state, notify.now())
+    sessions = notify.desktop_sessions(app.paths.root)
+    for session in sessions:
+        why = notify.send(session, summary, body, urgency)
+        if why is None:
+            _say(args, f"Notified the desktop of uid {session.uid}: {summary}")
+        else:
+            _warn([f"uid {session.uid}'s desktop was not notified: {why}"])
+    if not sessions:
+        _say(args, f"No desktop session in dom0 to notify: {summary} "
+             f"(since {state.since}; status shows it)")  # fmt: skip
+
+
+def cmd_status(app: Manager, args: argparse.Namespace) -> int:
+    state = status.gather(app.paths, app.config)
+    if args.json:
+        print(json.dumps({"Status": printable_tree(state.to_json())}))
+    else:
+        print("\n".join(state.lines(notify.now())))
+    return _finish(app, EXIT_OK)
+
+
+def cmd_check_unattended(app: Manager, args: argparse.Namespace) -> int:
+    """What unattended.conf allows: 0 when some install may run without a person (the
+    unattended service's ExecCondition), 2 when it allows nothing."""
+    try:
+        policy = UnattendedPolicy.load(app.paths.unattended_file)
+    except ConfigError as e:
+        print(f"qubes-fwupdmgr: {printable(str(e))}", file=sys.stderr)
+        return EXIT_CONDITION_BROKEN
+    _warn(policy.warnings)
+    if not policy.qubes:
+        print(f"{app.paths.unattended_file} allows no unattended install: refresh and "
+              "report only")  # fmt: skip
+        return NothingToDo.exit_code
+    print(f"unattended installs allowed: {policy.summary()}")
+    return EXIT_OK
 
 
 def cmd_update(app: Manager, args: argparse.Namespace) -> int:
@@ -862,6 +935,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("get-updates", aliases=["get-upgrades"], parents=[verb_flags],
                        help="available updates per device")  # fmt: skip
     p.add_argument("device", nargs="?", help=_DEVICE_HELP)
+    p.add_argument("--notify", action="store_true",
+                   help="detect and notify: record what waits in dom0's state and tell each "
+                   "desktop session in dom0; installs nothing")  # fmt: skip
     p.set_defaults(func=cmd_get_updates)
     p = sub.add_parser("update", aliases=["upgrade"], parents=[verb_flags],
                        help="update the named devices, or all")  # fmt: skip
@@ -874,6 +950,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "perhaps cut down), refusing it all if anything in it no longer "
                    "matches dom0's verified metadata or the offered cab")  # fmt: skip
     p.set_defaults(func=cmd_update)
+    p = sub.add_parser(
+        "status", parents=[verb_flags],
+        help="the automated runs' state: run lock, inhibit, backoff, unattended policy, "
+        "what waits, pending reboots, metadata age (asks no qube)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser(
+        "check-unattended", parents=[verb_flags],
+        help="what unattended.conf allows: exit 0 if any install, 2 if none",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_check_unattended)
     p = sub.add_parser(
         "get-releases", help="releases a device may take (its fwupd's word, dom0's catalog)",
         parents=[verb_flags],

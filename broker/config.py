@@ -109,6 +109,11 @@ class Paths:
         return self.state_dir / "refresh-backoff.json"
 
     @property
+    def updates_waiting(self) -> Path:
+        """What get-updates --notify last found waiting for a person (broker.notify)."""
+        return self.state_dir / "updates-waiting.json"
+
+    @property
     def state_dir(self) -> Path:
         return self.root / "var/lib/qubes-fwupd"
 

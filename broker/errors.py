@@ -12,6 +12,9 @@ EXIT_FAILURE = 1
 EXIT_NOTHING_TO_DO = 2  # as fwupdmgr: nothing to update / already current / declined
 EXIT_NOT_FOUND = 3  # as fwupdmgr: no such device, release or remote
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+# check-unattended only: unattended.conf does not load. systemd skips a unit whose
+# ExecCondition exits 1-254 without failing it; 255 fails it, so the admin sees it
+EXIT_CONDITION_BROKEN = 255
 # qrexec's own codes, as real qrexec reports them to a caller (shared/QUBES.md)
 EXIT_QREXEC_PROBLEM = 125
 EXIT_QREXEC_REFUSED = 126

@@ -85,6 +85,23 @@ def run_lock(
         os.close(fd)  # and with it the lock
 
 
+def holder(path: Path) -> Holder | None:
+    """Who holds the run lock now (status), without waiting or creating anything: None
+    when nobody does. A holder that has not written itself yet reads as pid 0."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return Holder.read(fd) or Holder(0, "unknown", 0.0)
+        return None  # free: our shared lock goes with the fd
+    finally:
+        os.close(fd)
+
+
 def check_inhibit(root: Path, files: tuple[str, ...]) -> None:
     """Raise Inhibited, naming the file and its first line (the admin's reason), while
     one of ``files`` (absolute, under dom0's ``root``) exists."""

@@ -34,6 +34,19 @@ class UnattendedPolicy:
     allow_needs_reboot: bool = False
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
+    def summary(self) -> str:
+        """What it allows, in one line (check-unattended, status)."""
+        if not self.qubes:
+            return "nothing: refresh and report only"
+        parts = [f"qubes {' '.join(sorted(self.qubes))}"]
+        for name in ("devices", "protocols", "plugins", "vendors"):
+            if words := getattr(self, name):
+                parts.append(f"{name} {' '.join(sorted(words))}")
+        if self.min_urgency:
+            parts.append(f"urgency {self.min_urgency} or more")
+        parts.append("reboot-staged updates " + ("too" if self.allow_needs_reboot else "not"))
+        return "; ".join(parts)
+
     def refusal(self, qd: QubeDevice, release: Release) -> str | None:
         """Why this install needs a person, or None when the policy allows it."""
         d = qd.device

@@ -26,8 +26,8 @@ _COMMON = ("__init__", "cabinet", "config", "errors", "jcat", "metadata", "qrexe
            "sanitize", "service", "session", "signatures", "transfer")  # fmt: skip
 MODULES: dict[str, tuple[str, ...]] = {
     "dom0": (*_COMMON, "backoff", "cli", "fwupd", "fwupd_json", "history", "manager", "offers",
-             "receive", "reboots", "remotes", "routing", "runlock", "selection", "unattended",
-             "usbvm", "versions"),
+             "notify", "plans", "receive", "reboots", "remotes", "routing", "runlock",
+             "selection", "status", "unattended", "usbvm", "versions"),
     # both VM services, in one package: sys-usb and the UpdateVM often share a template
     "vm-common": (*_COMMON, "fwupd", "fwupd_json", "updatevm", "usbvm"),
 }  # fmt: skip
@@ -53,6 +53,15 @@ DATA: dict[str, tuple[tuple[str, str], ...]] = {
         ("packaging/unattended.conf", "{sysconfdir}/qubes-fwupd/unattended.conf"),
         ("packaging/tmpfiles.d/qubes-fwupd-dom0.conf",
          "{prefix}/lib/tmpfiles.d/qubes-fwupd-dom0.conf"),
+        # the automated runs, off until the admin enables the timer
+        ("packaging/systemd/qubes-fwupd-refresh.timer",
+         "{prefix}/lib/systemd/system/qubes-fwupd-refresh.timer"),
+        ("packaging/systemd/qubes-fwupd-refresh.service",
+         "{prefix}/lib/systemd/system/qubes-fwupd-refresh.service"),
+        ("packaging/systemd/qubes-fwupd-unattended.service",
+         "{prefix}/lib/systemd/system/qubes-fwupd-unattended.service"),
+        ("packaging/systemd/qubes-fwupd-notify.service",
+         "{prefix}/lib/systemd/system/qubes-fwupd-notify.service"),
     ),
     "updatevm": (
         ("packaging/rpc-config/qubes.FwupdDownload",

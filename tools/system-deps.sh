@@ -6,6 +6,10 @@ set -euo pipefail
 # procps: tests look for stray processes with pgrep
 pkgs=(fwupd fwupd-tests gnupg openssl dbus-daemon dbus-bin iproute2 util-linux ca-certificates man-db
       gcab procps)
+# dom0's desktop session in the sandbox (broker/sandbox/desktop.py): an X server, dunst for
+# org.freedesktop.Notifications, busctl for `dunstctl history`, and nss_wrapper, which gives
+# the session's dbus-daemon a passwd entry for the sandbox's bare dom0 user id
+pkgs+=(xvfb dunst systemd libnss-wrapper)
 # the packages are built and checked (tests/packaging): rpm and its lint on Debian too, the
 # VM debs, and Debian's python modules, which the installed scripts' /usr/bin/python3 imports
 pkgs+=(rpm rpm2cpio cpio rpmlint lintian dpkg-dev debhelper dh-python fakeroot

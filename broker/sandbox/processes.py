@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,14 +107,21 @@ class ProcessTable:
         finally:
             os.close(pidfd)
 
-    def stop_all(self, qube: str | None = None, timeout: float = 5.0) -> list[str]:
-        """Stop the recorded processes (of one qube, or all) newest first, so fwupd goes
-        before the bus it is on; their lines leave the table."""
+    def stop_all(
+        self,
+        qube: str | None = None,
+        timeout: float = 5.0,
+        roles: Collection[str] | None = None,
+    ) -> list[str]:
+        """Stop the recorded processes (of one qube, or all; of some roles, or all) newest
+        first, so fwupd goes before the bus it is on; their lines leave the table."""
         entries = self.entries()
         report, keep = [], set()
         for i in reversed(range(len(entries))):
             entry = entries[i]
-            if qube is not None and entry.qube != qube:
+            if (qube is not None and entry.qube != qube) or (
+                roles is not None and entry.role not in roles
+            ):
                 keep.add(i)
                 continue
             try:

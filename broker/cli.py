@@ -213,13 +213,17 @@ def _releases_out(app: Manager, qd: QubeDevice, releases: list[Release]) -> list
 _MAX_PROBLEM_LINES = 20
 
 
+def _notices(app: Manager) -> None:
+    for line in app.notices:
+        print(f"qubes-fwupdmgr: warning: {printable(line, 400)}", file=sys.stderr)
+    app.notices.clear()  # said once, whichever way the command ends
+
+
 def _finish(app: Manager, code: int) -> int:
     """The command's exit code, after one line per problem (a hostile qube could cause
     thousands: the first ones are shown, then a count), and each notice (no failure of
     this command: the exit code stays)."""
-    for line in app.notices:
-        print(f"qubes-fwupdmgr: warning: {printable(line, 400)}", file=sys.stderr)
-    app.notices.clear()  # said once, whichever way the command ends
+    _notices(app)
     for line in app.problems[:_MAX_PROBLEM_LINES]:
         print(f"qubes-fwupdmgr: {printable(line, 400)}", file=sys.stderr)
     if len(app.problems) > _MAX_PROBLEM_LINES:
@@ -1135,16 +1139,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(
                 config, updatevm=check_qube_name(args.updatevm, "--updatevm")
             )
-        app = Manager(paths, config, FROM_DOM0)
+        app = Manager(paths, config, FROM_DOM0, on_step=lambda text: _say(args, text))
         if not args.json and not args.quiet and sys.stderr.isatty():
             global _progress
             app.on_progress = _progress = ProgressLine()
         changes = args.func in _CHANGES_STATE
         with run_lock(paths.run_lock, args.command, config.lock_wait_seconds) if changes \
                 else contextlib.nullcontext():  # fmt: skip
-            if args.func in _REFRESHES_OR_INSTALLS:
-                check_inhibit(paths.root, config.inhibit_files)
-            code: int = args.func(app, args)
+            try:
+                if args.func in _REFRESHES_OR_INSTALLS:
+                    check_inhibit(paths.root, config.inhibit_files)
+                code: int = args.func(app, args)
+            finally:
+                app.close()  # however the run ends: a qube it started goes down again
+                _notices(app)
         return code
     except KeyboardInterrupt:
         print("\nqubes-fwupdmgr: interrupted", file=sys.stderr)

@@ -36,6 +36,7 @@ from broker.fwupd_json import STATUSES
 from broker.history import Event, History
 from broker.metadata import Catalog, MetadataStore, Release, iter_catalogs, staleness
 from broker.offers import decide
+from broker.power import AdminTools
 from broker.qrexec import Transport, call, check
 from broker.reboots import Pending, PendingReboots
 from broker.remotes import RemoteState, RemoteSwitches
@@ -82,6 +83,12 @@ class Manager:
     )
     # how far long work got (the UpdateVM's download), for a progress display; None: quiet
     on_progress: Callable[[Progress], None] | None = field(default=None, repr=False)
+    # a step worth a line (starting a halted UpdateVM); None: quiet
+    on_step: Callable[[str], None] | None = field(default=None, repr=False)
+    # starts and stops qubes: dom0's admin tools (the sandbox's stand-ins in tests)
+    power: AdminTools = field(default_factory=AdminTools, repr=False)
+    _checked_up: set[str] = field(default_factory=set, repr=False)
+    _started: list[str] = field(default_factory=list, repr=False)
     _catalogs: list[Catalog] | None = field(default=None, repr=False)
     _last_progress: float = field(default=0.0, repr=False)
     _ended: set[tuple[str, str]] = field(default_factory=set, repr=False)
@@ -109,6 +116,7 @@ class Manager:
         sessions = Sessions(self.paths.sessions_dir)
         expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
         updatevm = self.config.updatevm
+        self._running(updatevm)
         session = sessions.open(
             kind, remote_id, expected, self.limits.session_seconds, release, force, updatevm
         )
@@ -134,6 +142,31 @@ class Manager:
             return outcome
         finally:
             sessions.close(session.nonce)
+
+    def _running(self, qube: str) -> None:
+        """Start the qube if it is halted (once a run), to be shut down by :meth:`close`."""
+        if qube in self._checked_up:
+            return
+        self._checked_up.add(qube)
+        if self.power.is_running(qube):
+            return
+        if self.on_step is not None:
+            self.on_step(f"Starting {qube}: it was halted and is shut down again after this run")
+        self.power.start(qube)
+        self._started.append(qube)
+
+    def close(self) -> None:
+        """The end of the run: each qube it started is shut down again (one that will not
+        go, because another qube now uses it as its netvm, say, is a notice)."""
+        while self._started:
+            qube = self._started.pop()
+            try:
+                self.power.shutdown(qube)
+            except BrokerError as e:
+                self.notices.append(f"{e}; it was halted before this run and is left running")
+            else:
+                if self.on_step is not None:
+                    self.on_step(f"Shut {qube} down again")
 
     def _progress_line(
         self, qube: str, untrusted_line: bytes, unit: str, names: frozenset[str]

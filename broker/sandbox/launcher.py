@@ -160,6 +160,12 @@ class Sandbox:
         a qube that cannot start (the emulation cannot stop a qube's daemons for real)."""
         return self.dir / "halted" / qube
 
+    def stopped_file(self, qube: str) -> Path:
+        """While it exists, the qube is shut down but startable: qvm-shutdown makes it,
+        and qvm-start, or a qrexec call to the qube, removes it (the qube's processes run
+        on: the emulation's power state is this marker and :meth:`halted_file`)."""
+        return self.dir / "stopped" / qube
+
 
 @dataclass(frozen=True)
 class Isolation:

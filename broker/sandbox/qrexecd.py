@@ -6,10 +6,19 @@ claim to be another. Per request it follows real qrexec (shared/QUBES.md): servi
 cleaned to ``A-Za-z0-9_.-+``, a missing argument becomes ``+``, calls from dom0 skip
 policy, other calls are evaluated against ``policy.d`` (a syntax error denies all), a
 refusal is "Request refused" on the caller's stderr and exit 126, a missing service 127,
-a target marked halted (:meth:`Sandbox.halted_file`) one line and exit 1, as qvm-run.
-The service runs in the target qube through the launcher, as the user qrexec runs it as
-there, with QREXEC_* set by us, and the caller's own stdin/stdout/stderr (received over
-SCM_RIGHTS) as its channel.
+a target marked halted (:meth:`Sandbox.halted_file`: it cannot start) one line and exit 1,
+as qvm-run. A target that is only shut down (:meth:`Sandbox.stopped_file`) is started
+first, as qrexec starts a halted target unless the policy says autostart=no (then the
+call is refused) and as qvm-run does for dom0's calls. The service runs in the target
+qube through the launcher, as the user qrexec runs it as there, with QREXEC_* set by us,
+and the caller's own stdin/stdout/stderr (received over SCM_RIGHTS) as its channel.
+
+dom0's admin tools (qvm-check, qvm-start, qvm-shutdown; broker/sandbox/qrexec_client.py)
+send {"admin": "check"|"start"|"shutdown", "qube": NAME} with no fds, and get back
+{"exit": N} with "error" (the line for the tool's stderr) or "running". Only a request on
+dom0's socket acts: from any other qube it is refused, as qrexec's default policy refuses
+a VM's admin.* calls. The emulation cannot stop a qube's processes: its power state is the
+two marker files, and running means neither exists.
 """
 
 from __future__ import annotations
@@ -23,16 +32,18 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from broker.errors import EXIT_QREXEC_NO_SERVICE, EXIT_QREXEC_PROBLEM, EXIT_QREXEC_REFUSED
 from broker.sandbox.launcher import QUBES, Launcher, Sandbox
-from broker.sandbox.policy import Policy, PolicyError, Request
+from broker.sandbox.policy import Policy, PolicyError, QubeInfo, Request
 
 _SERVICE_CHARS = re.compile(r"[^A-Za-z0-9_.+-]")
 _TARGET_CHARS = re.compile(r"[^A-Za-z0-9_.@:-]")
 MAX_REQUEST = 65536
+ADMIN_ACTIONS = ("check", "start", "shutdown")
 
 
 class Daemon:
@@ -40,6 +51,8 @@ class Daemon:
         self.sandbox = sandbox
         self.launcher = Launcher(sandbox)
         self.log_lock = threading.Lock()
+        # one power change at a time: a check-then-act on the marker files is not atomic
+        self.power_lock = threading.Lock()
 
     def log(self, text: str) -> None:
         with self.log_lock, (self.sandbox.log_dir / "qrexec.log").open("a") as f:
@@ -54,6 +67,77 @@ class Daemon:
                 return path
         return None
 
+    # ------------------------------------------------------------------ power state
+    def is_running(self, qube: str) -> bool:
+        if qube == "dom0":
+            return True
+        return not (
+            self.sandbox.halted_file(qube).exists() or self.sandbox.stopped_file(qube).exists()
+        )
+
+    def system(self) -> dict[str, QubeInfo]:
+        """The qubes as the policy sees them, each running or not as its markers say."""
+        return {name: replace(info, running=self.is_running(name)) for name, info in QUBES.items()}
+
+    def autostart(self, source: str, target: str, call: str) -> None:
+        """Start a shut-down target for a call the caller may make (qrexec's autostart)."""
+        with self.power_lock:
+            try:
+                self.sandbox.stopped_file(target).unlink()
+            except FileNotFoundError:
+                return
+        self.log(f"started {target} for {source} -> {target} {call}")
+
+    def admin(self, source: str, untrusted: dict[str, object]) -> dict[str, object]:
+        """One admin request: the reply for the tool (broker/sandbox/qrexec_client.py)."""
+        action = _TARGET_CHARS.sub("_", str(untrusted.get("admin")))[:63]
+        qube = _TARGET_CHARS.sub("_", str(untrusted.get("qube")))[:63]
+        what = f"admin {source} {action} {qube}"
+        if source != "dom0":
+            # real qrexec: admin.* calls from a VM are denied by the default policy
+            self.log(f"deny {what}: only dom0 may use the admin API")
+            return {"exit": EXIT_QREXEC_REFUSED, "error": "Request refused"}
+        if action not in ADMIN_ACTIONS:
+            self.log(f"bad request from {source}: unknown admin action {action!r}")
+            return {"exit": EXIT_QREXEC_PROBLEM, "error": f"unknown admin action {action!r}"}
+        if qube == "@adminvm":
+            qube = "dom0"
+        if qube not in QUBES:
+            self.log(f"{what}: no such domain")
+            return {"exit": 1, "error": f"{qube}: no such domain"}
+        with self.power_lock:
+            code, outcome, error = self._power(action, qube, untrusted.get("skip_if_running"))
+        self.log(f"{what}: {outcome}")
+        if action == "check":
+            return {"exit": code, "running": code == 0}
+        return {"exit": code, **({"error": error} if error else {})}
+
+    def _power(self, action: str, qube: str, skip_if_running: object) -> tuple[int, str, str]:
+        """(exit, what the log says, the line for stderr) of one admin action, under the
+        power lock."""
+        halted = self.sandbox.halted_file(qube).exists()
+        stopped = self.sandbox.stopped_file(qube)
+        running = self.is_running(qube)
+        if action == "check":
+            return (0, "running", "") if running else (1, "not running", "")
+        if action == "start":
+            if running:
+                if skip_if_running is True:
+                    return 0, "ok (already running)", ""
+                return 1, "failed (already running)", f"{qube}: domain is already running"
+            if halted:
+                return 1, "failed (halted)", f"{qube}: could not be started (sandbox: halted)"
+            stopped.unlink(missing_ok=True)
+            return 0, "ok", ""
+        if qube == "dom0":
+            return 1, "failed (dom0)", "dom0: cannot be shut down"
+        if not running:
+            return 0, "ok (already halted)", ""
+        stopped.parent.mkdir(parents=True, exist_ok=True)
+        stopped.touch()
+        return 0, "ok", ""
+
+    # ------------------------------------------------------------------ calls
     def decide(self, source: str, target: str, service: str, arg: str) -> tuple[str | None, str]:
         if source == "dom0":
             # dom0's calls are not subject to policy in Qubes
@@ -63,17 +147,21 @@ class Daemon:
             policy = Policy.from_dir(self.sandbox.policy_dir)
         except PolicyError as e:
             return None, f"policy error, every call denied: {e}"
-        decision = policy.evaluate(Request(service, arg, source, target), QUBES)
+        # a target that is not running is refused here when its rule says autostart=no
+        decision = policy.evaluate(Request(service, arg, source, target), self.system())
         return (decision.target if decision.allowed else None), decision.reason
 
     def handle(self, conn: socket.socket, source: str) -> None:
         fds: list[int] = []
         try:
             msg, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
+            untrusted = json.loads(msg)
+            if isinstance(untrusted, dict) and "admin" in untrusted:
+                conn.sendall(json.dumps(self.admin(source, untrusted)).encode())
+                return
             if len(fds) != 3:
                 conn.sendall(json.dumps({"exit": EXIT_QREXEC_PROBLEM}).encode())
                 return
-            untrusted = json.loads(msg)
             target = _TARGET_CHARS.sub("_", str(untrusted["target"]))[:63]
             full = _SERVICE_CHARS.sub("_", str(untrusted["service"]))
             if not full or full.startswith("+"):
@@ -92,6 +180,9 @@ class Daemon:
                 os.write(fds[2], f"{down} (sandbox: halted)\n".encode())
                 conn.sendall(json.dumps({"exit": 1}).encode())
                 return
+            # shut down, not halted: started for the call, as qrexec does when the policy
+            # allowed it with autostart (its default) and as qvm-run does for dom0
+            self.autostart(source, resolved, f"{service}+{arg}")
             path = self.find_service(resolved, service, arg)
             if path is None:
                 self.log(f"no service {service}+{arg} in {resolved}")

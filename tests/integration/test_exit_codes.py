@@ -87,8 +87,8 @@ CASES = [
     ), id="daemon-refused"),
     pytest.param(Case(
         ("update", "-y", WEBCAM_ID), 1,
-        r"^qubes-fwupdmgr: sys-firewall: qubes\.FwupdDownload failed: "
-        r"qrexec: sys-firewall is not running",
+        r"^qubes-fwupdmgr: sys-firewall is not running and could not be started: "
+        r"sys-firewall: could not be started \(sandbox: halted\)$",
         also_stdout="Downloading fakedevice124.cab through sys-firewall",
         webcam="1.2.3", clean=True, halted="sys-firewall",
     ), id="updatevm-down"),

@@ -8,8 +8,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from broker.errors import BrokerError
 from broker.sanitize import printable
-from broker.transfer import write_atomic
+from broker.transfer import read_small, write_atomic
 
 INTERVALS = (3600.0, 4 * 3600.0, 24 * 3600.0)  # after 1, 2, then 3 or more failures
 _MAX_BYTES = 4096
@@ -34,10 +35,9 @@ class Backoff:
         """The recorded state; none when absent or unreadable (a damaged file must not
         stop refreshes for good: the next failure writes a sound one)."""
         try:
-            with path.open("rb") as f:
-                doc = json.loads(f.read(_MAX_BYTES))
+            doc = json.loads(read_small(path, _MAX_BYTES))
             return cls(int(doc["failures"]), float(doc["last_failure"]), str(doc["last_error"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, BrokerError, ValueError, KeyError, TypeError, RecursionError):
             return cls()
 
     def save(self, path: Path) -> None:

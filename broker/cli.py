@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import os
-import stat
+import signal
 import sys
 import textwrap
 import time
@@ -33,6 +33,7 @@ from broker.errors import (
     EXIT_INTERRUPTED,
     EXIT_MEANINGS,
     EXIT_OK,
+    EXIT_TERMINATED,
     BrokerError,
     Busy,
     ConfigError,
@@ -59,6 +60,7 @@ from broker.sanitize import printable, printable_tree
 from broker.selection import DeviceFilter, select_all, select_one
 from broker.service import log
 from broker.session import Wanted
+from broker.transfer import read_small
 from broker.unattended import UnattendedPolicy
 
 
@@ -341,13 +343,19 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
         named = {qd.key: qd for sel in args.devices for qd in select_all(devices, sel)}
         devices = list(named.values())
     if plan is not None:
-        devices = [qd for qd in devices if qd.key in {e.key for e in plan}]
+        keys = {e.key for e in plan}
+        devices = [qd for qd in devices if qd.key in keys]
     found = app.updates(devices)
     if plan is not None:
         if app.problems:  # a qube that did not answer: its entries cannot be checked
             return _finish(app, EXIT_FAILURE)
         found = plans.match(plan, app.catalogs(), found)
         args.assume_yes = True  # the plan is the review
+        # what would stop an entry half-way stops the plan before its first install
+        for _, releases in found:
+            if not args.no_metadata_check:  # its warning comes once, at the install
+                _stale_check(app, args, releases[0])
+            _size_check(app, releases[0])
     if not found:
         if app.problems:
             return _finish(app, EXIT_FAILURE)
@@ -382,18 +390,11 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
 
 
 def _read_capped(name: str, cap: int) -> bytes:
-    """A file the admin named, at most ``cap`` bytes (one more: to tell it is too big)."""
+    """A file the admin named (a symlink to it too), at most ``cap`` bytes."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_small(Path(name), cap, follow=True)
     except OSError as e:
         raise NotFound(f"{_p(name)}: {e.strerror}") from e
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise FormatError(f"{_p(name)}: not a regular file")
-        data = f.read(cap + 1)
-    if len(data) > cap:
-        raise LimitExceeded(f"{_p(name)} is more than {cap} bytes")
-    return data
 
 
 def _unattended(
@@ -527,6 +528,11 @@ def _stale_check(app: Manager, args: argparse.Namespace, release: Release) -> No
         print(f"warning: {release.remote_id}: {reason}", file=sys.stderr)
 
 
+def _size_check(app: Manager, release: Release) -> None:
+    if release.size > app.limits.cab_max_bytes:
+        raise LimitExceeded(f"{release.filename} is {release.size} bytes, more than cab_max_bytes")
+
+
 def _apply(
     app: Manager,
     args: argparse.Namespace,
@@ -545,8 +551,7 @@ def _apply(
     if not _confirm(args, f"{verb} {desc}?"):
         _say(args, "skipped")
         return None
-    if release.size > app.limits.cab_max_bytes:
-        raise LimitExceeded(f"{release.filename} is {release.size} bytes, more than cab_max_bytes")
+    _size_check(app, release)
     if app.cached(release):
         _say(args, f"Using {_p(release.filename)} from dom0's cache")
     else:
@@ -1112,11 +1117,23 @@ def _in_sandbox_dom0(args_list: list[str]) -> int | None:
               f"--dir {sandbox.dir})", file=sys.stderr)  # fmt: skip
         return EXIT_FAILURE
     proc = Launcher(sandbox).popen("dom0", [sys.executable, "-m", "broker.cli", *args_list])
+    # a stop meant for this run (systemctl, a test) reaches dom0's run, which unwinds
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
     while True:
         try:
             return proc.wait()
         except KeyboardInterrupt:
             continue  # a terminal's Ctrl-C reached dom0's run too: it says what happened
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, as an interruption: the run unwinds as for Ctrl-C, so what it holds (the
+    run lock, untrusted files, a qube it started) is released, not left behind."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up is not cut short again
+    raise _Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1131,6 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     paths = Paths.from_env()
     app: Manager | None = None
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         paths.make_dom0_dirs()
         config = Config.load(paths)
@@ -1154,6 +1172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 app.close()  # however the run ends: a qube it started goes down again
                 _notices(app)
         return code
+    except _Terminated:
+        print("qubes-fwupdmgr: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("\nqubes-fwupdmgr: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

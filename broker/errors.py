@@ -12,6 +12,7 @@ EXIT_FAILURE = 1
 EXIT_NOTHING_TO_DO = 2  # as fwupdmgr: nothing to update / already current / declined
 EXIT_NOT_FOUND = 3  # as fwupdmgr: no such device, release or remote
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+EXIT_TERMINATED = 143  # SIGTERM (systemctl stop), as a shell reports it
 # check-unattended only: unattended.conf does not load. systemd skips a unit whose
 # ExecCondition exits 1-254 without failing it; 255 fails it, so the admin sees it
 EXIT_CONDITION_BROKEN = 255
@@ -27,6 +28,7 @@ EXIT_MEANINGS = (
      "held by an inhibit file"),
     (EXIT_NOT_FOUND, "no device, release or remote matches what was named"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+    (EXIT_TERMINATED, "terminated (SIGTERM, as systemctl stop sends it)"),
 )
 
 

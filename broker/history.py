@@ -9,7 +9,6 @@ once the file passes its cap, so a machine updated for years keeps a bounded fil
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -17,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from broker.config import Paths
-from broker.transfer import write_atomic
+from broker.transfer import flocked, write_atomic
 
 SUCCESS, NEEDS_REBOOT, FAILED = "success", "needs-reboot", "failed"
 # FwupdUpdateState, as fwupdmgr --json prints a history entry's "UpdateState"
@@ -64,21 +63,15 @@ class History:
         self.skipped = 0
 
     def append(self, event: Event) -> None:
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        # the lock is its own file: trimming replaces the history file, and a writer
-        # waiting on the old one would append to a file no longer linked
-        nofollow = os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        lock = os.open(self.file.with_suffix(".lock"), os.O_RDWR | nofollow, 0o640)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            fd = os.open(self.file, os.O_WRONLY | os.O_APPEND | nofollow, 0o640)
+        # trimming replaces the history file: the lock is a file of its own
+        with flocked(self.file.with_suffix(".lock")):
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(self.file, flags, 0o640)
             with os.fdopen(fd, "ab") as f:
                 f.write(json.dumps(asdict(event)).encode() + b"\n")
             if self.file.stat().st_size > _MAX_BYTES:
                 kept = self.file.read_bytes().splitlines(keepends=True)
                 write_atomic(self.file, b"".join(kept[len(kept) // 2 :]))
-        finally:
-            os.close(lock)
 
     def events(self) -> list[Event]:
         """Oldest first."""

@@ -152,8 +152,10 @@ class Manager:
             return
         if self.on_step is not None:
             self.on_step(f"Starting {qube}: it was halted and is shut down again after this run")
-        self.power.start(qube)
+        # before the start: one that fails half-way (timed out, interrupted) may still
+        # come up, and must not be left up
         self._started.append(qube)
+        self.power.start(qube)
 
     def close(self) -> None:
         """The end of the run: each qube it started is shut down again (one that will not
@@ -161,6 +163,8 @@ class Manager:
         while self._started:
             qube = self._started.pop()
             try:
+                if not self.power.is_running(qube):
+                    continue  # its start failed, or it went down on its own
                 self.power.shutdown(qube)
             except BrokerError as e:
                 self.notices.append(f"{e}; it was halted before this run and is left running")

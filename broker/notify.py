@@ -15,8 +15,10 @@ gets its text from us, never from the bus, and is killed if it hangs.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
+import pwd
 import select
 import signal
 import stat
@@ -31,8 +33,9 @@ from dbus_next.constants import MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
+from broker.errors import BrokerError
 from broker.sanitize import printable
-from broker.transfer import write_atomic
+from broker.transfer import read_small, write_atomic
 
 APP_NAME = "qubes-fwupd"
 # the first uid of a person's account on Fedora and Debian: below it are system users,
@@ -79,20 +82,16 @@ class Waiting:
         """The recorded state, or None when there is none or it does not read (the next
         run writes a sound one)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+            raw = read_small(path, _MAX_STATE_BYTES)
+        except (OSError, BrokerError):
             return None
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            raw = f.read(_MAX_STATE_BYTES)
         try:
             doc = json.loads(raw)
             updates = tuple(WaitingUpdate(**{k: str(v) for k, v in u.items()})
                             for u in doc["updates"])  # fmt: skip
             signed = tuple((str(k), str(v)) for k, v in doc["metadata_signed"].items())
             return cls(str(doc["since"]), str(doc["checked"]), updates, signed)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
 
@@ -136,7 +135,9 @@ def message(waiting: Waiting, now: datetime) -> tuple[str, str, int]:
             lines.append(f"{remote} metadata signed {days} day{'s' if days != 1 else ''} ago")
     lines.append("Install with: qubes-fwupdmgr update")
     hint = max(_URGENCY_HINT.get(u.urgency.lower(), 1) for u in waiting.updates)
-    return summary, "\n".join(lines), hint
+    # the body is markup to most notification daemons (dunst, Plasma, xfce4-notifyd), and
+    # a device name comes from sys-usb's fwupd, or from the USB device itself
+    return summary, html.escape("\n".join(lines), quote=False), hint
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,17 @@ def desktop_sessions(root: Path) -> list[DesktopSession]:
         uid = int(entry.name)
         if (stat.S_ISDIR(st_dir.st_mode) and st_dir.st_uid == uid
                 and stat.S_ISSOCK(st_bus.st_mode) and st_bus.st_uid == uid):  # fmt: skip
-            out.append(DesktopSession(uid, st_dir.st_gid, bus))
+            out.append(DesktopSession(uid, _primary_gid(uid, st_dir.st_gid), bus))
     return out
+
+
+def _primary_gid(uid: int, fallback: int) -> int:
+    """The user's own group from the passwd database; where the user has no entry (the
+    sandbox's dom0 user), the group of its runtime dir."""
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return fallback
 
 
 async def _notify(address: str, summary: str, body: str, urgency: int) -> int:
@@ -202,7 +212,10 @@ def send(session: DesktopSession, summary: str, body: str, urgency: int,
     if pid == 0:  # the child: drop root for good, then talk to the user's bus
         code = 1
         try:
-            os.close(read_end)
+            # nothing of root's (the system bus connection to fwupd, the run lock, the
+            # terminal) goes along: only the pipe to the parent
+            os.closerange(0, write_end)
+            os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
             os.setgroups([])
             os.setgid(session.gid)
             os.setuid(session.uid)
@@ -211,8 +224,10 @@ def send(session: DesktopSession, summary: str, body: str, urgency: int,
         except BaseException:  # noqa: S110  the parent says what failed
             pass
         finally:
-            os.write(write_end, bytes([code]))
-            os._exit(code)
+            try:
+                os.write(write_end, bytes([code]))
+            finally:
+                os._exit(code)
     os.close(write_end)
     try:
         ready, _, _ = select.select([read_end], [], [], timeout + 1)

@@ -78,7 +78,7 @@ def parse(raw: bytes) -> list[PlanEntry]:
         raise LimitExceeded(f"the plan is more than {MAX_BYTES} bytes")
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise FormatError(f"the plan is not JSON ({type(e).__name__})") from e
     entries = doc.get("Plan") if isinstance(doc, dict) else doc
     if not isinstance(entries, list):
@@ -138,8 +138,11 @@ def match(
         qd, offered = by_key[entry.key]
         if qd.device.version != entry.version_old:
             _refuse(entry, f"the device now runs {printable(qd.device.version, 64)}")
-        named = (entry.cab_sha256, entry.version, entry.appstream_id)
-        chosen = [r for r in offered if (r.sha256, r.version, r.component_id) == named]
+        # the remote too: the same cab offered from another remote (lvfs-testing) was not
+        # what the plan's metadata binding covered
+        named = (entry.cab_sha256, entry.version, entry.appstream_id, entry.remote_id)
+        chosen = [r for r in offered
+                  if (r.sha256, r.version, r.component_id, r.remote_id) == named]  # fmt: skip
         if not chosen:
             _refuse(entry, "that release is no longer offered for this device")
         out.append((qd, chosen[:1]))

@@ -17,13 +17,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from broker.config import Paths
+from broker.errors import BrokerError
 from broker.fwupd import Device
 from broker.metadata import Release
 from broker.routing import DOM0, QubeDevice
 from broker.sanitize import printable
-from broker.transfer import write_atomic
+from broker.transfer import flocked, read_small, write_atomic
 
 _UPDATE_STATE_FAILED = 3  # FwupdUpdateState
+_MAX_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,16 @@ def what_restarts(qube: str) -> str:
 class PendingReboots:
     def __init__(self, paths: Paths) -> None:
         self.file = paths.state_dir / "pending-reboot.json"
+        self._lock = paths.state_dir / "pending-reboot.lock"
 
     def all(self) -> list[Pending]:
+        """The records; none when there is no file, or it does not read (a damaged record
+        only stops dom0 offering that install again: fwupd's own state still does)."""
         try:
-            doc = json.loads(self.file.read_text())
-        except FileNotFoundError:
+            doc = json.loads(read_small(self.file, _MAX_BYTES))
+            return [Pending(**{k: str(v) for k, v in entry.items()}) for entry in doc]
+        except (OSError, BrokerError, ValueError, TypeError, AttributeError, RecursionError):
             return []
-        return [Pending(**entry) for entry in doc]
 
     def _write(self, entries: list[Pending]) -> None:
         write_atomic(self.file, json.dumps([asdict(p) for p in entries], indent=1).encode())
@@ -69,7 +74,8 @@ class PendingReboots:
             datetime.now(UTC).isoformat(timespec="seconds"),
             version_old, release.component_id, release.remote_id, release.sha256,
         )  # fmt: skip
-        self._write([p for p in self.all() if (p.qube, p.device_id) != qd.key] + [pending])
+        with flocked(self._lock):
+            self._write([p for p in self.all() if (p.qube, p.device_id) != qd.key] + [pending])
         return pending
 
     def settle(
@@ -78,17 +84,19 @@ class PendingReboots:
         """The records still pending, given what the daemons report now, and those that
         ended, each with its device as reported now; the ended ones go."""
         by_key = {qd.key: qd.device for qd in devices}
-        recorded = self.all()
-        still, ended = [], []
-        for p in recorded:
-            device = by_key.get((p.qube, p.device_id))
-            # a device not listed now (a qube unreachable) keeps its record
-            if device is None or (device.needs_reboot and device.version != p.version):
-                still.append(p)
-            else:
-                ended.append((p, device))
-        if ended:
-            self._write(still)
+        # under the lock: a run that settles while another records must not drop that
+        # record, and each ended one goes to exactly one run (which writes its history)
+        with flocked(self._lock):
+            still, ended = [], []
+            for p in self.all():
+                device = by_key.get((p.qube, p.device_id))
+                # a device not listed now (a qube unreachable) keeps its record
+                if device is None or (device.needs_reboot and device.version != p.version):
+                    still.append(p)
+                else:
+                    ended.append((p, device))
+            if ended:
+                self._write(still)
         return still, ended
 
 

@@ -14,9 +14,11 @@ from datetime import datetime
 from typing import Any
 
 from broker.config import Config, Paths, Remote
-from broker.errors import ConfigError, NotFound
+from broker.errors import BrokerError, ConfigError, NotFound
 from broker.sanitize import printable
-from broker.transfer import write_atomic
+from broker.transfer import read_small, write_atomic
+
+_MAX_BYTES = 64 * 1024  # a list of remote ids
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,10 @@ class RemoteSwitches:
 
     def _load(self) -> frozenset[str]:
         try:
-            doc = json.loads(self.file.read_text())
+            doc = json.loads(read_small(self.file, _MAX_BYTES))
         except FileNotFoundError:
             return frozenset()
-        except (OSError, ValueError) as e:
+        except (OSError, BrokerError, ValueError, RecursionError) as e:
             raise ConfigError(f"{self.file}: unreadable ({type(e).__name__})") from e
         names = doc.get("disabled") if isinstance(doc, dict) else None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

@@ -11,13 +11,16 @@ untrusted dir, and only verified files are renamed into the trusted cache.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import secrets
 import select
+import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +177,36 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def flocked(lock: Path) -> Iterator[None]:
+    """An exclusive flock(2) on a lock file of its own (one that an atomic rename never
+    replaces, so a waiter never holds a lock on a file no longer linked)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(lock, flags, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_small(path: Path, cap: int, follow: bool = False) -> bytes:
+    """A small file whole, as long as it is a regular file of at most ``cap`` bytes: never
+    blocks on a FIFO or device left in its place, and (unless ``follow``) never follows a
+    symlink. FileNotFoundError and other OSErrors as open(2) raises them; FormatError or
+    LimitExceeded for what is not such a file."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(f"{path}: not a regular file")
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise LimitExceeded(f"{path} is more than {cap} bytes")
+    return data
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:

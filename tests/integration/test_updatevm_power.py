@@ -3,11 +3,15 @@ again at its end, however the run ends; a running one is left running."""
 
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 
 from broker.sandbox.launcher import Sandbox
+from broker.sandbox.mirror import rate_file
 from tests.adversarial.hostile import publish_variant
-from tests.sandbox_helpers import manager
+from tests.sandbox_helpers import manager, start_manager
 
 pytestmark = pytest.mark.sandbox
 
@@ -70,3 +74,31 @@ def test_an_updatevm_that_cannot_start_is_one_line(refreshed: Sandbox) -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert r.stderr == "qubes-fwupdmgr: sys-firewall is not running and could not be " \
         "started: sys-firewall: could not be started (sandbox: halted)\n"
+
+
+def test_a_run_stopped_with_sigterm_still_shuts_down_what_it_started(
+    refreshed: Sandbox,
+) -> None:
+    """As `systemctl stop` ends a timer's run: SIGTERM mid-download unwinds it."""
+    sandbox = refreshed
+    stopped = sandbox.stopped_file("sys-firewall")
+    publish_variant(sandbox, "sigterm")
+    rate_file(sandbox.lvfs_dir).write_text("2000")  # a slow CDN: the download takes a while
+    _stop(sandbox, "sys-firewall")
+    try:
+        proc = start_manager(sandbox, "refresh")
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        assert first.startswith("Starting sys-firewall"), first
+        time.sleep(1.0)  # into the download
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, first + out + err
+        assert err.splitlines()[-1] == "qubes-fwupdmgr: terminated", err
+        assert out.splitlines()[-1] == "Shut sys-firewall down again", out
+        assert stopped.exists()
+        r = manager(sandbox, "status")
+        assert r.stdout.startswith("Run lock:    free\n"), r.stdout
+    finally:
+        rate_file(sandbox.lvfs_dir).unlink(missing_ok=True)
+        stopped.unlink(missing_ok=True)

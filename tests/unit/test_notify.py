@@ -62,6 +62,17 @@ def test_the_message_names_each_update_the_metadata_age_and_the_command() -> Non
     assert message(Waiting("s", "c", (UEFI,), ()), T0)[::2] == ("1 firmware update waiting", 1)
 
 
+def test_a_device_name_cannot_bring_markup_into_the_notification() -> None:
+    """Notification daemons read the body as markup; the name comes from sys-usb's fwupd."""
+    forged = WaitingUpdate("sys-usb", "1" * 40, '<a href="x">Click</a> & <img src="/y">',
+                           "1", "2", "", "lvfs")  # fmt: skip
+    body = message(Waiting("s", "c", (forged,), ()), T0)[1]
+    assert body.splitlines()[0] == (
+        '&lt;a href="x"&gt;Click&lt;/a&gt; &amp; &lt;img src="/y"&gt; [sys-usb]: 1 → 2'
+    )
+    assert "<" not in body
+
+
 def test_only_a_persons_own_session_bus_counts(tmp_path: Path) -> None:
     users = tmp_path / "run/user"
     uid = os.getuid()

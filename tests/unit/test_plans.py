@@ -55,6 +55,7 @@ def test_a_get_updates_document_and_a_bare_list_both_parse() -> None:
         (json.dumps([{**_entry().to_json(), "Qube": "../dom0"}]).encode(), FormatError,
          "valid qube name"),
         (_doc(_entry(), _entry()), FormatError, "twice"),
+        (b"[" * 100_000, FormatError, "not JSON"),
     ],
 )  # fmt: skip
 def test_a_malformed_plan_is_refused_with_its_cause(
@@ -84,6 +85,9 @@ def test_a_plan_that_still_holds_picks_exactly_its_release() -> None:
         (_entry(cab_sha256="e" * 64), [CATALOG], FOUND, "no longer offered"),
         (_entry(version="9.9.9"), [CATALOG], FOUND, "no longer offered"),
         (_entry(device_id="f" * 40), [CATALOG], FOUND, "no update is offered"),
+        # the same cab from another remote is not what this plan's metadata covered
+        (_entry(), [CATALOG, replace(CATALOG, remote_id="lvfs-testing")],
+         [(WEBCAM, [replace(RELEASE, remote_id="lvfs-testing")])], "no longer offered"),
     ],
 )  # fmt: skip
 def test_anything_that_no_longer_matches_refuses_the_whole_plan(

@@ -125,15 +125,31 @@ def test_failed_refreshes_make_the_unattended_one_back_off_until_one_works(
             r"Backing off: 1 refreshes failed in a row \(last: .*sys-firewall.*\); the next "
             r"unattended one after \S+ \S+ UTC\n", r.stdout,
         ), r.stdout  # fmt: skip
-        # an admin's refresh never waits: it tries, and fails again
-        r = manager(sandbox, "refresh")
-        assert r.returncode == 1, r.stdout + r.stderr
-        assert json.loads(backoff.read_text())["failures"] == 2
+        assert _backoff_wait(sandbox) == 3600
+        # an admin's refresh never waits: it tries, and fails again; each failure in a row
+        # lengthens the unattended one's wait: 1 h, 4 h, then a day (status shows it)
+        for failures, wait in ((2, 4 * 3600), (3, 24 * 3600), (4, 24 * 3600)):
+            r = manager(sandbox, "refresh")
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert json.loads(backoff.read_text())["failures"] == failures
+            assert _backoff_wait(sandbox) == wait, failures
     finally:
         halted.unlink()
     r = manager(sandbox, "refresh")
     assert r.returncode in (0, 2), r.stdout + r.stderr
     assert not backoff.exists()  # it worked: reset
+    assert _backoff_wait(sandbox) is None
     r = manager(sandbox, "refresh", "--unattended")
     assert r.returncode in (0, 2), r.stdout + r.stderr
     assert "Backing off" not in r.stdout
+
+
+def _backoff_wait(sandbox: Sandbox) -> int | None:
+    """Seconds from the last failure to the next unattended refresh, as status says."""
+    r = manager(sandbox, "status", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    backoff = json.loads(r.stdout)["Status"]["Backoff"]
+    if not backoff["NextUnattendedRefresh"]:
+        return None
+    last = json.loads(qube_paths(sandbox, "dom0").refresh_backoff.read_text())["last_failure"]
+    return int(backoff["NextUnattendedRefresh"] - int(last))

@@ -50,15 +50,19 @@ BODY = "Integrated Webcam™ 1.2.3 → <b>1.2.4</b> & a reboot is pending"
 def notify(
     desktop: Desktop, summary: str, body: str, urgency: int, as_user: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Notify from a child outside dom0's namespaces (the bus socket is reached by path),
-    as the manager's child will: the desktop user and nothing more, or (not ``as_user``)
-    root, as the manager itself runs."""
+    """Notify from a child in dom0, as the manager's child will: the desktop user and
+    nothing more, or (not ``as_user``) root, as the manager itself runs. In dom0's
+    namespaces, where the checkout is reachable for that user even when the host's path
+    to it is not (a clone in mkdtemp's 0700 dir)."""
     prefix = desktop.user.setpriv() if as_user else []
-    return subprocess.run(
-        [*prefix, sys.executable, "-c", NOTIFY, desktop.bus_address, summary, body, str(urgency)],
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, capture_output=True, text=True,
-        timeout=60, check=False,
+    argv = [*prefix, sys.executable, "-c", NOTIFY, desktop.bus_address, summary, body,
+            str(urgency)]  # fmt: skip
+    proc = desktop.launcher.popen(
+        "dom0", argv, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def notify_as_user(desktop: Desktop, summary: str, body: str, urgency: int) -> int:

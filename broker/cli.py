@@ -59,7 +59,7 @@ from broker.runlock import check_inhibit, run_lock
 from broker.sanitize import printable, printable_tree
 from broker.selection import DeviceFilter, select_all, select_one
 from broker.service import log
-from broker.session import Wanted
+from broker.session import Wanted, check_source_dir
 from broker.transfer import read_small
 from broker.unattended import UnattendedPolicy
 
@@ -555,7 +555,8 @@ def _apply(
     if app.cached(release):
         _say(args, f"Using {_p(release.filename)} from dom0's cache")
     else:
-        _say(args, f"Downloading {_p(release.filename)} through {app.config.updatevm}…")
+        doing = "Importing" if app.source_dir is not None else "Downloading"
+        _say(args, f"{doing} {_p(release.filename)} {app.source}…")
         app.download(release)
     _say(args, f"Installing on {qd.qube}…")
     try:
@@ -923,6 +924,17 @@ def _global_flags(defaults: bool) -> _Parser:
     return flags
 
 
+def _import_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from-qube", metavar="QUBE",
+                   help="offline import: take the files from a dir in this qube (a USB "
+                   "stick in sys-usb, a dir received with qvm-copy) instead of downloading; "
+                   "checked as downloads are (the qube needs the fwupd-import tag)")  # fmt: skip
+    p.add_argument("--dir", metavar="DIR",
+                   help="with --from-qube: the absolute path of the dir in that qube, with "
+                   "the metadata, its signature and the cabs (named as the LVFS names "
+                   "them)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qubes-fwupdmgr",
@@ -938,6 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--unattended", action="store_true",
                    help="as a timer runs it: wait out the backoff after failures")  # fmt: skip
+    _import_flags(p)
     p.set_defaults(func=cmd_refresh)
     p = sub.add_parser("get-devices", help="devices of dom0 and sys-usb", parents=[verb_flags])
     p.set_defaults(func=cmd_get_devices)
@@ -958,6 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="install exactly the plan that get-updates --json wrote (its \"Plan\", "
                    "perhaps cut down), refusing it all if anything in it no longer "
                    "matches dom0's verified metadata or the offered cab")  # fmt: skip
+    _import_flags(p)
     p.set_defaults(func=cmd_update)
     p = sub.add_parser(
         "status", parents=[verb_flags],
@@ -1136,6 +1150,21 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated
 
 
+def _import_source(args: argparse.Namespace) -> str | None:
+    """--from-qube QUBE --dir DIR (refresh, update): the dir, or None for a download."""
+    qube, directory = getattr(args, "from_qube", None), getattr(args, "dir", None)
+    if qube is None and directory is None:
+        return None
+    if qube is None or directory is None:
+        raise BrokerError("--from-qube and --dir go together: the qube, and the dir in it")
+    if args.updatevm:
+        raise BrokerError("--from-qube replaces --updatevm for this run: not both")
+    try:
+        return check_source_dir(directory)
+    except FormatError as e:
+        raise BrokerError(f"--dir {_p(directory)}: {e}") from e
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     relaunched = _in_sandbox_dom0(args_list)
@@ -1157,7 +1186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = dataclasses.replace(
                 config, updatevm=check_qube_name(args.updatevm, "--updatevm")
             )
-        app = Manager(paths, config, FROM_DOM0, on_step=lambda text: _say(args, text))
+        source_dir = _import_source(args)
+        if source_dir is not None:
+            # the qube the files come from stands where the UpdateVM stands, no higher
+            config = dataclasses.replace(
+                config, updatevm=check_qube_name(args.from_qube, "--from-qube")
+            )
+        app = Manager(paths, config, FROM_DOM0, on_step=lambda text: _say(args, text),
+                      source_dir=source_dir)  # fmt: skip
         if not args.json and not args.quiet and sys.stderr.isatty():
             global _progress
             app.on_progress = _progress = ProgressLine()

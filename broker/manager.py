@@ -87,6 +87,8 @@ class Manager:
     on_step: Callable[[str], None] | None = field(default=None, repr=False)
     # starts and stops qubes: dom0's admin tools (the sandbox's stand-ins in tests)
     power: AdminTools = field(default_factory=AdminTools, repr=False)
+    # an offline import (--from-qube, --dir): the dir in config.updatevm to read from
+    source_dir: str | None = None
     _checked_up: set[str] = field(default_factory=set, repr=False)
     _started: list[str] = field(default_factory=list, repr=False)
     _catalogs: list[Catalog] | None = field(default=None, repr=False)
@@ -96,6 +98,13 @@ class Manager:
     @property
     def limits(self) -> Limits:
         return self.config.limits
+
+    @property
+    def source(self) -> str:
+        """Where files come from, for a step line."""
+        if self.source_dir is not None:
+            return f"from {self.config.updatevm}:{printable(self.source_dir, 200)}"
+        return f"through {self.config.updatevm}"
 
     def usbvm(self) -> UsbvmClient | None:
         if not self.config.usbvm:
@@ -121,7 +130,9 @@ class Manager:
             kind, remote_id, expected, self.limits.session_seconds, release, force, updatevm
         )
         try:
-            request = DownloadRequest(session.nonce, kind, remote_id, tuple(wanted)).to_json()
+            request = DownloadRequest(
+                session.nonce, kind, remote_id, tuple(wanted), self.source_dir
+            ).to_json()
             result = call(
                 self.transport,
                 updatevm,

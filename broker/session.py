@@ -82,6 +82,9 @@ class DownloadRequest:
     kind: str
     remote: str
     files: tuple[Wanted, ...]
+    # an offline import (--from-qube QUBE --dir DIR): the qube reads each file by name from
+    # this dir instead of downloading it; what it pushes is checked as a download is
+    source_dir: str | None = None
 
     def to_json(self) -> bytes:
         doc = {
@@ -91,6 +94,8 @@ class DownloadRequest:
             "remote": self.remote,
             "files": [w.__dict__ for w in self.files],
         }
+        if self.source_dir is not None:
+            doc["dir"] = self.source_dir
         return json.dumps(doc).encode() + b"\n"
 
     @classmethod
@@ -107,9 +112,21 @@ class DownloadRequest:
                 )
                 for f in doc["files"]
             )
-            return cls(check_nonce(doc["nonce"]), str(doc["kind"]), str(doc["remote"]), files)
+            source_dir = doc.get("dir")
+            if source_dir is not None:
+                source_dir = check_source_dir(source_dir)
+            return cls(check_nonce(doc["nonce"]), str(doc["kind"]), str(doc["remote"]), files,
+                       source_dir)  # fmt: skip
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError("malformed download request") from e
+
+
+def check_source_dir(value: object) -> str:
+    """An import's dir: absolute, printable, no more than PATH_MAX."""
+    if (not isinstance(value, str) or not value.startswith("/") or len(value) > 4096
+            or not value.isprintable()):  # fmt: skip
+        raise FormatError("the import dir must be an absolute path of printable characters")
+    return value
 
 
 def _file_name(value: object) -> str:

@@ -1,4 +1,4 @@
-"""The UpdateVM side: qubes.FwupdDownload.
+"""The UpdateVM side: qubes.FwupdDownload (also what an offline import runs in its qube).
 
 dom0 sends one JSON line naming what to fetch (URLs, caps and, for cabs, the sha256 from
 dom0's verified metadata). We download under a byte cap, a whole-download deadline and a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -104,6 +105,37 @@ def download(
     return h.hexdigest()
 
 
+def copy_from(
+    path: Path, out_fd: int, max_size: int, limits: Limits, progress: OnProgress | None = None
+) -> str:
+    """An offline import's file (a USB stick, a dir received with qvm-copy) into out_fd,
+    under the same caps as a download; returns the sha256."""
+    deadline = time.monotonic() + limits.transfer_seconds
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise TransferError(f"{path}: {e.strerror}") from e
+    h, total = hashlib.sha256(), 0
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TransferError(f"{path}: not a regular file")
+        if st.st_size > max_size:
+            raise LimitExceeded(f"{path}: {st.st_size} bytes, cap is {max_size}")
+        while chunk := f.read(CHUNK):
+            total += len(chunk)
+            if total > max_size:
+                raise LimitExceeded(f"{path}: more than {max_size} bytes")
+            h.update(chunk)
+            write_all(out_fd, chunk)
+            if progress is not None:
+                progress(total, st.st_size)
+            if time.monotonic() > deadline:
+                raise TransferError(f"{path}: reading took longer than "
+                                    f"{limits.transfer_seconds:.0f} s")  # fmt: skip
+    return h.hexdigest()
+
+
 def fetch_and_push(ctx: ServiceContext) -> int:
     limits = ctx.config.limits
     if ctx.caller != "dom0":
@@ -118,7 +150,11 @@ def fetch_and_push(ctx: ServiceContext) -> int:
             for w in request.files:
                 fd = os.open(Path(tmp) / w.name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 fds.append((w.name, fd))
-                digest = download(w.url, fd, w.max_size, limits, partial(report, w.name))
+                if request.source_dir is not None:
+                    source = Path(request.source_dir) / w.name
+                    digest = copy_from(source, fd, w.max_size, limits, partial(report, w.name))
+                else:
+                    digest = download(w.url, fd, w.max_size, limits, partial(report, w.name))
                 report(w.name, os.fstat(fd).st_size, w.size, final=True)
                 if w.sha256 is not None and digest != w.sha256:
                     raise VerificationError(f"{w.name}: sha256 differs from dom0's metadata")

@@ -80,7 +80,9 @@ SERVICES: dict[str, tuple[str, ...]] = {
     "dom0": ("qubes.FwupdReceiveUpdates",),
     "sys-firewall": ("qubes.FwupdDownload",),
     "sys-usb": ("qubes.FwupdUsbvm",),
-    "work": (),
+    # the qube an offline import comes from (a USB stick, a dir received with qvm-copy)
+    # has the UpdateVM's package in its template
+    "work": ("qubes.FwupdDownload",),
 }
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # host scratch dirs would be a channel between qubes that bypasses qrexec
@@ -154,6 +156,11 @@ class Sandbox:
     @property
     def service_user_file(self) -> Path:
         return self.dir / "service-user"
+
+    def tags_file(self, qube: str) -> Path:
+        """Tags the qube has besides its own in QUBES, one per line: what `qvm-tags QUBE
+        add TAG` would have added (the policy sees them at once)."""
+        return self.dir / "tags" / qube
 
     def halted_file(self, qube: str) -> Path:
         """While it exists, the qube is "down": qrexec calls to it fail as qvm-run's do for

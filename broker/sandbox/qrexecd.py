@@ -77,7 +77,17 @@ class Daemon:
 
     def system(self) -> dict[str, QubeInfo]:
         """The qubes as the policy sees them, each running or not as its markers say."""
-        return {name: replace(info, running=self.is_running(name)) for name, info in QUBES.items()}
+        return {
+            name: replace(info, running=self.is_running(name), tags=info.tags | self.tags(name))
+            for name, info in QUBES.items()
+        }
+
+    def tags(self, qube: str) -> frozenset[str]:
+        """Tags added since `up`, as `qvm-tags QUBE add TAG` adds them (a test's)."""
+        try:
+            return frozenset(self.sandbox.tags_file(qube).read_text().split())
+        except FileNotFoundError:
+            return frozenset()
 
     def autostart(self, source: str, target: str, call: str) -> None:
         """Start a shut-down target for a call the caller may make (qrexec's autostart)."""

@@ -225,8 +225,9 @@ class CompromisedUpdateVM(_SwappedService):
     """sys-firewall's qubes.FwupdDownload replaced by a script that follows a plan: a list
     of pushes (header template + parts), then an exit status. Restored on exit."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
-        super().__init__(sandbox, "sys-firewall", "qubes.FwupdDownload", "download")
+    def __init__(self, sandbox: Sandbox, qube: str = "sys-firewall") -> None:
+        # another qube: one an offline import reads from (--from-qube), as compromised
+        super().__init__(sandbox, qube, "qubes.FwupdDownload", "download")
         self._files = 0
 
     def _script_text(self) -> str:

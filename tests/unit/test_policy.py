@@ -428,13 +428,17 @@ def test_shipped_policy_reasons(shipped: Policy) -> None:
     denied = shipped.evaluate(
         Request("qubes.FwupdDownload", "", "work", "sys-firewall"), SHIPPED_SYSTEM
     )
-    assert denied.reason.endswith("85-qubes-fwupd.policy:15: deny")
+    assert denied.reason.endswith("85-qubes-fwupd.policy:19: deny")
     # other callers of the dom0 service meet an explicit deny, not "no matching rule", so
     # a later policy file cannot allow them
     pushed = shipped.evaluate(
         Request("qubes.FwupdReceiveUpdates", "", "work", "dom0"), SHIPPED_SYSTEM
     )
-    assert pushed.reason.endswith("85-qubes-fwupd.policy:10: deny")
+    assert pushed.reason.endswith("85-qubes-fwupd.policy:14: deny")
+    # an offline import's qube, once tagged by the admin
+    tagged = {**SHIPPED_SYSTEM, "work": QubeInfo("work", tags=frozenset({"fwupd-import"}))}
+    imported = shipped.evaluate(Request("qubes.FwupdReceiveUpdates", "", "work", "dom0"), tagged)
+    assert imported.allowed and imported.reason.endswith("85-qubes-fwupd.policy:12: allow")
     other = shipped.evaluate(Request("qubes.Unrelated", "", "work", "dom0"), SHIPPED_SYSTEM)
     assert other.reason == "no matching rule"
 

@@ -165,14 +165,22 @@ def test_filter_and_the_get_upgrades_alias(behind: Sandbox) -> None:
 
 
 def test_updatevm_for_one_run_and_verbose(behind: Sandbox) -> None:
-    # work is no UpdateVM: it has no download service, and dom0 says so naming it
+    # work has the download service (for offline imports) but no network: the mirror is
+    # on the UpdateVM's 127.0.0.1, not work's, and dom0 says so naming it
     r = manager(behind, "update", "-y", "--updatevm", "work", WEBCAM_GUID)
     assert r.returncode == 1, r.stdout + r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        "qubes-fwupdmgr: work: service qubes.FwupdDownload is not installed"
+        "qubes-fwupdmgr: work: qubes.FwupdDownload failed: qubes.FwupdDownload: 127.0.0.1: "
+        "connection refused"
     )
     assert "Downloading fakedevice124.cab through work" in r.stdout
     assert not list(qube_paths(behind, "dom0").sessions_dir.iterdir())
+    # sys-usb has no download service at all: exit 127 from qrexec, said in one line
+    r = manager(behind, "refresh", "--updatevm", "sys-usb")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "qubes-fwupdmgr: sys-usb: service qubes.FwupdDownload is not installed"
+    )
     r = manager(behind, "refresh", "--updatevm", "../dom0")
     assert r.returncode == 1 and "--updatevm" in r.stderr, r.stderr
 

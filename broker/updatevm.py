@@ -15,7 +15,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -62,14 +62,50 @@ def _cause(e: requests.RequestException, connect_seconds: float, read_seconds: f
     return type(e).__name__
 
 
+def _take(
+    chunks: Iterable[bytes],
+    out_fd: int,
+    max_size: int,
+    what: str,
+    length: int | None,
+    progress: OnProgress | None,
+    pace: Callable[[int], None],
+) -> str:
+    """Chunks into out_fd, never more than max_size, hashed and reported as they come;
+    ``pace(total)`` after each raises when the source is too slow or takes too long.
+    Returns the sha256."""
+    h, total = hashlib.sha256(), 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > max_size:
+            raise LimitExceeded(f"{what}: more than {max_size} bytes")
+        h.update(chunk)
+        write_all(out_fd, chunk)
+        if progress is not None:
+            progress(total, length)
+        pace(total)
+    return h.hexdigest()
+
+
 def download(
     url: str, out_fd: int, max_size: int, limits: Limits, progress: OnProgress | None = None
 ) -> str:
     """Stream url into out_fd; returns the sha256. Caps bytes, total time and rate."""
     start = time.monotonic()
-    h, total = hashlib.sha256(), 0
     host = urlsplit(url).hostname or url
     connect_seconds, read_seconds = 15.0, 30.0
+
+    def pace(total: int) -> None:
+        elapsed = time.monotonic() - start
+        if elapsed > limits.transfer_seconds:
+            raise TransferError(
+                f"{host}: download took longer than {limits.transfer_seconds:.0f} s"
+            )
+        if elapsed > _GRACE_SECONDS and total / elapsed < limits.min_rate_bytes_per_s:
+            raise TransferError(
+                f"{host}: download slower than {limits.min_rate_bytes_per_s} bytes/s"
+            )
+
     try:
         with requests.get(
             url, stream=True, timeout=(connect_seconds, read_seconds), allow_redirects=True
@@ -83,26 +119,10 @@ def download(
             # a read returns once it has its whole size: about 1% of the file each, so
             # progress moves on a slow link too (a read of CHUNK would hold it for minutes)
             step = min(CHUNK, max(1024, (length or max_size) // 100))
-            for chunk in resp.iter_content(step):
-                total += len(chunk)
-                if total > max_size:
-                    raise LimitExceeded(f"{url}: more than {max_size} bytes")
-                h.update(chunk)
-                write_all(out_fd, chunk)
-                if progress is not None:
-                    progress(total, length)
-                elapsed = time.monotonic() - start
-                if elapsed > limits.transfer_seconds:
-                    raise TransferError(
-                        f"{host}: download took longer than {limits.transfer_seconds:.0f} s"
-                    )
-                if elapsed > _GRACE_SECONDS and total / elapsed < limits.min_rate_bytes_per_s:
-                    raise TransferError(
-                        f"{host}: download slower than {limits.min_rate_bytes_per_s} bytes/s"
-                    )
+            chunks = resp.iter_content(step)
+            return _take(chunks, out_fd, max_size, url, length, progress, pace)
     except requests.RequestException as e:
         raise TransferError(f"{host}: {_cause(e, connect_seconds, read_seconds)}") from e
-    return h.hexdigest()
 
 
 def copy_from(
@@ -111,29 +131,25 @@ def copy_from(
     """An offline import's file (a USB stick, a dir received with qvm-copy) into out_fd,
     under the same caps as a download; returns the sha256."""
     deadline = time.monotonic() + limits.transfer_seconds
+
+    def pace(total: int) -> None:
+        if time.monotonic() > deadline:
+            raise TransferError(
+                f"{path}: reading took longer than {limits.transfer_seconds:.0f} s"
+            )
+
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise TransferError(f"{path}: {e.strerror}") from e
-    h, total = hashlib.sha256(), 0
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise TransferError(f"{path}: not a regular file")
         if st.st_size > max_size:
             raise LimitExceeded(f"{path}: {st.st_size} bytes, cap is {max_size}")
-        while chunk := f.read(CHUNK):
-            total += len(chunk)
-            if total > max_size:
-                raise LimitExceeded(f"{path}: more than {max_size} bytes")
-            h.update(chunk)
-            write_all(out_fd, chunk)
-            if progress is not None:
-                progress(total, st.st_size)
-            if time.monotonic() > deadline:
-                raise TransferError(f"{path}: reading took longer than "
-                                    f"{limits.transfer_seconds:.0f} s")  # fmt: skip
-    return h.hexdigest()
+        chunks = iter(lambda: f.read(CHUNK), b"")
+        return _take(chunks, out_fd, max_size, str(path), st.st_size, progress, pace)
 
 
 def fetch_and_push(ctx: ServiceContext) -> int:

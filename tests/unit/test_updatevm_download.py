@@ -4,6 +4,7 @@ the UpdateVM reports while a download runs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -15,9 +16,9 @@ import pytest
 
 import broker.updatevm as updatevm
 from broker.config import Limits
-from broker.errors import TransferError
+from broker.errors import LimitExceeded, TransferError
 from broker.transfer import ProgressLines
-from broker.updatevm import download
+from broker.updatevm import copy_from, download
 
 BODY = bytes(range(256)) * 40  # 10,240 bytes
 
@@ -100,3 +101,27 @@ def test_progress_to_a_dom0_that_went_away_cancels_the_download() -> None:
             ProgressLines(write)("firmware.cab", 1024, 10240, final=True)
     finally:
         os.close(write)
+
+
+# --- offline import: the same caps, from a dir in the qube --------------------------------
+def test_an_imported_file_is_copied_hashed_and_capped(tmp_path: Path) -> None:
+    src = tmp_path / "fakedevice124.cab"
+    src.write_bytes(b"x" * 300_000)
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    seen: list[tuple[int, int | None]] = []
+    try:
+        digest = copy_from(src, out, 300_000, Limits(), lambda d, t: seen.append((d, t)))
+        assert digest == hashlib.sha256(b"x" * 300_000).hexdigest()
+        assert os.fstat(out).st_size == 300_000 and seen[-1] == (300_000, 300_000)
+        with pytest.raises(LimitExceeded, match="cap is 299999"):
+            copy_from(src, out, 299_999, Limits())
+        (tmp_path / "link.cab").symlink_to(src)
+        with pytest.raises(TransferError, match=r"link\.cab: Too many levels of symbolic links"):
+            copy_from(tmp_path / "link.cab", out, 300_000, Limits())  # no symlinks
+        os.mkfifo(tmp_path / "fifo.cab")
+        with pytest.raises(TransferError, match="not a regular file"):
+            copy_from(tmp_path / "fifo.cab", out, 300_000, Limits())  # never blocks on it
+        with pytest.raises(TransferError, match="No such file"):
+            copy_from(tmp_path / "absent.cab", out, 300_000, Limits())
+    finally:
+        os.close(out)

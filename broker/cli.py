@@ -1184,14 +1184,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _warn(config.warnings)
         if args.updatevm:
             config = dataclasses.replace(
-                config, updatevm=check_qube_name(args.updatevm, "--updatevm")
+                config, updatevm=check_qube_name(args.updatevm, "--updatevm"), updatevm_set=True
             )
         source_dir = _import_source(args)
         if source_dir is not None:
             # the qube the files come from stands where the UpdateVM stands, no higher
             config = dataclasses.replace(
-                config, updatevm=check_qube_name(args.from_qube, "--from-qube")
-            )
+                config, updatevm=check_qube_name(args.from_qube, "--from-qube"),
+                updatevm_set=True,
+            )  # fmt: skip
         app = Manager(paths, config, FROM_DOM0, on_step=lambda text: _say(args, text),
                       source_dir=source_dir)  # fmt: skip
         if not args.json and not args.quiet and sys.stderr.isatty():

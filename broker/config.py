@@ -331,6 +331,9 @@ def parse_signers(value: str, what: str) -> frozenset[str]:
 @dataclass(frozen=True)
 class Config:
     updatevm: str = "sys-firewall"
+    # the admin chose updatevm (in the config, or for the run); if not, dom0's own UpdateVM
+    # (qubes-prefs updatevm) is used where one is set (Manager.updatevm)
+    updatevm_set: bool = field(default=False, compare=False)
     usbvm: str | None = "sys-usb"
     remotes: tuple[Remote, ...] = (
         # fwupd's own lvfs.conf: FirmwareBaseURI=https://fwupd.org/downloads
@@ -443,6 +446,7 @@ class Config:
             )
         return cls(
             updatevm=updatevm,
+            updatevm_set="updatevm" in main,
             usbvm=usbvm,
             remotes=tuple(remotes) or cls.remotes,
             warnings=tuple(warnings),

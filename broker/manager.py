@@ -20,14 +20,16 @@ from typing import Any
 
 from broker import history, reboots, remotes
 from broker.cabinet import ExpectedRelease, inspect_cab
-from broker.config import Config, Limits, Paths, Remote
+from broker.config import Config, Limits, Paths, Remote, check_qube_name
 from broker.errors import (
     BrokerError,
+    ConfigError,
     FormatError,
     LimitExceeded,
     NoMetadata,
     NotFound,
     NothingToDo,
+    QrexecError,
     TransferError,
     VerificationError,
 )
@@ -99,12 +101,27 @@ class Manager:
     def limits(self) -> Limits:
         return self.config.limits
 
+    @functools.cached_property
+    def updatevm(self) -> str:
+        """The qube downloads go through: the admin's choice (the config, --updatevm,
+        --from-qube), else dom0's own UpdateVM (qubes-prefs updatevm) where one is set, as
+        dom0's package updates use it, else the default."""
+        if self.config.updatevm_set:
+            return self.config.updatevm
+        chosen = self.power.qubes_pref("updatevm")
+        if not chosen:
+            return self.config.updatevm
+        try:
+            return check_qube_name(chosen, "qubes-prefs updatevm")
+        except ConfigError as e:
+            raise QrexecError(printable(str(e), 200)) from e
+
     @property
     def source(self) -> str:
         """Where files come from, for a step line."""
         if self.source_dir is not None:
-            return f"from {self.config.updatevm}:{printable(self.source_dir, 200)}"
-        return f"through {self.config.updatevm}"
+            return f"from {self.updatevm}:{printable(self.source_dir, 200)}"
+        return f"through {self.updatevm}"
 
     def usbvm(self) -> UsbvmClient | None:
         if not self.config.usbvm:
@@ -124,7 +141,7 @@ class Manager:
         self._ended.clear()  # a new step: its end shows again
         sessions = Sessions(self.paths.sessions_dir)
         expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
-        updatevm = self.config.updatevm
+        updatevm = self.updatevm
         self._running(updatevm)
         session = sessions.open(
             kind, remote_id, expected, self.limits.session_seconds, release, force, updatevm

@@ -1,6 +1,7 @@
-"""Whether a qube runs, and starting and shutting it down: Qubes' admin tools in dom0
-(qvm-check, qvm-start, qvm-shutdown, which go through qubesd's admin API). The sandbox
-puts stand-ins of the same names on dom0's PATH, as it does for qvm-run.
+"""Whether a qube runs, and starting and shutting it down, and dom0's global preferences:
+Qubes' admin tools in dom0 (qvm-check, qvm-start, qvm-shutdown, qubes-prefs, which go
+through qubesd's admin API). The sandbox puts stand-ins of the same names on dom0's PATH,
+as it does for qvm-run.
 
 The manager starts a halted UpdateVM itself, rather than leaving it to qvm-run's
 autostart, so that it knows it did, says so, and shuts it down again when the run ends:
@@ -33,6 +34,14 @@ class AdminTools:
         except subprocess.TimeoutExpired as e:
             raise QrexecError(f"{' '.join(argv[:-1])} {argv[-1]} took more than "
                               f"{self.timeout:.0f} s") from e  # fmt: skip
+
+    def qubes_pref(self, name: str) -> str:
+        """A global preference of dom0's (qubes-prefs NAME): its value, "" when unset."""
+        r = self._run(["qubes-prefs", "--", name])
+        if r.returncode != 0:
+            raise QrexecError(f"qubes-prefs {name}: {_why(r)}")
+        value = r.stdout.decode("utf-8", "replace").strip()
+        return "" if value in ("", "None") else value
 
     def is_running(self, qube: str) -> bool:
         return self._run(["qvm-check", "--quiet", "--running", qube]).returncode == 0

@@ -10,12 +10,14 @@ request comes in on dom0's socket (the socket is the caller's identity)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import sys
 from pathlib import Path
 
+from broker.config import ROOT_ENV
 from broker.errors import EXIT_QREXEC_PROBLEM
 
 SANDBOX_SOCKET_ENV = "QUBES_FWUPD_QREXEC_SOCKET"
@@ -47,6 +49,28 @@ def install_clients(root: Path, qube: str) -> None:
     if qube == "dom0":
         for tool in ADMIN_TOOLS:
             _write_tool(bin_dir / tool, f"admin_main({tool!r})")
+        _write_tool(bin_dir / "qubes-prefs", "prefs_main()")
+
+
+def prefs_file(root: Path) -> Path:
+    """dom0's global preferences in the sandbox, ``NAME VALUE`` a line (qubes.xml's, in
+    Qubes): a test sets one as `qubes-prefs NAME VALUE` would."""
+    return root / "var/lib/qubes/qubes-prefs"
+
+
+def prefs_main(argv: list[str] | None = None) -> int:
+    """qubes-prefs [--get] [--] NAME: the value, or an empty line when unset."""
+    parser = argparse.ArgumentParser(prog="qubes-prefs", description="the sandbox's qubes-prefs")
+    parser.add_argument("--get", action="store_true")
+    parser.add_argument("name", metavar="PROPERTY")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    values = {}
+    with contextlib.suppress(FileNotFoundError):
+        for line in prefs_file(Path(os.environ.get(ROOT_ENV, "/"))).read_text().splitlines():
+            name, _, value = line.partition(" ")
+            values[name] = value.strip()
+    print(values.get(args.name, ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

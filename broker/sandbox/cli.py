@@ -201,7 +201,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metavar="N",
                 help="also N LVFS-shaped components (4400: the LVFS's size today)",
             )
+            # an organisation's own remote: its cabs, catalog and jcat, signed by its own
+            # certificate, into a dir it serves from any HTTP server or CDN
+            p.add_argument("--out", type=Path, metavar="DIR",
+                           help="publish an organisation's own remote into DIR (no sandbox)")
+            p.add_argument("--signer-cert", type=Path, metavar="PEM")
+            p.add_argument("--signer-key", type=Path, metavar="KEY")
+            p.add_argument("--location-base", metavar="URL",
+                           help="where DIR is served: each cab's location is URL/NAME")
     args = parser.parse_args(argv)
+    if args.command == "publish" and args.out is not None:
+        if not (args.signer_cert and args.signer_key and args.location_base):
+            parser.error("--out needs --signer-cert, --signer-key and --location-base")
+        try:
+            for path in lvfs.publish_own(args.out, args.cabs, args.signer_cert,
+                                         args.signer_key, args.location_base):  # fmt: skip
+                print(f"published {path}")
+        except (OSError, ValueError, subprocess.CalledProcessError) as e:
+            print(f"qubes-fwupd-sandbox: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.dir is None:
         parser.error("--dir is required (or set QUBES_FWUPD_SANDBOX)")
     sandbox = Sandbox(Path(args.dir).resolve())

@@ -182,6 +182,49 @@ def _jcat_for(pki: SandboxPki, content: Path, item_id: str, aliases: Sequence[st
     )
 
 
+def own_jcat(signer_pem: Path, signer_key: Path, content: Path, item_id: str) -> bytes:
+    """An organisation's jcat for its own remote: sha256, sha512 and one PKCS#7 by its own
+    signing certificate (the one its remote's metadata_signers pins)."""
+    data = content.read_bytes()
+    return build_jcat({item_id: [
+        (BlobKind.SHA256, hashlib.sha256(data).hexdigest()),
+        (BlobKind.SHA512, hashlib.sha512(data).hexdigest()),
+        (BlobKind.PKCS7, sign_pkcs7(signer_pem, signer_key, content)),
+    ]})  # fmt: skip
+
+
+def publish_own(
+    out_dir: Path, cabs: Sequence[Path], signer_pem: Path, signer_key: Path, location_base: str
+) -> list[Path]:
+    """What an organisation serves for a remote of its own: ``cabs`` copied into
+    ``out_dir``, the catalog of every cab there (each location ``location_base``/NAME)
+    and its .jcat signed by the organisation's own certificate. Serve ``out_dir`` from
+    any HTTP server or CDN. Returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for cab in cabs:
+        if not cab.name.endswith(".cab"):
+            raise ValueError(f"{cab} is not named *.cab; the catalog would not list it")
+        dest = out_dir / cab.name
+        if not (dest.exists() and dest.samefile(cab)):
+            _copy_atomic(cab, dest)
+        written.append(dest)
+    xml = catalog_xml(out_dir, location_base.rstrip("/"))
+    _wait_past_previous_signing(out_dir)
+    for name in METADATA_NAMES:
+        final, jcat = out_dir / name, out_dir / f"{name}.jcat"
+        with _temp_beside(final) as (f, tmp):
+            f.write(_compress(name, xml))
+            f.flush()
+            os.fsync(f.fileno())
+            signature = own_jcat(signer_pem, signer_key, tmp, name)
+            os.replace(tmp, final)
+        _write_atomic(jcat, signature)
+        written += [final, jcat]
+    fsync_dir(out_dir)
+    return written
+
+
 def _next_generation(lvfs_dir: Path) -> int:
     """One more than the generation the served jcat names (1 for a new mirror)."""
     served = lvfs_dir / f"{METADATA_NAMES[0]}.jcat"

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from broker.jcat import BlobKind, build_jcat
 from broker.sandbox import daemons, lvfs
-from broker.sandbox.cli import base_url
+from broker.sandbox.cli import DEFAULT_CABS, base_url
 from broker.sandbox.launcher import FWUPD_QUBES, Launcher, Sandbox
-from broker.sandbox.pki import certificate_sha256, create_pki, make_signer, sign_pkcs7
+from broker.sandbox.pki import certificate_sha256, create_pki, make_signer
 from broker.sandbox.processes import ProcessTable
 from tests.adversarial.hostile import publish_real
-from tests.sandbox_helpers import manager, qube_paths
+from tests.sandbox_helpers import manager, qube_paths, sandbox_cli
 
 pytestmark = pytest.mark.sandbox
 
@@ -44,11 +43,7 @@ def _sign_into(directory: Path, xml: bytes, key: Key) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         content = Path(tmp) / META
         content.write_bytes(data)
-        jcat = build_jcat({META: [
-            (BlobKind.SHA256, hashlib.sha256(data).hexdigest()),
-            (BlobKind.SHA512, hashlib.sha512(data).hexdigest()),
-            (BlobKind.PKCS7, sign_pkcs7(key.pem, key.key, content)),
-        ]})  # fmt: skip
+        jcat = lvfs.own_jcat(key.pem, key.key, content, META)
     lvfs._write_atomic(directory / META, data)
     lvfs._write_atomic(directory / f"{META}.jcat", jcat)
     return hashlib.sha256(data).hexdigest()
@@ -74,7 +69,7 @@ def corp(refreshed: Sandbox) -> Iterator[tuple[Sandbox, Key, Key]]:
     conf.write_text(original.decode() + (
         "\n[remote corp]\n"
         f"metadata_url = {base_url(sandbox)}/corp/{META}\n"
-        f"firmware_base_uri = {base_url(sandbox)}\n"
+        f"firmware_base_uri = {base_url(sandbox)}/corp\n"
         "allow_plain_http = yes\n"
         f"metadata_signers = {certificate_sha256(corp_key.pem)}\n"
     ))  # fmt: skip
@@ -107,8 +102,15 @@ def test_a_private_remote_takes_its_own_key_and_only_its_own(
     sandbox, corp_key, lvfs_key = corp
     catalog = lvfs.catalog_xml(sandbox.lvfs_dir)
 
-    # its own key: accepted, and handed to both daemons
-    sha = _sign_into(sandbox.lvfs_dir / "corp", catalog + b"<!-- corp 1 -->\n", corp_key)
+    # its own key: accepted, and handed to both daemons. Published as an organisation
+    # publishes its own remote: qubes-fwupd-sandbox publish --out, with its own cert
+    corp_dir = sandbox.lvfs_dir / "corp"
+    r = sandbox_cli("publish", "--out", str(corp_dir), "--signer-cert", str(corp_key.pem),
+                    "--signer-key", str(corp_key.key), "--location-base",
+                    "https://firmware.corp.example/", *map(str, DEFAULT_CABS))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"published {corp_dir / META}.jcat" in r.stdout
+    sha = hashlib.sha256((corp_dir / META).read_bytes()).hexdigest()
     r = manager(sandbox, "refresh")
     assert r.returncode == 0, r.stdout + r.stderr
     assert _accepted(sandbox)["corp"] == sha

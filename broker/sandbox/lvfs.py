@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -198,31 +198,10 @@ def publish_own(
 ) -> list[Path]:
     """What an organisation serves for a remote of its own: ``cabs`` copied into
     ``out_dir``, the catalog of every cab there (each location ``location_base``/NAME)
-    and its .jcat signed by the organisation's own certificate. Serve ``out_dir`` from
-    any HTTP server or CDN. Returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for cab in cabs:
-        if not cab.name.endswith(".cab"):
-            raise ValueError(f"{cab} is not named *.cab; the catalog would not list it")
-        dest = out_dir / cab.name
-        if not (dest.exists() and dest.samefile(cab)):
-            _copy_atomic(cab, dest)
-        written.append(dest)
-    xml = catalog_xml(out_dir, location_base.rstrip("/"))
-    _wait_past_previous_signing(out_dir)
-    for name in METADATA_NAMES:
-        final, jcat = out_dir / name, out_dir / f"{name}.jcat"
-        with _temp_beside(final) as (f, tmp):
-            f.write(_compress(name, xml))
-            f.flush()
-            os.fsync(f.fileno())
-            signature = own_jcat(signer_pem, signer_key, tmp, name)
-            os.replace(tmp, final)
-        _write_atomic(jcat, signature)
-        written += [final, jcat]
-    fsync_dir(out_dir)
-    return written
+    and its .jcat signed by the organisation's own certificate, one item named after
+    each file. Serve ``out_dir`` from any HTTP server or CDN. Returns the paths written."""
+    return _publish(out_dir, cabs, location_base.rstrip("/"), 0,
+                    lambda tmp, name: own_jcat(signer_pem, signer_key, tmp, name))  # fmt: skip
 
 
 def _next_generation(lvfs_dir: Path) -> int:
@@ -302,34 +281,47 @@ def publish(
     generated: int = 0,
 ) -> list[Path]:
     """Add ``cabs`` to ``lvfs_dir`` and re-sign the catalog of every cab there (after
-    ``generated`` LVFS-shaped components, see :func:`catalog_xml`).
+    ``generated`` LVFS-shaped components, see :func:`catalog_xml`), as the LVFS signs.
 
     Returns the paths written: the copied cabs, then each metadata file and its jcat."""
     lvfs_dir.mkdir(parents=True, exist_ok=True)
+    generation = GENERATION.format(_next_generation(lvfs_dir))
+    # the LVFS names the item after the generation, the served name is an alias
+    return _publish(lvfs_dir, cabs, location_base, generated, lambda tmp, name: _jcat_for(
+        pki, tmp, generation + name.removeprefix("firmware"), [name]))  # fmt: skip
+
+
+def _publish(
+    out_dir: Path,
+    cabs: Sequence[Path],
+    location_base: str,
+    generated: int,
+    sign: Callable[[Path, str], bytes],
+) -> list[Path]:
+    """``cabs`` into ``out_dir``, then each metadata file of the catalog of every cab
+    there, with the jcat ``sign(file, served name)`` makes for it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for cab in cabs:
         if not cab.name.endswith(".cab"):
             raise ValueError(f"{cab} is not named *.cab; the catalog would not list it")
-        dest = lvfs_dir / cab.name
+        dest = out_dir / cab.name
         if not (dest.exists() and dest.samefile(cab)):
             _copy_atomic(cab, dest)
         written.append(dest)
-    xml = catalog_xml(lvfs_dir, location_base, generated)
-    _wait_past_previous_signing(lvfs_dir)
-    generation = GENERATION.format(_next_generation(lvfs_dir))
+    xml = catalog_xml(out_dir, location_base, generated)
+    _wait_past_previous_signing(out_dir)
     for name in METADATA_NAMES:
-        final, jcat = lvfs_dir / name, lvfs_dir / f"{name}.jcat"
+        final, jcat = out_dir / name, out_dir / f"{name}.jcat"
         # sign the temp file and rename both at the end: a reader meets a mismatched
         # pair only in the instant between the two renames, not for the whole signing
         with _temp_beside(final) as (f, tmp):
             f.write(_compress(name, xml))
             f.flush()
             os.fsync(f.fileno())
-            # the LVFS names the item after the generation, the served name is an alias
-            item_id = generation + name.removeprefix("firmware")
-            signature = _jcat_for(pki, tmp, item_id, [name])
+            signature = sign(tmp, name)
             os.replace(tmp, final)
         _write_atomic(jcat, signature)
         written += [final, jcat]
-    fsync_dir(lvfs_dir)
+    fsync_dir(out_dir)
     return written

@@ -273,11 +273,11 @@ def _signed(app: Manager, found: list[tuple[QubeDevice, list[Release]]]) -> dict
 
 
 def _age(signed_at: str) -> str:
-    days = notify.age_days(signed_at, notify.now())
-    if days is None:
+    age = notify.ago(signed_at, notify.now())
+    if age is None:
         return "at an unknown time"
     when = datetime.fromisoformat(signed_at).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{when} ({days} day{'s' if days != 1 else ''} ago)"
+    return f"{when} ({age})"
 
 
 def _notify(

@@ -111,11 +111,14 @@ def record(path: Path, updates: Sequence[WaitingUpdate], signed: dict[str, str],
     return waiting
 
 
-def age_days(signed_at: str, now: datetime) -> int | None:
+def ago(signed_at: str, now: datetime) -> str | None:
+    """How long ago an ISO 8601 time was, in whole days ("1 day ago", "3 days ago"); None
+    when it does not parse. get-updates, status and the notification all say it so."""
     try:
-        return max(0, (now - datetime.fromisoformat(signed_at)).days)
-    except ValueError:
+        days = max(0, (now - datetime.fromisoformat(signed_at)).days)
+    except (ValueError, TypeError):
         return None
+    return f"{days} day{'s' if days != 1 else ''} ago"
 
 
 def message(waiting: Waiting, now: datetime) -> tuple[str, str, int]:
@@ -130,14 +133,15 @@ def message(waiting: Waiting, now: datetime) -> tuple[str, str, int]:
     if n > 5:
         lines.append(f"… and {n - 5} more")
     for remote, signed in waiting.metadata_signed:
-        days = age_days(signed, now)
-        if days is not None:
-            lines.append(f"{remote} metadata signed {days} day{'s' if days != 1 else ''} ago")
+        if (age := ago(signed, now)) is not None:
+            lines.append(f"{remote} metadata signed {age}")
     lines.append("Install with: qubes-fwupdmgr update")
     hint = max(_URGENCY_HINT.get(u.urgency.lower(), 1) for u in waiting.updates)
-    # the body is markup to most notification daemons (dunst, Plasma, xfce4-notifyd), and
-    # a device name comes from sys-usb's fwupd, or from the USB device itself
-    return summary, html.escape("\n".join(lines), quote=False), hint
+    # every line made printable (the state file is in a dir the receive service may write
+    # to), then escaped: the body is markup to most notification daemons (dunst, Plasma,
+    # xfce4-notifyd), and a device name comes from sys-usb's fwupd, or the USB device
+    body = "\n".join(printable(line, 300) for line in lines)
+    return summary, html.escape(body, quote=False), hint
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ class Status:
     remotes: tuple[RemoteAge, ...]
 
     def lines(self, now: datetime) -> list[str]:
+        """What status prints, each line printable: the state files it reads are in dirs
+        the receive service (dom0's login user) may write to."""
+        return [printable(line, 400) for line in self._lines(now)]
+
+    def _lines(self, now: datetime) -> list[str]:
         lock = f"held by {self.lock}" if self.lock else "free"
         inhibit = printable(self.inhibited, 300) if self.inhibited else "none"
         out = [f"Run lock:    {lock}", f"Inhibit:     {inhibit}"]
@@ -65,8 +70,8 @@ class Status:
         out += [f"  {printable(p.name, 80)} [{p.qube}] {printable(p.version, 64)}: {p.what}"
                 for p in self.pending]  # fmt: skip
         for r in self.remotes:
-            days = notify.age_days(r.signed_at, now) if r.signed_at else None
-            age = f"signed {r.signed_at} ({days} days ago)" if days is not None else "never"
+            ago = notify.ago(r.signed_at, now)
+            age = f"signed {r.signed_at} ({ago})" if ago is not None else "never"
             state = "" if r.enabled else " (disabled)"
             out.append(f"Metadata:    {r.remote_id}{state}: {age}")
         return out

@@ -9,7 +9,6 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from broker.sandbox.cli import DEFAULT_CABS, base_url
 from broker.sandbox.launcher import FWUPD_QUBES, Launcher, Sandbox
 from broker.sandbox.pki import certificate_sha256, create_pki, make_signer
 from broker.sandbox.processes import ProcessTable
-from tests.adversarial.hostile import publish_real, restore_mirror
+from tests.adversarial.hostile import Signer, publish_real, restore_mirror, trusted_signer
 from tests.sandbox_helpers import manager, qube_paths, sandbox_cli
 
 pytestmark = pytest.mark.sandbox
@@ -28,13 +27,7 @@ pytestmark = pytest.mark.sandbox
 META = "firmware.xml.zst"
 
 
-@dataclass(frozen=True)
-class Key:
-    pem: Path
-    key: Path
-
-
-def _sign_into(directory: Path, xml: bytes, key: Key) -> str:
+def _sign_into(directory: Path, xml: bytes, key: Signer) -> str:
     """firmware.xml.zst and its .jcat (sha256, sha512, PKCS#7 by ``key``) in ``directory``,
     as the LVFS publishes them; the metadata's sha256."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,14 +49,14 @@ def _restart_daemons(sandbox: Sandbox) -> None:
 
 
 @pytest.fixture
-def corp(refreshed: Sandbox) -> Iterator[tuple[Sandbox, Key, Key]]:
+def corp(refreshed: Sandbox) -> Iterator[tuple[Sandbox, Signer, Signer]]:
     """Remote `corp`, served beside the sandbox LVFS at /corp/, pinned to its own signer
     (under the sandbox CA, so every trust store chains it: only the pin tells them
     apart), in dom0's config and as a remote of both daemons; all undone after."""
     sandbox = refreshed
     pki = create_pki(sandbox.pki_dir)
-    corp_key = Key(*make_signer(pki, sandbox.pki_dir / "corp", "Corp firmware"))
-    lvfs_key = Key(pki.signer_pem, pki.signer_key)
+    corp_key = Signer(*make_signer(pki, sandbox.pki_dir / "corp", "Corp firmware"))
+    lvfs_key = trusted_signer(sandbox)
     conf = qube_paths(sandbox, "dom0").config_file
     original = conf.read_bytes()
     conf.write_text(original.decode() + (
@@ -97,7 +90,7 @@ def _accepted(sandbox: Sandbox) -> dict[str, str]:
 
 
 def test_a_private_remote_takes_its_own_key_and_only_its_own(
-    corp: tuple[Sandbox, Key, Key],
+    corp: tuple[Sandbox, Signer, Signer],
 ) -> None:
     sandbox, corp_key, lvfs_key = corp
     catalog = lvfs.catalog_xml(sandbox.lvfs_dir)

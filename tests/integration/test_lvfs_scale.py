@@ -10,6 +10,7 @@ every release with an https location and a container sha256, and skip the rest.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
@@ -21,7 +22,13 @@ from broker.sandbox import lvfs
 from broker.sandbox.launcher import Sandbox
 from broker.sandbox.lvfs_catalog import GeneratedCatalog, generate
 from tests.adversarial.hostile import restore_mirror
-from tests.sandbox_helpers import manager, qube_paths, sandbox_cli
+from tests.sandbox_helpers import (
+    WEBCAM_ID,
+    manager,
+    qube_paths,
+    sandbox_cli,
+    webcam_version,
+)
 
 pytestmark = pytest.mark.sandbox
 
@@ -92,3 +99,29 @@ def test_get_updates_on_an_lvfs_scale_catalog_still_offers_only_what_fwupd_offer
     r = manager(sandbox, "get-updates", "--json", timeout=300)
     assert r.returncode in (0, 2), r.stdout + r.stderr
     assert r.stderr == ""
+
+
+def test_a_plan_is_bound_to_the_lvfs_scale_metadata_and_installs(
+    sandbox: Sandbox, published: GeneratedCatalog
+) -> None:
+    """The plan's binding read from an LVFS-shaped catalog of today's size (dom0's index
+    of it, not the small sandbox catalog): the metadata dom0 accepted, the webcam's cab."""
+    r = manager(sandbox, "install", "-y", f"sys-usb:{WEBCAM_ID}", "1.2.3", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = manager(sandbox, "get-updates", "--json", f"sys-usb:{WEBCAM_ID}", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (entry,) = json.loads(r.stdout)["Plan"]
+    accepted = MetadataStore(qube_paths(sandbox, "dom0")).accepted("lvfs")
+    assert accepted is not None
+    assert (entry["MetadataSha256"], entry["MetadataSigned"]) == (
+        accepted["sha256"], accepted["signed_at"],
+    )  # fmt: skip
+    assert (entry["VersionOld"], entry["Version"]) == ("1.2.3", "1.2.4")
+    plan = qube_paths(sandbox, "dom0").root / "plan-lvfs-scale.json"
+    plan.write_text(r.stdout)
+    try:
+        r = manager(sandbox, "update", "--plan", str(plan), timeout=300)
+    finally:
+        plan.unlink()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert webcam_version(sandbox, "sys-usb") == "1.2.4"

@@ -556,7 +556,7 @@ def _apply(
         _say(args, f"Using {_p(release.filename)} from dom0's cache")
     else:
         doing = "Importing" if app.source_dir is not None else "Downloading"
-        _say(args, f"{doing} {_p(release.filename)} {app.source}…")
+        _say(args, f"{doing} {_p(release.filename)} {app.source(release.remote_id)}…")
         app.download(release)
     _say(args, f"Installing on {qd.qube}…")
     try:
@@ -1184,14 +1184,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _warn(config.warnings)
         if args.updatevm:
             config = dataclasses.replace(
-                config, updatevm=check_qube_name(args.updatevm, "--updatevm"), updatevm_set=True
-            )
+                config, updatevm=check_qube_name(args.updatevm, "--updatevm"),
+                updatevm_set=True, updatevm_run=True,
+            )  # fmt: skip
         source_dir = _import_source(args)
         if source_dir is not None:
             # the qube the files come from stands where the UpdateVM stands, no higher
             config = dataclasses.replace(
                 config, updatevm=check_qube_name(args.from_qube, "--from-qube"),
-                updatevm_set=True,
+                updatevm_set=True, updatevm_run=True,
             )  # fmt: skip
         app = Manager(paths, config, FROM_DOM0, on_step=lambda text: _say(args, text),
                       source_dir=source_dir)  # fmt: skip

@@ -8,6 +8,7 @@ real qube and at ``$SANDBOX/vm/<qube>`` in the sandbox (the launcher sets
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import grp
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from broker.errors import ConfigError
-from broker.signatures import TrustPolicy
+from broker.signatures import TrustPolicy, TrustStore
 
 MiB = 1024 * 1024
 
@@ -270,6 +271,14 @@ class Remote:
     # who may sign this remote's metadata (TrustPolicy.signers); None only for the
     # UpdateVM's and sys-usb's own checks, which never stand in for dom0's
     metadata_signers: frozenset[str] | None = None
+    # which of fwupd's firmware trust anchors (file names in /etc/pki/fwupd) this remote's
+    # payloads may chain to, and who under them may sign (None: anyone they anchor). fwupd
+    # pools every anchor for every remote; dom0 does not, so an organisation's CA there
+    # signs nothing for lvfs. None: the whole pool (the UpdateVM's and sys-usb's checks)
+    payload_anchors: tuple[str, ...] | None = None
+    payload_signers: frozenset[str] | None = None
+    # the qube this remote's files come through, unless the run names one (--updatevm)
+    updatevm: str | None = None
 
     @property
     def metadata_name(self) -> str:
@@ -297,10 +306,23 @@ _MAIN_KEYS = frozenset(
     }
 )  # fmt: skip
 _REMOTE_KEYS = frozenset(
-    {"metadata_url", "firmware_base_uri", "signature", "allow_plain_http", "metadata_signers"}
-)
+    {
+        "metadata_url", "firmware_base_uri", "signature", "allow_plain_http", "metadata_signers",
+        "payload_anchors", "payload_signers", "updatevm",
+    }
+)  # fmt: skip
 LVFS_METADATA_SIGNERS = frozenset(
     {"1AE8CBE206091736DEC0C8A722575FF883DFFB4C1C342175514C3FE5721B202F", "CN=fwupd.org 2025"}
+)
+# what fwupd ships in /etc/pki/fwupd: the LVFS's CAs and firmware GPG keys. The CA also
+# issues vendors' and developers' signing certificates (fwupd-tests' cabs are signed by a
+# personal one), so the lvfs remote pins its anchors, not its signers
+LVFS_PAYLOAD_ANCHORS = (
+    "LVFS-CA.pem", "LVFS-CA-2025PQ.pem",
+    "GPG-KEY-Linux-Vendor-Firmware-Service", "GPG-KEY-Linux-Foundation-Firmware",
+)  # fmt: skip
+_ANCHOR_NAME = re.compile(
+    r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,100}\.pem|GPG-KEY-[A-Za-z0-9._-]{1,100})"
 )
 _HEX = re.compile(r"(?:[0-9A-F]{40}|[0-9A-F]{64})")
 
@@ -328,12 +350,32 @@ def parse_signers(value: str, what: str) -> frozenset[str]:
     return frozenset(signers)
 
 
+def parse_anchors(value: str, what: str) -> tuple[str, ...]:
+    """File names in fwupd's firmware trust store (``*.pem``, ``GPG-KEY-*``), one per line
+    or space-separated; ``lvfs`` stands for the LVFS's own (:data:`LVFS_PAYLOAD_ANCHORS`)."""
+    names: list[str] = []
+    for token in value.replace(",", " ").split():
+        if token == "lvfs":  # noqa: S105  a keyword, not a password
+            names.extend(LVFS_PAYLOAD_ANCHORS)
+        elif _ANCHOR_NAME.fullmatch(token):
+            names.append(token)
+        else:
+            raise ConfigError(
+                f"{what}: {token[:80]!r} is not a file name in /etc/pki/fwupd (*.pem, GPG-KEY-*)"
+            )
+    if not names:
+        raise ConfigError(f"{what} names no trust anchor")
+    return tuple(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class Config:
     updatevm: str = "sys-firewall"
     # the admin chose updatevm (in the config, or for the run); if not, dom0's own UpdateVM
     # (qubes-prefs updatevm) is used where one is set (Manager.updatevm)
     updatevm_set: bool = field(default=False, compare=False)
+    # the run named it (--updatevm, --from-qube): it then wins over a remote's own updatevm
+    updatevm_run: bool = field(default=False, compare=False)
     usbvm: str | None = "sys-usb"
     remotes: tuple[Remote, ...] = (
         # fwupd's own lvfs.conf: FirmwareBaseURI=https://fwupd.org/downloads
@@ -342,6 +384,7 @@ class Config:
             "https://cdn.fwupd.org/downloads/firmware.xml.zst",
             "https://fwupd.org/downloads",
             metadata_signers=LVFS_METADATA_SIGNERS,
+            payload_anchors=LVFS_PAYLOAD_ANCHORS,
         ),
     )
     limits: Limits = field(default_factory=Limits)
@@ -374,6 +417,20 @@ class Config:
             if r.id == remote_id:
                 return r
         raise ConfigError(f"no remote {remote_id!r} configured")
+
+    def payload_trust(
+        self, remote_id: str, dirs: tuple[Path, ...]
+    ) -> tuple[TrustStore, TrustPolicy]:
+        """What may sign the firmware of ``remote_id``: its anchors in ``dirs`` (fwupd's
+        firmware store), and the signature kinds and signers that count."""
+        remote = self.remote(remote_id)
+        store = TrustStore.from_dirs(dirs, only=remote.payload_anchors)
+        if remote.payload_anchors is not None and not (store.ca_files or store.gpg_key_files):
+            raise ConfigError(
+                f"remote {remote_id}: none of its payload_anchors is in "
+                f"{', '.join(str(d) for d in dirs)}"
+            )
+        return store, dataclasses.replace(self.trust, signers=remote.payload_signers)
 
     @classmethod
     def load(cls, paths: Paths) -> Config:
@@ -421,7 +478,24 @@ class Config:
                 signers = LVFS_METADATA_SIGNERS
             else:
                 raise ConfigError(f"remote {rid} needs metadata_signers: who may sign its metadata")
-            remotes.append(Remote(rid, url, base, signature, not https_only, signers))
+            if "payload_anchors" in sec:
+                anchors = parse_anchors(sec["payload_anchors"], f"remote {rid} payload_anchors")
+            elif rid == "lvfs":
+                anchors = LVFS_PAYLOAD_ANCHORS
+            else:
+                raise ConfigError(
+                    f"remote {rid} needs payload_anchors: which CAs and keys in /etc/pki/fwupd"
+                    " its firmware is signed under (lvfs for the LVFS's own)"
+                )
+            payload_signers = (
+                parse_signers(sec["payload_signers"], f"remote {rid} payload_signers")
+                if "payload_signers" in sec else None
+            )  # fmt: skip
+            own_vm = sec.get("updatevm", "").strip()
+            remotes.append(Remote(
+                rid, url, base, signature, not https_only, signers, anchors, payload_signers,
+                check_qube_name(own_vm, f"remote {rid} updatevm") if own_vm else None,
+            ))  # fmt: skip
         try:
             max_age = int(main.get("metadata_max_age_days", "30"))
         except ValueError as e:

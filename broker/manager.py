@@ -45,7 +45,7 @@ from broker.remotes import RemoteState, RemoteSwitches
 from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
 from broker.session import DownloadRequest, ExpectedFile, Outcome, Sessions, Wanted
-from broker.signatures import TrustStore, sha256_fd
+from broker.signatures import sha256_fd
 from broker.transfer import CHUNK, UntrustedFiles, install_file, prune_cabs, write_all
 from broker.usbvm import UsbvmClient
 
@@ -116,12 +116,20 @@ class Manager:
         except ConfigError as e:
             raise QrexecError(printable(str(e), 200)) from e
 
-    @property
-    def source(self) -> str:
-        """Where files come from, for a step line."""
+    def updatevm_for(self, remote_id: str) -> str:
+        """The qube a remote's files come through: the run's choice, else the remote's own
+        (an organisation's remote through its VPN qube), else :attr:`updatevm`."""
+        if not self.config.updatevm_run:
+            own = self.config.remote(remote_id).updatevm
+            if own is not None:
+                return own
+        return self.updatevm
+
+    def source(self, remote_id: str) -> str:
+        """Where a remote's files come from, for a step line."""
         if self.source_dir is not None:
             return f"from {self.updatevm}:{printable(self.source_dir, 200)}"
-        return f"through {self.updatevm}"
+        return f"through {self.updatevm_for(remote_id)}"
 
     def usbvm(self) -> UsbvmClient | None:
         if not self.config.usbvm:
@@ -141,7 +149,7 @@ class Manager:
         self._ended.clear()  # a new step: its end shows again
         sessions = Sessions(self.paths.sessions_dir)
         expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
-        updatevm = self.updatevm
+        updatevm = self.updatevm_for(remote_id)
         self._running(updatevm)
         session = sessions.open(
             kind, remote_id, expected, self.limits.session_seconds, release, force, updatevm
@@ -431,14 +439,11 @@ class Manager:
         try:
             if sha256_fd(fd)[0] != release.sha256:
                 return False
-            inspect_cab(
-                fd,
-                expected_release(release),
-                TrustStore.from_dirs(self.paths.pki_firmware_dirs),
-                self.limits,
-                self.paths.untrusted_dir,
-                self.config.trust,
+            anchors, policy = self.config.payload_trust(
+                release.remote_id, self.paths.pki_firmware_dirs
             )
+            inspect_cab(fd, expected_release(release), anchors, self.limits,
+                        self.paths.untrusted_dir, policy)  # fmt: skip
             return True
         except BrokerError:
             return False
@@ -486,11 +491,14 @@ class Manager:
                         f"{printable(path.name, 200)} (sha256 {sha256[:16]}…) is no release in "
                         "dom0's verified metadata for these devices: refused unread"
                     )
-                trust = TrustStore.from_dirs(self.paths.pki_firmware_dirs)
-                # each release it may be installed as: the metainfo must say each of them
+                # each release it may be installed as: the metainfo must say each of them,
+                # and its payload be signed as that release's remote wants
                 for release in dict.fromkeys(r for _, r in found):
-                    inspect_cab(fd, expected_release(release), trust, self.limits,
-                                self.paths.untrusted_dir, self.config.trust)  # fmt: skip
+                    anchors, policy = self.config.payload_trust(
+                        release.remote_id, self.paths.pki_firmware_dirs
+                    )
+                    inspect_cab(fd, expected_release(release), anchors, self.limits,
+                                self.paths.untrusted_dir, policy)  # fmt: skip
                 install_file(fd, untrusted.paths["cab"], self.paths.cabs_dir / f"{sha256}.cab")
                 del untrusted.paths["cab"]  # handed over: not to be removed on exit
                 return found

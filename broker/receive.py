@@ -29,7 +29,6 @@ from broker.metadata import (
 from broker.sanitize import printable
 from broker.service import ServiceContext, log, run_service
 from broker.session import Outcome, Session, Sessions, check_nonce
-from broker.signatures import TrustStore
 from broker.transfer import (
     FrameFile,
     StreamReader,
@@ -154,13 +153,10 @@ def _receive_for(
                 raise TransferError("cab session without an expected release")
             # the sha256 binds these bytes to verified metadata: only now may they be parsed
             cab_fd = untrusted.fds[expected.name]
+            # the payload counts only under the anchors and signers of the release's remote
+            anchors, policy = ctx.config.payload_trust(session.remote_id, paths.pki_firmware_dirs)
             info = inspect_cab(
-                cab_fd,
-                session.release,
-                TrustStore.from_dirs(paths.pki_firmware_dirs),
-                limits,
-                paths.untrusted_dir,
-                ctx.config.trust,
+                cab_fd, session.release, anchors, limits, paths.untrusted_dir, policy
             )
             dest = paths.cabs_dir / f"{expected.sha256}.cab"
             install_file(cab_fd, untrusted.paths[expected.name], dest)

@@ -68,16 +68,19 @@ class TrustStore:
     gpg_key_files: tuple[Path, ...]
 
     @classmethod
-    def from_dirs(cls, dirs: Iterable[Path]) -> TrustStore:
-        """Every ``*.pem`` and ``GPG-KEY-*`` in ``dirs``, as fwupd reads them; a missing
-        directory contributes nothing."""
+    def from_dirs(cls, dirs: Iterable[Path], only: Iterable[str] | None = None) -> TrustStore:
+        """Every ``*.pem`` and ``GPG-KEY-*`` in ``dirs``, as fwupd reads them, or only those
+        named in ``only``; a missing directory or name contributes nothing."""
+        names = None if only is None else frozenset(only)
         cas: list[Path] = []
         keys: list[Path] = []
         for d in dirs:
             if not d.is_dir():
                 continue
-            cas.extend(p for p in sorted(d.glob("*.pem")) if p.is_file())
-            keys.extend(p for p in sorted(d.glob("GPG-KEY-*")) if p.is_file())
+            cas.extend(p for p in sorted(d.glob("*.pem"))
+                       if p.is_file() and (names is None or p.name in names))  # fmt: skip
+            keys.extend(p for p in sorted(d.glob("GPG-KEY-*"))
+                        if p.is_file() and (names is None or p.name in names))  # fmt: skip
         return cls(ca_files=tuple(cas), gpg_key_files=tuple(keys))
 
 

@@ -73,6 +73,8 @@ def write_qube_config(sandbox: Sandbox, qube: str) -> None:
         "metadata_signers =\n"
         f"    {certificate_sha256(pki.signer_pem)}\n"
         f"    {pki.gpg_fingerprint}\n"
+        # its firmware: the real LVFS's anchors (fwupd-tests' cabs) and the sandbox LVFS's
+        f"payload_anchors = lvfs {daemons.CA_NAME} {daemons.PQ_CA_NAME} {daemons.GPG_KEY_NAME}\n"
     )
 
 

@@ -511,7 +511,11 @@ def signed_cab(
 
 
 def cab_session_push(
-    sandbox: Sandbox, cab: bytes, release: ExpectedRelease, name: str = "hostile.cab"
+    sandbox: Sandbox,
+    cab: bytes,
+    release: ExpectedRelease,
+    name: str = "hostile.cab",
+    remote: str = "lvfs",
 ) -> tuple[subprocess.CompletedProcess[bytes], Outcome | None]:
     """What `update` does once verified metadata names this cab (its sha256 and size):
     dom0 opens a cab session for the release, and the UpdateVM pushes the cab to dom0's
@@ -519,7 +523,7 @@ def cab_session_push(
     sessions = Sessions(qube_paths(sandbox, "dom0").sessions_dir)
     sha256 = hashlib.sha256(cab).hexdigest()
     session = sessions.open(
-        "cab", "lvfs", (ExpectedFile(name, len(cab), sha256, len(cab)),), 120, release
+        "cab", remote, (ExpectedFile(name, len(cab), sha256, len(cab)),), 120, release
     )
     try:
         data = frame([(name, len(cab))], nonce=session.nonce) + cab

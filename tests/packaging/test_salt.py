@@ -103,6 +103,10 @@ def test_the_files_written_load_as_the_pillar_says(
         got = config.remote(remote_id)
         assert got.metadata_url == remote["metadata_url"]
         assert got.metadata_signers == frozenset(remote["metadata_signers"])
+        assert got.payload_anchors == tuple(remote["payload_anchors"])
+        assert got.payload_signers == (frozenset(remote["payload_signers"])
+                                       if "payload_signers" in remote else None)  # fmt: skip
+        assert got.updatevm == remote.get("updatevm")
     assert [r.id for r in config.remotes] == ["lvfs", *fw.get("remotes", {})]
     # the LVFS kept beside the pillar's remotes, with its built-in pins
     assert config.remote("lvfs").metadata_signers == LVFS_METADATA_SIGNERS

@@ -8,6 +8,7 @@ import pytest
 
 from broker.config import (
     LVFS_METADATA_SIGNERS,
+    LVFS_PAYLOAD_ANCHORS,
     Config,
     Limits,
     Paths,
@@ -47,6 +48,7 @@ metadata_signers =
     sha256:0A:0B:0C:0D:0E:0F:0A:0B:0C:0D:0E:0F:0A:0B:0C:0D:0E:0F:0A:0B:0C:0D:0E:0F:0A:0B:0C:0D:0E:0F:0A:0B
     O=Example,CN=Example metadata signer
     3fc6 b804 410e d084 0d8f  2f97 48a6 d80e 4538 bac2
+payload_anchors = lvfs
 """
 
 
@@ -63,6 +65,7 @@ def test_no_file_means_defaults(tmp_path: Path) -> None:
             "https://cdn.fwupd.org/downloads/firmware.xml.zst",
             "https://fwupd.org/downloads",
             metadata_signers=LVFS_METADATA_SIGNERS,
+            payload_anchors=LVFS_PAYLOAD_ANCHORS,
         ),
     )
     assert config.limits == Limits()
@@ -84,6 +87,7 @@ def test_full_file(tmp_path: Path) -> None:
             "https://cdn.fwupd.org/downloads/firmware.xml.zst",
             # a configured lvfs remote is pinned to the LVFS's own metadata signer
             metadata_signers=LVFS_METADATA_SIGNERS,
+            payload_anchors=LVFS_PAYLOAD_ANCHORS,
         ),
         Remote(
             "mirror.local",
@@ -97,6 +101,7 @@ def test_full_file(tmp_path: Path) -> None:
                     "3FC6B804410ED0840D8F2F9748A6D80E4538BAC2",
                 }
             ),
+            payload_anchors=LVFS_PAYLOAD_ANCHORS,
         ),
     )
     mirror = config.remote("mirror.local")
@@ -115,7 +120,7 @@ def test_full_file(tmp_path: Path) -> None:
     ],
 )
 def test_plain_http_needs_the_remote_to_opt_out_by_name(tmp_path: Path, lines: str) -> None:
-    lines += f"\nmetadata_signers = {'B' * 64}"
+    lines += f"\nmetadata_signers = {'B' * 64}\npayload_anchors = lvfs"
     with pytest.raises(ConfigError, match=r"is plain http \(set allow_plain_http = yes"):
         _load(tmp_path, f"[remote m]\n{lines}\n")
     config = _load(tmp_path / "opted-out", f"[remote m]\n{lines}\nallow_plain_http = yes\n")
@@ -345,3 +350,72 @@ def test_a_config_that_does_not_parse_names_the_line_without_python_reprs(
     with pytest.raises(ConfigError) as e:
         Config.load(paths)
     assert str(e.value) == f"{paths.config_file}: {said}"
+
+
+# --------------------------------------------------------------------------- per-remote trust
+CORP = (
+    "[remote corp]\nmetadata_url = https://fw.corp.example/firmware.xml.zst\n"
+    f"metadata_signers = {'C' * 64}\n"
+)
+
+
+def test_a_remote_other_than_lvfs_must_name_its_payload_anchors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="remote corp needs payload_anchors"):
+        _load(tmp_path, CORP)
+
+
+def test_payload_anchors_name_files_and_lvfs_stands_for_the_lvfs_own(tmp_path: Path) -> None:
+    config = _load(tmp_path, CORP + "payload_anchors = corp-CA.pem, lvfs\n"
+                   "payload_signers = CN=Corp firmware signer\n"
+                   "updatevm = sys-corp-vpn\n")  # fmt: skip
+    corp = config.remote("corp")
+    assert corp.payload_anchors == ("corp-CA.pem", *LVFS_PAYLOAD_ANCHORS)
+    assert corp.payload_signers == frozenset({"CN=Corp firmware signer"})
+    assert corp.updatevm == "sys-corp-vpn"
+    # the built-in lvfs: the LVFS's anchors, anyone under them (vendors' certificates)
+    assert Config().remote("lvfs").payload_anchors == LVFS_PAYLOAD_ANCHORS
+    assert Config().remote("lvfs").payload_signers is None
+
+
+@pytest.mark.parametrize(
+    ("value", "cause"),
+    [
+        ("", "names no trust anchor"),
+        ("../etc/shadow", "not a file name in /etc/pki/fwupd"),
+        ("/etc/pki/fwupd/corp-CA.pem", "not a file name"),
+        ("corp-CA.crt", "not a file name"),
+        (".pem", "not a file name"),
+    ],
+)
+def test_malformed_payload_anchors_are_refused(tmp_path: Path, value: str, cause: str) -> None:
+    with pytest.raises(ConfigError, match=f"remote corp payload_anchors.*{cause}"):
+        _load(tmp_path, CORP + f"payload_anchors = {value}\n")
+
+
+def test_a_remotes_updatevm_is_a_qube_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="remote corp updatevm"):
+        _load(tmp_path, CORP + "payload_anchors = lvfs\nupdatevm = ../dom0\n")
+
+
+def test_payload_trust_is_the_remotes_anchors_only(tmp_path: Path) -> None:
+    store = tmp_path / "etc/pki/fwupd"
+    store.mkdir(parents=True)
+    for name in ("LVFS-CA.pem", "GPG-KEY-Linux-Vendor-Firmware-Service", "corp-CA.pem",
+                 "GPG-KEY-corp"):  # fmt: skip
+        (store / name).write_text("x")
+    config = _load(tmp_path, CORP + "payload_anchors = corp-CA.pem GPG-KEY-corp\n"
+                   "payload_signers = CN=Corp firmware signer\n")  # fmt: skip
+    anchors, policy = config.payload_trust("corp", (store,))
+    assert anchors.ca_files == (store / "corp-CA.pem",)
+    assert anchors.gpg_key_files == (store / "GPG-KEY-corp",)
+    assert policy.signers == frozenset({"CN=Corp firmware signer"})
+    assert policy.accepted == config.trust.accepted
+    anchors, policy = Config().payload_trust("lvfs", (store,))
+    assert anchors.ca_files == (store / "LVFS-CA.pem",)
+    assert anchors.gpg_key_files == (store / "GPG-KEY-Linux-Vendor-Firmware-Service",)
+    assert policy.signers is None
+    # anchors named but none present: the admin's mistake, said as such
+    (store / "corp-CA.pem").unlink()
+    (store / "GPG-KEY-corp").unlink()
+    with pytest.raises(ConfigError, match="none of its payload_anchors is in"):
+        config.payload_trust("corp", (store,))

@@ -104,12 +104,12 @@ def test_config_reads_the_signature_format(tmp_path: Path) -> None:
     paths.config_dir.mkdir(parents=True)
     paths.config_file.write_text(
         "[remote legacy]\nmetadata_url = https://m.example/firmware.xml.gz\nsignature = asc\n"
-        f"metadata_signers = {'A' * 40}\n"
+        f"metadata_signers = {'A' * 40}\npayload_anchors = lvfs\n"
     )
     assert Config.load(paths).remote("legacy").signature == "asc"
     paths.config_file.write_text(
         "[remote legacy]\nmetadata_url = https://m.example/firmware.xml.gz\nsignature = md5\n"
-        f"metadata_signers = {'A' * 40}\n"
+        f"metadata_signers = {'A' * 40}\npayload_anchors = lvfs\n"
     )
     with pytest.raises(ConfigError, match="signature must be jcat or asc"):
         Config.load(paths)

@@ -14,12 +14,17 @@ qubes-fwupd-dom0-installed:
   pkg.installed:
     - name: qubes-fwupd-dom0
 
-# the policy lets only a tagged qube push downloads to dom0
-qubes-fwupd-updatevm-tag:
+# the policy lets only a tagged qube push downloads to dom0: the UpdateVM, and each qube a
+# remote names for its own downloads
+{%- set own = remotes.values() | selectattr('updatevm', 'defined') | map(attribute='updatevm') %}
+{%- for qube in ([updatevm] + own | list) | unique %}
+
+qubes-fwupd-updatevm-tag-{{ qube }}:
   qvm.tags:
-    - name: {{ updatevm }}
+    - name: {{ qube }}
     - add:
       - fwupd-updatevm
+{%- endfor %}
 
 qubes-fwupd-config:
   file.managed:
@@ -51,6 +56,16 @@ qubes-fwupd-config:
 {%- for signer in remote['metadata_signers'] %}
             {{ signer }}
 {%- endfor %}
+        payload_anchors = {{ remote['payload_anchors'] | join(' ') }}
+{%- if remote.get('payload_signers') %}
+        payload_signers =
+{%- for signer in remote['payload_signers'] %}
+            {{ signer }}
+{%- endfor %}
+{%- endif %}
+{%- if remote.get('updatevm') %}
+        updatevm = {{ remote['updatevm'] }}
+{%- endif %}
 {%- endfor %}
 
 qubes-fwupd-unattended:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -226,3 +227,34 @@ def fwupd_log(sandbox: Sandbox, qube: str, lines: int = 30) -> str:
     except OSError as e:
         return f"(no fwupd log: {e.strerror})"
     return "\n".join(text.splitlines()[-lines:])
+
+
+class LogMark:
+    """Where a sandbox log ends now: :meth:`since` is what was appended after."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def since(self) -> str:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+# each networked qube's LVFS mirror (with isolation on: one per network namespace)
+MIRROR_LOGS = {"sys-firewall": "mirror.log", "sys-whonix": "mirror-whonix.log"}
+_REQUEST = re.compile(r'^mirror: \S+ "(\S+) (\S+) HTTP/[\d.]+" (\d{3}) ', re.MULTILINE)
+
+
+def mirror_marks(sandbox: Sandbox) -> dict[str, LogMark]:
+    """A mark on the log of the mirror on each networked qube's 127.0.0.1."""
+    return {qube: LogMark(sandbox.log_dir / name) for qube, name in MIRROR_LOGS.items()}
+
+
+def served(mark: LogMark) -> list[str]:
+    """The requests that mirror answered since the mark, as ``GET /path 200``."""
+    return [" ".join(m.groups()) for m in _REQUEST.finditer(mark.since())]

@@ -1,6 +1,7 @@
 """qubes-fwupd-sandbox: a local Qubes stand-in on real parts.
 
-up      --dir DIR     PKI, qube trees, LVFS mirror, two fwupd daemons, qrexec daemon
+up      --dir DIR     PKI, qube trees, LVFS mirror (on sys-firewall's and sys-whonix's
+                      networks), two fwupd daemons, qrexec daemon
 status  --dir DIR     recorded processes and whether they are alive
 publish --dir DIR [--generated N] [CAB...]   add cabs to the mirror (and N LVFS-shaped
                       components) and re-sign its metadata
@@ -23,6 +24,7 @@ from broker.sandbox.launcher import (
     FWUPD_QUBES,
     QUBES,
     SERVICES,
+    TOR_GATEWAY,
     UPDATEVM,
     USBVM,
     Launcher,
@@ -36,6 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 FWUPD_TESTS = Path("/usr/share/installed-tests/fwupd")
 DEFAULT_CABS = (FWUPD_TESTS / "fakedevice123.cab", FWUPD_TESTS / "fakedevice124.cab")
 MAX_DIR_CHARS = 40  # unix socket paths under DIR/vm/<qube>/run/... must stay < 107 bytes
+# the same LVFS on sys-whonix's network, as through Tor
+TOR_MIRROR_ROLE = "tor-mirror"
 
 
 class SandboxError(Exception):
@@ -49,6 +53,10 @@ def _clean_env() -> dict[str, str]:
 
 def _port(sandbox: Sandbox) -> int:
     return int((sandbox.dir / "lvfs.port").read_text())
+
+
+def tor_port_file(sandbox: Sandbox) -> Path:
+    return sandbox.dir / "lvfs-whonix.port"
 
 
 def base_url(sandbox: Sandbox) -> str:
@@ -88,6 +96,32 @@ def install_services(sandbox: Sandbox, qube: str) -> None:
         link.symlink_to(REPO / "qrexec" / service)
 
 
+def _start_mirror(
+    sandbox: Sandbox,
+    launcher: Launcher,
+    qube: str,
+    role: str,
+    port_file: Path,
+    log_name: str,
+    port: int = 0,
+) -> subprocess.Popen[bytes]:
+    """An LVFS mirror serving DIR/lvfs on the qube's 127.0.0.1 (0: any free port),
+    recorded under role; its port goes to port_file once bound."""
+    port_file.unlink(missing_ok=True)
+    with (sandbox.log_dir / log_name).open("ab") as log:
+        proc = launcher.popen_on_network_of(
+            qube,
+            [sys.executable, "-m", "broker.sandbox.mirror", "--root", str(sandbox.lvfs_dir),
+             "--port-file", str(port_file), "--port", str(port)],
+            env=_clean_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    # under no qube: it shares the qube's network, not its files, and `down` finds a
+    # qube's namespaces through the processes recorded under it
+    launcher.table.record(role, "-", proc.pid)
+    return proc
+
+
 def up(sandbox: Sandbox) -> None:
     if len(str(sandbox.dir)) > MAX_DIR_CHARS:
         raise SandboxError(f"--dir must be at most {MAX_DIR_CHARS} characters (socket paths)")
@@ -106,18 +140,17 @@ def up(sandbox: Sandbox) -> None:
     # (the host's, when isolation is off)
     sandbox.lvfs_dir.mkdir(parents=True, exist_ok=True)
     port_file = sandbox.dir / "lvfs.port"
-    port_file.unlink(missing_ok=True)
-    with (sandbox.log_dir / "mirror.log").open("ab") as log:
-        proc = launcher.popen_on_network_of(
-            UPDATEVM,
-            [sys.executable, "-m", "broker.sandbox.mirror", "--root", str(sandbox.lvfs_dir),
-             "--port-file", str(port_file)],
-            env=_clean_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-    table.record("mirror", "-", proc.pid)
-    mirror.wait_for_port(port_file, 10.0, proc)
+    proc = _start_mirror(sandbox, launcher, UPDATEVM, "mirror", port_file, "mirror.log")
+    port = mirror.wait_for_port(port_file, 10.0, proc)
+    # and on sys-whonix's, at the same URL, as the real LVFS is reached through Tor (with
+    # isolation off, every qube shares the host's network and the one mirror serves all)
+    tor = None
+    if isolation.on:
+        tor = _start_mirror(sandbox, launcher, TOR_GATEWAY, TOR_MIRROR_ROLE,
+                            tor_port_file(sandbox), "mirror-whonix.log", port)  # fmt: skip
     lvfs.publish(sandbox.lvfs_dir, [c for c in DEFAULT_CABS if c.exists()], pki)
+    if tor is not None:
+        mirror.wait_for_port(tor_port_file(sandbox), 10.0, tor)
 
     for qube in QUBES:
         daemons.install_trust_store(sandbox.root(qube), pki)
@@ -147,6 +180,8 @@ def up(sandbox: Sandbox) -> None:
     print(f"sandbox up in {time.monotonic() - t0:.1f} s: {sandbox.dir}")
     where = f"{UPDATEVM}'s network" if isolation.on else "the host's network"
     print(f"  LVFS mirror  {base_url(sandbox)}/  (in {where}, serving {sandbox.lvfs_dir})")
+    if isolation.on:
+        print(f"  LVFS mirror  the same, in {TOR_GATEWAY}'s network (the LVFS through Tor)")
     for qube in QUBES:
         extra = " fwupd" if qube in FWUPD_QUBES else ""
         print(f"  qube {qube:<13} {sandbox.root(qube)}{extra}")

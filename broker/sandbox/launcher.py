@@ -14,7 +14,9 @@ Isolation (where the kernel allows it) stands in for Xen's:
   ``nsenter`` into them, through fds opened on the holder's ``/proc/PID/ns/*`` and only
   then checked against its recorded start time, so a recycled PID is never entered.
 - Network: loopback only. The LVFS mirror runs in the UpdateVM's network namespace
-  (:meth:`Launcher.popen_on_network_of`), on its 127.0.0.1; no other qube has a route.
+  (:meth:`Launcher.popen_on_network_of`), on its 127.0.0.1, and a second one, serving the
+  same files on the same port, in sys-whonix's (the LVFS as reached through Tor); no other
+  qube has a route.
 - Files: in the holder's private mount namespace the host's mounts are read-only, a
   read-only tmpfs covers DIR (the other qubes' trees, the sandbox CA's key, the mirror's
   files, the PID table) and only ``DIR/vm/<qube>`` is bound back, writable; /tmp,
@@ -64,22 +66,28 @@ ISOLATION_ENV = "QUBES_FWUPD_ISOLATION"  # "off": no namespaces, even where they
 HOLDER_ROLE = "ns-holder"
 UPDATEVM_TAG = "fwupd-updatevm"
 
-# dom0 and sys-usb run fwupd; sys-firewall is the networked UpdateVM; work is any other
-# qube (and the one adversarial tests act from)
+# dom0 and sys-usb run fwupd; sys-firewall is the networked UpdateVM; sys-whonix is another
+# networked qube (a Tor gateway), an UpdateVM only once tagged, as in Qubes
+# (`qvm-tags sys-whonix add fwupd-updatevm`: Sandbox.tags_file); work is any other qube
+# (and the one adversarial tests act from)
 QUBES: dict[str, QubeInfo] = {
     "dom0": QubeInfo("dom0", "AdminVM"),
     "sys-firewall": QubeInfo("sys-firewall", "AppVM", frozenset({UPDATEVM_TAG})),
     "sys-usb": QubeInfo("sys-usb", "AppVM"),
+    "sys-whonix": QubeInfo("sys-whonix", "AppVM"),
     "work": QubeInfo("work", "AppVM"),
 }
 FWUPD_QUBES = ("dom0", "sys-usb")
 UPDATEVM = "sys-firewall"
+TOR_GATEWAY = "sys-whonix"
 USBVM = "sys-usb"
 # which of our qrexec services each qube offers (installed to its etc/qubes-rpc)
 SERVICES: dict[str, tuple[str, ...]] = {
     "dom0": ("qubes.FwupdReceiveUpdates",),
     "sys-firewall": ("qubes.FwupdDownload",),
     "sys-usb": ("qubes.FwupdUsbvm",),
+    # qubes-fwupd-updatevm in the whonix-gateway template, as for a download over Tor
+    TOR_GATEWAY: ("qubes.FwupdDownload",),
     # the qube an offline import comes from (a USB stick, a dir received with qvm-copy)
     # has the UpdateVM's package in its template
     "work": ("qubes.FwupdDownload",),
@@ -414,7 +422,7 @@ class Launcher:
         self, qube: str, argv: Sequence[str], **kwargs: Any
     ) -> subprocess.Popen[bytes]:
         """A host process (host files, the caller's env and cwd) that shares only the
-        qube's network: the LVFS mirror, on the UpdateVM's 127.0.0.1."""
+        qube's network: an LVFS mirror, on a networked qube's 127.0.0.1."""
         if not self.isolation().on:
             return subprocess.Popen(list(argv), **kwargs)
         with self._held(qube) as held:

@@ -1,5 +1,6 @@
-"""Xen's facts, made by namespaces (issue 11): dom0 and sys-usb have no network, no qube
-sees another's files, and `down` leaves no namespace, mount or process behind.
+"""Xen's facts, made by namespaces (issue 11): dom0 and sys-usb have no network, each
+networked qube (sys-firewall, sys-whonix) has its own, no qube sees another's files, and
+`down` leaves no namespace, mount or process behind.
 
 Probes run through the same launcher that starts each qube's daemons and services."""
 
@@ -19,9 +20,12 @@ from pathlib import Path
 import pytest
 
 import broker
+from broker.sandbox.cli import TOR_MIRROR_ROLE, tor_port_file
 from broker.sandbox.launcher import (
     HOLDER_ROLE,
     ISOLATION_ENV,
+    QUBES,
+    TOR_GATEWAY,
     UPDATEVM,
     Launcher,
     Sandbox,
@@ -30,6 +34,7 @@ from broker.sandbox.launcher import (
 from broker.sandbox.processes import ProcessTable
 from tests.sandbox_helpers import (
     manager,
+    mirror_marks,
     mounts_under,
     netns_names,
     probe,
@@ -37,6 +42,7 @@ from tests.sandbox_helpers import (
     qube_paths,
     sandbox_cli,
     sandbox_prerequisites,
+    served,
     short_tmpdir,
     tree_snapshot,
     up,
@@ -45,6 +51,7 @@ from tests.sandbox_helpers import (
 pytestmark = pytest.mark.sandbox
 
 NO_ROUTE = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH}
+NETWORKED = (UPDATEVM, TOR_GATEWAY)  # each with an LVFS mirror on its own 127.0.0.1
 OTHER_QUBES = ("dom0", "sys-usb", "work")
 
 
@@ -106,29 +113,43 @@ def test_status_reports_isolation(sandbox: Sandbox) -> None:
 def test_every_process_of_a_qube_runs_in_that_qubes_namespaces(isolated: Sandbox) -> None:
     host = ns_ids(os.getpid())
     qubes = {qube: ns_ids(pid) for qube, pid in holders(isolated).items()}
-    assert len(qubes) == 4
+    assert sorted(qubes) == sorted(QUBES)
     for ids in qubes.values():
         assert ids["net"] != host["net"] and ids["mnt"] != host["mnt"]
-    assert len({ids["net"] for ids in qubes.values()}) == 4, "a network namespace is shared"
-    assert len({ids["mnt"] for ids in qubes.values()}) == 4, "a mount namespace is shared"
+    assert len({ids["net"] for ids in qubes.values()}) == len(qubes), "a network ns is shared"
+    assert len({ids["mnt"] for ids in qubes.values()}) == len(qubes), "a mount ns is shared"
+    mirrors = {}
     for e in ProcessTable(isolated.pids_file).entries():
         ids = ns_ids(e.pid)
         if e.role in ("dbus", "fwupd"):
             assert ids == qubes[e.qube], e
-        elif e.role == "mirror":
-            assert ids == {"net": qubes[UPDATEVM]["net"], "mnt": host["mnt"]}, e
+        elif e.role in ("mirror", TOR_MIRROR_ROLE):
+            # host files, a qube's network
+            mirrors[e.role] = ids["net"]
+            assert ids["mnt"] == host["mnt"], e
         elif e.role == "qrexecd":
             assert ids == host, e
+    assert mirrors == {"mirror": qubes[UPDATEVM]["net"],
+                       TOR_MIRROR_ROLE: qubes[TOR_GATEWAY]["net"]}  # fmt: skip
 
 
-def test_only_the_updatevm_reaches_the_mirror(isolated: Sandbox) -> None:
-    code = CONNECT.format(port=mirror_port(isolated))
+def test_only_the_networked_qubes_reach_a_mirror_each_its_own(isolated: Sandbox) -> None:
+    port = mirror_port(isolated)
+    assert int(tor_port_file(isolated).read_text()) == port  # the same URL in both
+    code = CONNECT.format(port=port)
     for qube in OTHER_QUBES:
         seen = probe(isolated, qube, code)
         assert seen["result"] in NO_ROUTE, (qube, seen)
         assert seen["links"] == ["lo"], (qube, seen)
-    seen = probe(isolated, UPDATEVM, code)
-    assert seen["result"] == "HTTP/1.0 200", seen
+    for qube in NETWORKED:
+        marks = mirror_marks(isolated)
+        seen = probe(isolated, qube, code)
+        assert seen["result"] == "HTTP/1.0 200", (qube, seen)
+        assert seen["links"] == ["lo"], (qube, seen)
+        # answered by the mirror in that qube's network, and by no other
+        assert {q: served(m) for q, m in marks.items()} == {
+            q: ["HEAD /firmware.xml.zst.jcat 200"] if q == qube else [] for q in NETWORKED
+        }, qube
 
 
 def test_dom0_cannot_open_the_updatevms_files(isolated: Sandbox) -> None:
@@ -156,7 +177,7 @@ def test_no_other_qube_can_read_or_write_dom0s_trusted_cache(isolated: Sandbox) 
     before = tree_snapshot(paths.cache_dir)
     code = OPEN.format(attempts=[("rb", str(trusted)), ("r+b", str(trusted)),
                                  ("wb", str(planted))])  # fmt: skip
-    for qube in (UPDATEVM, "sys-usb", "work"):
+    for qube in (q for q in QUBES if q != "dom0"):
         seen = probe(isolated, qube, code)
         # ENOENT: the path does not exist there; EROFS: nor can it be made
         assert set(seen.values()) <= {"ENOENT", "EROFS"}, (qube, seen)
@@ -240,7 +261,7 @@ def test_down_leaves_no_namespace_mount_or_process() -> None:
     with own_directory("qfwd") as directory:
         box = up(directory)
         namespaces = {i for pid in holders(box).values() for i in ns_ids(pid).values()}
-        assert len(namespaces) == 8
+        assert len(namespaces) == 2 * len(QUBES)
         # a process the PID table does not know of (a service in flight, say) goes too
         stray = Launcher(box).popen("sys-usb", ["sleep", "600"])
         r = sandbox_cli("down", "--dir", str(directory))
@@ -261,7 +282,7 @@ def test_down_cleans_up_after_a_killed_up(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
-        while sum(e.role == HOLDER_ROLE for e in table.entries()) < 4:
+        while sum(e.role == HOLDER_ROLE for e in table.entries()) < len(QUBES):
             if starting.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
                 pytest.fail(f"up ended or hung before its qubes existed:\n{log.read()}")
@@ -289,9 +310,13 @@ def test_isolation_forced_off_runs_as_before() -> None:
         status = sandbox_cli("status", "--dir", str(directory))
         assert f"isolation: off ({ISOLATION_ENV}=off)" in status.stdout
         assert HOLDER_ROLE not in status.stdout
+        # one mirror, on the host's network, serves every qube: no second one
+        assert TOR_MIRROR_ROLE not in status.stdout
+        assert not tor_port_file(Sandbox(directory)).exists()
         box = Sandbox(directory)
         for e in ProcessTable(box.pids_file).entries():
             assert ns_ids(e.pid) == ns_ids(os.getpid()), e
         # the old behaviour, exactly: dom0 shares the host's network, mirror included
-        seen = probe(box, "dom0", CONNECT.format(port=mirror_port(box)))
-        assert seen["result"] == "HTTP/1.0 200", seen
+        for qube in ("dom0", TOR_GATEWAY):
+            seen = probe(box, qube, CONNECT.format(port=mirror_port(box)))
+            assert seen["result"] == "HTTP/1.0 200", (qube, seen)

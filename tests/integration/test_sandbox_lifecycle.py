@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from broker.sandbox.cli import TOR_MIRROR_ROLE, tor_port_file
+from broker.sandbox.launcher import Launcher, Sandbox
 from tests.sandbox_helpers import (
     processes_mentioning,
     sandbox_cli,
@@ -26,8 +28,12 @@ def test_up_status_down_leaves_nothing_running() -> None:
         up(directory)
         r = sandbox_cli("status", "--dir", str(directory))
         assert r.returncode == 0, r.stdout
-        for role in ("mirror", "dbus", "fwupd", "qrexecd"):
-            assert role in r.stdout
+        roles = {line.split()[0] for line in r.stdout.splitlines() if "pid" in line}
+        assert {"mirror", "dbus", "fwupd", "qrexecd"} <= roles, r.stdout
+        # a second mirror on sys-whonix's network, where it has one of its own
+        isolated = Launcher(Sandbox(directory)).isolation().on
+        assert (TOR_MIRROR_ROLE in roles) == isolated, r.stdout
+        assert tor_port_file(Sandbox(directory)).exists() == isolated
         assert "DEAD" not in r.stdout
         assert processes_mentioning(str(directory)), "up started nothing we can see"
 
@@ -42,6 +48,7 @@ def test_up_status_down_leaves_nothing_running() -> None:
         assert r.returncode == 0, r.stderr
         assert processes_mentioning(str(directory)) == []
         assert not list(directory.glob("vm/*/run/qubes-fwupd/qrexec.sock"))
+        assert not list(directory.glob("lvfs*.port"))  # each mirror's, removed as it ends
         assert sandbox_cli("status", "--dir", str(directory)).returncode == 1
     finally:
         sandbox_cli("down", "--dir", str(directory))

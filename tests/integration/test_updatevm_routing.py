@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -69,6 +70,20 @@ def tagged(routed: Sandbox) -> Iterator[Sandbox]:
         yield routed
     finally:
         tags.unlink()
+
+
+@contextmanager
+def remote_updatevm(sandbox: Sandbox, qube: str) -> Iterator[None]:
+    """dom0's `[remote lvfs]` with `updatevm = QUBE`, its original bytes put back after."""
+    conf = qube_paths(sandbox, "dom0").config_file
+    original = conf.read_bytes()
+    section = "[remote lvfs]\n"
+    assert original.decode().count(section) == 1
+    conf.write_text(original.decode().replace(section, f"{section}updatevm = {qube}\n", 1))
+    try:
+        yield
+    finally:
+        conf.write_bytes(original)
 
 
 def accepted_sha256(sandbox: Sandbox) -> str:
@@ -128,3 +143,40 @@ def test_tagged_sys_whonix_carries_the_cabs_of_an_update(tagged: Sandbox) -> Non
     assert served(mirrors[TOR_GATEWAY]) == ["GET /fakedevice123.cab 200",
                                             "GET /fakedevice124.cab 200"]  # fmt: skip
     assert served(mirrors[UPDATEVM]) == []
+
+
+def test_a_remotes_own_updatevm_routes_its_refresh_unless_the_run_names_one(
+    routed: Sandbox, new_metadata: str, tagged: Sandbox
+) -> None:
+    sandbox = routed
+    with remote_updatevm(sandbox, TOR_GATEWAY):
+        # no flag: the remote's own line sends its metadata through sys-whonix
+        mirrors = mirror_marks(sandbox)
+        qrexec = LogMark(sandbox.log_dir / "qrexec.log")
+        r = manager(sandbox, "refresh")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "metadata for lvfs accepted" in r.stdout, r.stdout
+        assert accepted_sha256(sandbox) == new_metadata
+        assert served(mirrors[TOR_GATEWAY]) == [f"GET /{META} 200", f"GET /{META}.jcat 200"]
+        assert served(mirrors[UPDATEVM]) == []  # dom0's configured UpdateVM took no part
+        calls = qrexec.since()
+        assert f"allow dom0 -> {TOR_GATEWAY} qubes.FwupdDownload+" in calls
+        assert f"allow {TOR_GATEWAY} -> dom0 {RECEIVE}+" in calls
+        assert UPDATEVM not in calls, calls
+
+        # --updatevm wins over the remote's line: sys-firewall fetches, sys-whonix does not
+        publish_variant(sandbox, "again")
+        again = hashlib.sha256((sandbox.lvfs_dir / META).read_bytes()).hexdigest()
+        assert again != new_metadata
+        mirrors = mirror_marks(sandbox)
+        qrexec = LogMark(sandbox.log_dir / "qrexec.log")
+        r = manager(sandbox, "refresh", "--updatevm", UPDATEVM)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "metadata for lvfs accepted" in r.stdout, r.stdout
+        assert accepted_sha256(sandbox) == again
+        assert served(mirrors[UPDATEVM]) == [f"GET /{META} 200", f"GET /{META}.jcat 200"]
+        assert served(mirrors[TOR_GATEWAY]) == []
+        calls = qrexec.since()
+        assert f"allow dom0 -> {UPDATEVM} qubes.FwupdDownload+" in calls
+        assert f"allow {UPDATEVM} -> dom0 {RECEIVE}+" in calls
+        assert TOR_GATEWAY not in calls, calls

@@ -780,6 +780,35 @@ def inspect_cab(
     is the release dom0 expects, signed where it matters; VerificationError, FormatError
     or LimitExceeded otherwise. Nothing is left in ``scratch_dir`` either way.
     ``policy`` is the configured one (``Config.trust``) for the metainfo and payloads."""
+    return _inspect_cab(fd, expected, trust, limits, scratch_dir, policy, keep=False)[0]
+
+
+def payload_of(
+    fd: int,
+    expected: ExpectedRelease,
+    trust: TrustStore,
+    limits: Limits,
+    scratch_dir: Path,
+    policy: TrustPolicy = _DEFAULT_POLICY,
+) -> tuple[CabInfo, int]:
+    """:func:`inspect_cab` for a cab of exactly one payload, and a descriptor of the very
+    copy of it that verified (unlinked, private): what is used is what was checked. The
+    caller closes it."""
+    info, kept = _inspect_cab(fd, expected, trust, limits, scratch_dir, policy, keep=True)
+    if kept is None:  # keep=True returns one or raises
+        raise FormatError("the cab's payload was not kept")
+    return info, kept
+
+
+def _inspect_cab(
+    fd: int,
+    expected: ExpectedRelease,
+    trust: TrustStore,
+    limits: Limits,
+    scratch_dir: Path,
+    policy: TrustPolicy,
+    keep: bool,
+) -> tuple[CabInfo, int | None]:
     fds: dict[str, int] = {}
     paths: list[Path] = []
 
@@ -795,9 +824,16 @@ def inspect_cab(
         os.unlink(path)
         return member_fd
 
+    kept: int | None = None
     try:
         members = walk_cab(fd, limits, sink)
-        return _inspect(members, fds, expected, trust, limits, policy)
+        info = _inspect(members, fds, expected, trust, limits, policy)
+        if keep:
+            if len(info.payloads) != 1:
+                raise FormatError(f"the cab names {len(info.payloads)} payloads, not one")
+            kept = fds.pop(info.payloads[0])
+            os.lseek(kept, 0, os.SEEK_SET)
+        return info, kept
     finally:
         for member_fd in fds.values():
             os.close(member_fd)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import broker
-from broker import fwupd_json, history, notify, plans, status, versions
+from broker import fwupd_json, heads, history, notify, plans, status, versions
 from broker.backoff import Backoff
 from broker.config import Config, Paths, check_qube_name
 from broker.errors import (
@@ -387,6 +387,48 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
         _print_applied(app, args, done)
     # every update declined: nothing done, as fwupdmgr says it
     return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+
+
+def cmd_update_heads(app: Manager, args: argparse.Namespace) -> int:
+    """Stage the newest Heads ROM for this board in /boot/updates/<version>/: Heads, not
+    fwupd, verifies and flashes it at the next boot."""
+    board = heads.check_board(args.board, "--board") if args.board else None
+    machine = heads.read_machine(app.paths.dmi_dir, board)
+    release = heads.choose(app.catalogs(), machine)
+    target = app.paths.boot_updates_dir / release.version
+    desc = f"Heads {_p(machine.running)} -> {_p(release.version)} for {machine.board}"
+    _stale_check(app, args, release)
+    if not _confirm(args, f"Stage {desc} in {target}?"):
+        _say(args, "skipped")
+        return _finish(app, NothingToDo.exit_code)
+    _size_check(app, release)
+    if app.cached(release):
+        _say(args, f"Using {_p(release.filename)} from dom0's cache")
+    else:
+        doing = "Importing" if app.source_dir is not None else "Downloading"
+        _say(args, f"{doing} {_p(release.filename)} {app.source(release.remote_id)}…")
+        app.download(release)
+    with app.verified_payload(release) as (payload_fd, member):
+        staged = heads.stage(app.paths.boot_updates_dir, release.version, payload_fd,
+                             member.sha256)  # fmt: skip
+    app.forget_cab(release.sha256)
+    if staged.already:
+        raise NothingToDo(f"{desc} is already staged in {staged.rom}: reboot into Heads to "
+                          "flash it")  # fmt: skip
+    log(app.paths, f"update-heads: staged {desc} in {staged.rom} (sha256 {staged.sha256}, "
+                   f"from {release.remote_id})")  # fmt: skip
+    if args.json:
+        print(json.dumps({"Heads": {
+            "Board": machine.board, "VersionOld": machine.running, "Version": release.version,
+            "RemoteId": release.remote_id, "Rom": str(staged.rom), "Sha256": staged.sha256,
+            "Size": staged.size,
+        }}, indent=2))  # fmt: skip
+        return _finish(app, EXIT_OK)
+    _say(args, f"Staged {desc}: {staged.rom} ({_size(staged.size)}, sha256 {staged.sha256})")
+    _say(args, "Nothing is flashed yet. Reboot; in the Heads menu choose Options, then "
+               "Flash/Update the BIOS, and pick this ROM: Heads checks and flashes it. Until "
+               f"then the machine runs Heads {_p(machine.running)}.")  # fmt: skip
+    return _finish(app, EXIT_OK)
 
 
 def _read_capped(name: str, cap: int) -> bytes:
@@ -1033,6 +1075,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("get-remotes", help="the configured remotes, and their metadata's age",
                        parents=[verb_flags])  # fmt: skip
     p.set_defaults(func=cmd_get_remotes)
+    p = sub.add_parser(
+        "update-heads", parents=[verb_flags],
+        help="stage the newest Heads ROM for this board in /boot/updates/VERSION/, for "
+        "Heads to check and flash at the next boot",
+    )  # fmt: skip
+    p.add_argument("--board", help="the Heads board, when DMI's product name is not it "
+                   "(x230-hotp-maximized, librem_14, ...)")  # fmt: skip
+    _import_flags(p)
+    p.set_defaults(func=cmd_update_heads)
     for verb, func, text in (("enable-remote", cmd_enable_remote, "use a remote again"),
                              ("disable-remote", cmd_disable_remote,
                               "stop refreshing a remote and offering its releases")):  # fmt: skip
@@ -1045,6 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
 # what an inhibit file holds back (remotes, results and clean still work)
 _REFRESHES_OR_INSTALLS = frozenset({
     cmd_refresh, cmd_update, cmd_install, cmd_local_install, cmd_reinstall, cmd_downgrade,
+    cmd_update_heads,
 })  # fmt: skip
 # the verbs that change state, one run at a time (broker.runlock); the others never wait
 _CHANGES_STATE = _REFRESHES_OR_INSTALLS | {

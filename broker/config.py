@@ -119,6 +119,16 @@ class Paths:
         return self.root / "var/lib/qubes-fwupd"
 
     @property
+    def dmi_dir(self) -> Path:
+        """The firmware's own word on the machine (SMBIOS, as the kernel shows it)."""
+        return self.root / "sys/class/dmi/id"
+
+    @property
+    def boot_updates_dir(self) -> Path:
+        """Where update-heads stages a ROM, one dir per version, for Heads at next boot."""
+        return self.root / "boot/updates"
+
+    @property
     def sessions_dir(self) -> Path:
         return self.state_dir / "sessions"
 
@@ -487,9 +497,10 @@ class Config:
                     f"remote {rid} needs payload_anchors: which CAs and keys in /etc/pki/fwupd"
                     " its firmware is signed under (lvfs for the LVFS's own)"
                 )
+            # "any": anyone the anchors anchor (the lvfs default: vendors' certificates)
             payload_signers = (
                 parse_signers(sec["payload_signers"], f"remote {rid} payload_signers")
-                if "payload_signers" in sec else None
+                if sec.get("payload_signers", "any").strip() != "any" else None
             )  # fmt: skip
             own_vm = sec.get("updatevm", "").strip()
             remotes.append(Remote(

@@ -5,6 +5,7 @@ user reads stay in broker.cli, so automation and tests can drive this without ar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -12,14 +13,14 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from broker import history, reboots, remotes
-from broker.cabinet import ExpectedRelease, inspect_cab
+from broker.cabinet import CabMember, ExpectedRelease, inspect_cab, payload_of
 from broker.config import Config, Limits, Paths, Remote, check_qube_name
 from broker.errors import (
     BrokerError,
@@ -581,6 +582,29 @@ class Manager:
             sessions = Sessions(self.paths.sessions_dir)
             removed += [f"session {n}" for n in sessions.sweep(self.limits.session_seconds)]
         return removed
+
+    @contextlib.contextmanager
+    def verified_payload(self, release: Release) -> Iterator[tuple[int, CabMember]]:
+        """The one payload of this release's cab in dom0's cache, checked again (sha256,
+        metainfo, payload signature under its remote's anchors): the descriptor of the
+        copy that verified, for a use that is not fwupd's (update-heads)."""
+        cab = self.paths.cabs_dir / f"{release.sha256}.cab"
+        fd = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if sha256_fd(fd)[0] != release.sha256:
+                raise VerificationError(f"{cab.name}: not the cab dom0 verified")
+            anchors, policy = self.config.payload_trust(
+                release.remote_id, self.paths.pki_firmware_dirs
+            )
+            info, payload_fd = payload_of(fd, expected_release(release), anchors, self.limits,
+                                          self.paths.untrusted_dir, policy)  # fmt: skip
+        finally:
+            os.close(fd)
+        try:
+            (member,) = (m for m in info.members if m.name == info.payloads[0])
+            yield payload_fd, member
+        finally:
+            os.close(payload_fd)
 
     def forget_cab(self, sha256: str) -> None:
         """Installed: no longer worth its room in dom0's cache."""

@@ -24,7 +24,10 @@ def _files() -> tuple[tuple[Path, str], ...]:
          "unknown key is named in a warning"),
         (paths.pki_metadata_dirs[0], "who may sign metadata (with each remote's "
          "metadata_signers)"),
-        (paths.pki_firmware_dirs[0], "who may sign firmware payloads"),
+        (paths.pki_firmware_dirs[0], "who may sign firmware payloads (each remote's "
+         "payload_anchors name the files it may use)"),
+        (paths.boot_updates_dir, "update-heads: a Heads ROM per version, for Heads to "
+         "check and flash at the next boot"),
         (paths.cache_dir, "verified metadata generations, and cabs named by sha256"),
         (paths.state_dir, "accepted signing times, sessions, pending reboots"),
     )  # fmt: skip

@@ -25,8 +25,8 @@ CODE_DIR = "share/qubes-fwupd"  # under PREFIX
 _COMMON = ("__init__", "cabinet", "config", "errors", "jcat", "metadata", "qrexec",
            "sanitize", "service", "session", "signatures", "transfer")  # fmt: skip
 MODULES: dict[str, tuple[str, ...]] = {
-    "dom0": (*_COMMON, "backoff", "cli", "fwupd", "fwupd_json", "history", "manager", "offers",
-             "notify", "plans", "power", "receive", "reboots", "remotes", "routing",
+    "dom0": (*_COMMON, "backoff", "cli", "fwupd", "fwupd_json", "heads", "history", "manager",
+             "offers", "notify", "plans", "power", "receive", "reboots", "remotes", "routing",
              "runlock", "selection", "status", "unattended", "usbvm", "versions"),
     # both VM services, in one package: sys-usb and the UpdateVM often share a template
     "vm-common": (*_COMMON, "fwupd", "fwupd_json", "updatevm", "usbvm"),

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 from broker.signatures import TrustPolicy, TrustStore
+from broker.transfer import read_small
 
 MiB = 1024 * 1024
 
@@ -117,6 +118,12 @@ class Paths:
     @property
     def state_dir(self) -> Path:
         return self.root / "var/lib/qubes-fwupd"
+
+    @property
+    def fwupd_remotes_dir(self) -> Path:
+        """dom0's fwupd's own remotes: where a remote's URLs come from when our config
+        names none (trust never does: signers and anchors are ours alone)."""
+        return self.root / "etc/fwupd/remotes.d"
 
     @property
     def dmi_dir(self) -> Path:
@@ -360,6 +367,41 @@ def parse_signers(value: str, what: str) -> frozenset[str]:
     return frozenset(signers)
 
 
+@dataclass(frozen=True)
+class FwupdRemote:
+    """What dom0's fwupd says of a remote in remotes.d/<id>.conf: its URLs only."""
+
+    path: Path
+    metadata_uri: str
+    firmware_base_uri: str | None
+
+
+_FWUPD_REMOTE_MAX_BYTES = 64 * 1024
+
+
+def fwupd_remote(remotes_dir: Path, remote_id: str) -> FwupdRemote | None:
+    """fwupd's ``remotes.d/<remote_id>.conf`` where it exists and names a MetadataURI."""
+    path = remotes_dir / f"{remote_id}.conf"
+    try:
+        raw = read_small(path, _FWUPD_REMOTE_MAX_BYTES)
+    except FileNotFoundError:
+        return None
+    except (OSError, BrokerError) as e:
+        raise ConfigError(f"{path}: {getattr(e, 'strerror', None) or e}") from e
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(raw.decode("utf-8"), str(path))
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: {_parse_problem(e, '[fwupd Remote]')}") from e
+    if not parser.has_section("fwupd Remote"):
+        return None
+    sec = parser["fwupd Remote"]
+    uri = sec.get("MetadataURI", "").strip()
+    if not uri:
+        return None
+    return FwupdRemote(path, uri, sec.get("FirmwareBaseURI", "").strip() or None)
+
+
 def parse_anchors(value: str, what: str) -> tuple[str, ...]:
     """File names in fwupd's firmware trust store (``*.pem``, ``GPG-KEY-*``), one per line
     or space-separated; ``lvfs`` stands for the LVFS's own (:data:`LVFS_PAYLOAD_ANCHORS`)."""
@@ -444,9 +486,10 @@ class Config:
 
     @classmethod
     def load(cls, paths: Paths) -> Config:
-        """Read ``qubes-fwupd.conf``; a missing file means the defaults."""
+        """Read ``qubes-fwupd.conf``; a missing file means the defaults (the built-in lvfs
+        at the URLs dom0's fwupd gives it, where it does)."""
         if not paths.config_file.exists():
-            return cls()
+            return cls(remotes=_builtin_remotes(paths))
         parser = configparser.ConfigParser(interpolation=None)
         try:
             parser.read(paths.config_file, encoding="utf-8")
@@ -475,8 +518,16 @@ class Config:
             if plain not in ("yes", "no"):
                 raise ConfigError(f"remote {rid} allow_plain_http must be yes or no")
             https_only = plain == "no"
-            url = check_url(sec.get("metadata_url", ""), f"remote {rid} metadata_url", https_only)
-            base = sec.get("firmware_base_uri", "").strip() or None
+            # no URL of ours: fwupd's own remote of that id, where dom0's fwupd has one
+            theirs = None if "metadata_url" in sec else fwupd_remote(paths.fwupd_remotes_dir, rid)
+            if theirs is None:
+                url = check_url(sec.get("metadata_url", ""), f"remote {rid} metadata_url",
+                                https_only)  # fmt: skip
+                base = sec.get("firmware_base_uri", "").strip() or None
+            else:
+                url = check_url(theirs.metadata_uri, f"remote {rid}: MetadataURI in "
+                                f"{theirs.path}", https_only)  # fmt: skip
+                base = sec.get("firmware_base_uri", "").strip() or theirs.firmware_base_uri
             if base:
                 check_url(base, f"remote {rid} firmware_base_uri", https_only)
             signature = sec.get("signature", "jcat").strip()
@@ -533,7 +584,7 @@ class Config:
             updatevm=updatevm,
             updatevm_set="updatevm" in main,
             usbvm=usbvm,
-            remotes=tuple(remotes) or cls.remotes,
+            remotes=tuple(remotes) or _builtin_remotes(paths),
             warnings=tuple(warnings),
             metadata_max_age_days=max_age,
             metadata_future_margin_hours=numbers["metadata_future_margin_hours"],
@@ -555,10 +606,27 @@ def _inhibit_files(value: str | None, default: tuple[str, ...]) -> tuple[str, ..
     return files
 
 
-def _parse_problem(e: Exception) -> str:
+def _builtin_remotes(paths: Paths) -> tuple[Remote, ...]:
+    """The built-in lvfs, at the URLs dom0's fwupd has for it (an admin who pointed
+    fwupd's lvfs.conf at a mirror gets that mirror here too), its trust unchanged."""
+    out = []
+    for remote in Config.remotes:
+        theirs = fwupd_remote(paths.fwupd_remotes_dir, remote.id)
+        if theirs is not None:
+            url = check_url(theirs.metadata_uri, f"remote {remote.id}: MetadataURI in "
+                            f"{theirs.path}", True)  # fmt: skip
+            base = theirs.firmware_base_uri
+            if base:
+                check_url(base, f"remote {remote.id}: FirmwareBaseURI in {theirs.path}", True)
+            remote = dataclasses.replace(remote, metadata_url=url, firmware_base_uri=base)
+        out.append(remote)
+    return tuple(out)
+
+
+def _parse_problem(e: Exception, first: str = "[qubes-fwupd]") -> str:
     """configparser's message without its Python reprs: the line and what is wrong."""
     if isinstance(e, configparser.MissingSectionHeaderError):
-        return f"line {e.lineno}: no [section] before it (the file starts with [qubes-fwupd])"
+        return f"line {e.lineno}: no [section] before it (the file starts with {first})"
     if isinstance(e, configparser.ParsingError):
         lines = ", ".join(str(n) for n, _ in e.errors[:5])
         return f"line {lines}: not KEY = VALUE"

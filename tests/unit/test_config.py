@@ -419,3 +419,63 @@ def test_payload_trust_is_the_remotes_anchors_only(tmp_path: Path) -> None:
     (store / "GPG-KEY-corp").unlink()
     with pytest.raises(ConfigError, match="none of its payload_anchors is in"):
         config.payload_trust("corp", (store,))
+
+
+# --------------------------------------------------------------------------- fwupd's remotes.d
+LVFS_CONF = """[fwupd Remote]
+
+# this remote provides metadata and firmware marked as 'stable' from the LVFS
+Enabled=true
+Title=Linux Vendor Firmware Service
+MetadataURI={uri}
+ReportURI=https://fwupd.org/lvfs/firmware/report
+FirmwareBaseURI={base}
+ApprovalRequired=false
+"""
+
+
+def _fwupd_remote(tmp_path: Path, rid: str, uri: str, base: str = "") -> None:
+    d = Paths(tmp_path).fwupd_remotes_dir
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{rid}.conf").write_text(LVFS_CONF.format(uri=uri, base=base))
+
+
+def test_the_builtin_lvfs_takes_the_urls_dom0s_fwupd_has_for_it(tmp_path: Path) -> None:
+    _fwupd_remote(tmp_path, "lvfs", "https://lvfs-mirror.example/firmware.xml.zst",
+                  "https://lvfs-mirror.example/cabs")  # fmt: skip
+    for config in (Config.load(Paths(tmp_path)), _load(tmp_path, "[qubes-fwupd]\n")):
+        lvfs = config.remote("lvfs")
+        assert lvfs.metadata_url == "https://lvfs-mirror.example/firmware.xml.zst"
+        assert lvfs.firmware_base_uri == "https://lvfs-mirror.example/cabs"
+        # its trust is ours: fwupd's file names URLs, never who signs
+        assert lvfs.metadata_signers == LVFS_METADATA_SIGNERS
+        assert lvfs.payload_anchors == LVFS_PAYLOAD_ANCHORS
+
+
+def test_fwupds_shipped_lvfs_conf_means_the_builtin_remote(tmp_path: Path) -> None:
+    _fwupd_remote(tmp_path, "lvfs", "https://cdn.fwupd.org/downloads/firmware.xml.zst",
+                  "https://fwupd.org/downloads")  # fmt: skip
+    assert Config.load(Paths(tmp_path)) == Config()
+
+
+def test_a_section_without_urls_takes_fwupds_and_ours_win(tmp_path: Path) -> None:
+    _fwupd_remote(tmp_path, "corp", "https://fw.corp.example/firmware.xml.zst",
+                  "https://fw.corp.example/cabs")  # fmt: skip
+    conf = f"[remote corp]\nmetadata_signers = {'C' * 64}\npayload_anchors = corp-CA.pem\n"
+    corp = _load(tmp_path, conf).remote("corp")
+    assert (corp.metadata_url, corp.firmware_base_uri) == (
+        "https://fw.corp.example/firmware.xml.zst", "https://fw.corp.example/cabs")
+    ours = _load(tmp_path / "ours", conf + "metadata_url = https://ours.example/f.xml.zst\n")
+    assert ours.remote("corp").metadata_url == "https://ours.example/f.xml.zst"
+    assert ours.remote("corp").firmware_base_uri is None
+
+
+def test_a_fwupd_remote_is_checked_as_ours_are(tmp_path: Path) -> None:
+    _fwupd_remote(tmp_path, "lvfs", "file:///usr/share/fwupd/remotes.d/vendor/firmware")
+    with pytest.raises(ConfigError, match=r"remote lvfs: MetadataURI in .*remotes.d/lvfs.conf"):
+        Config.load(Paths(tmp_path))
+    (Paths(tmp_path).fwupd_remotes_dir / "lvfs.conf").write_text("not ini\n")
+    with pytest.raises(ConfigError, match=r"lvfs.conf: line 1: no \[section\]"):
+        Config.load(Paths(tmp_path))
+    (Paths(tmp_path).fwupd_remotes_dir / "lvfs.conf").write_text("[fwupd Remote]\nEnabled=true\n")
+    assert Config.load(Paths(tmp_path)) == Config()  # no MetadataURI: nothing taken

@@ -394,7 +394,8 @@ def cmd_update_heads(app: Manager, args: argparse.Namespace) -> int:
     fwupd, verifies and flashes it at the next boot."""
     board = heads.check_board(args.board, "--board") if args.board else None
     machine = heads.read_machine(app.paths.dmi_dir, board)
-    release = heads.choose(app.catalogs(), machine)
+    carriers = {r.id: r.heads_components for r in app.config.remotes}
+    release = heads.choose(app.catalogs(), machine, carriers)
     target = app.paths.boot_updates_dir / release.version
     desc = f"Heads {_p(machine.running)} -> {_p(release.version)} for {machine.board}"
     _stale_check(app, args, release)
@@ -412,6 +413,8 @@ def cmd_update_heads(app: Manager, args: argparse.Namespace) -> int:
         staged = heads.stage(app.paths.boot_updates_dir, release.version, payload_fd,
                              member.sha256)  # fmt: skip
     app.forget_cab(release.sha256)
+    for older in heads.prune_older(app.paths.boot_updates_dir, release.version):
+        _say(args, f"Removed {app.paths.boot_updates_dir / older}: an older ROM this replaces")
     if staged.already:
         raise NothingToDo(f"{desc} is already staged in {staged.rom}: reboot into Heads to "
                           "flash it")  # fmt: skip
@@ -426,8 +429,9 @@ def cmd_update_heads(app: Manager, args: argparse.Namespace) -> int:
         return _finish(app, EXIT_OK)
     _say(args, f"Staged {desc}: {staged.rom} ({_size(staged.size)}, sha256 {staged.sha256})")
     _say(args, "Nothing is flashed yet. Reboot; in the Heads menu choose Options, then "
-               "Flash/Update the BIOS, and pick this ROM: Heads checks and flashes it. Until "
-               f"then the machine runs Heads {_p(machine.running)}.")  # fmt: skip
+               "Flash/Update the BIOS, and pick this ROM, which Heads flashes. Its signature "
+               f"was checked here, in dom0. Until then the machine runs Heads "
+               f"{_p(machine.running)}.")  # fmt: skip
     return _finish(app, EXIT_OK)
 
 

@@ -296,6 +296,9 @@ class Remote:
     payload_signers: frozenset[str] | None = None
     # the qube this remote's files come through, unless the run names one (--updatevm)
     updatevm: str | None = None
+    # component id prefixes under which this remote may carry Heads ROMs (update-heads):
+    # boot firmware that Heads flashes is trusted from no remote unless it says so
+    heads_components: tuple[str, ...] = ()
 
     @property
     def metadata_name(self) -> str:
@@ -325,7 +328,7 @@ _MAIN_KEYS = frozenset(
 _REMOTE_KEYS = frozenset(
     {
         "metadata_url", "firmware_base_uri", "signature", "allow_plain_http", "metadata_signers",
-        "payload_anchors", "payload_signers", "updatevm",
+        "payload_anchors", "payload_signers", "updatevm", "heads_components",
     }
 )  # fmt: skip
 LVFS_METADATA_SIGNERS = frozenset(
@@ -400,6 +403,21 @@ def fwupd_remote(remotes_dir: Path, remote_id: str) -> FwupdRemote | None:
     if not uri:
         return None
     return FwupdRemote(path, uri, sec.get("FirmwareBaseURI", "").strip() or None)
+
+
+_COMPONENT_PREFIX = re.compile(r"[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)+")
+
+
+def parse_component_prefixes(value: str, what: str) -> tuple[str, ...]:
+    """Reverse-DNS component id prefixes (``org.example.heads``), space-separated."""
+    out = []
+    for token in value.replace(",", " ").split():
+        low = token.lower()
+        if not _COMPONENT_PREFIX.fullmatch(low) or len(low) > 128:
+            raise ConfigError(f"{what}: {token[:80]!r} is not a component id prefix "
+                              "(org.example.heads)")  # fmt: skip
+        out.append(low)
+    return tuple(dict.fromkeys(out))
 
 
 def parse_anchors(value: str, what: str) -> tuple[str, ...]:
@@ -541,6 +559,14 @@ class Config:
                 raise ConfigError(f"remote {rid} needs metadata_signers: who may sign its metadata")
             if "payload_anchors" in sec:
                 anchors = parse_anchors(sec["payload_anchors"], f"remote {rid} payload_anchors")
+                # a misspelt anchor next to a right one would go unnoticed until it counts
+                warnings += [
+                    f"remote {rid} payload_anchors: no {name} in "
+                    f"{', '.join(str(d) for d in paths.pki_firmware_dirs)}"
+                    for name in anchors
+                    if name not in LVFS_PAYLOAD_ANCHORS
+                    and not any((d / name).is_file() for d in paths.pki_firmware_dirs)
+                ]
             elif rid == "lvfs":
                 anchors = LVFS_PAYLOAD_ANCHORS
             else:
@@ -557,6 +583,8 @@ class Config:
             remotes.append(Remote(
                 rid, url, base, signature, not https_only, signers, anchors, payload_signers,
                 check_qube_name(own_vm, f"remote {rid} updatevm") if own_vm else None,
+                parse_component_prefixes(sec.get("heads_components", ""),
+                                         f"remote {rid} heads_components"),
             ))  # fmt: skip
         try:
             max_age = int(main.get("metadata_max_age_days", "30"))

@@ -4,17 +4,18 @@ ROM staged in /boot/updates/<version>/ for Heads to verify and flash at the next
 No fwupd device stands for the boot firmware here, so dom0 decides alone, and only on what
 it verified: the board and the running version come from the firmware's own SMBIOS (Heads
 builds set the product name to the board and the BIOS version to ``Heads-v<git describe>``),
-the release from dom0's verified catalogs (a component ``<vendor>.heads.<board>[.…]``), the
-cab through the same download and checks as any cab (sha256 from verified metadata,
-metainfo, a payload signature under its remote's anchors). The ROM staged is the very
-payload copy that verified. Nothing is flashed here.
+the release from dom0's verified catalogs, only from a remote whose config names the
+component prefix it carries Heads under (``PREFIX.<board>[.…]``), the cab through the same
+download and checks as any cab (sha256 from verified metadata, metainfo, a payload signature
+under its remote's anchors). Heads, at flash time, checks the ROM against what dom0 wrote at
+most: this is where its authenticity is decided. The ROM staged is the very payload copy
+that verified. Nothing is flashed here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import os
 import re
 import secrets
@@ -23,11 +24,17 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.errors import FormatError, NotFound, NothingToDo, TransferError
+from broker.errors import (
+    ConfigError,
+    FormatError,
+    NotFound,
+    NothingToDo,
+    TransferError,
+    VerificationError,
+)
 from broker.metadata import Catalog, Release
 from broker.sanitize import printable
 from broker.transfer import CHUNK, read_small, write_all
-from broker.versions import compare
 
 ROM_NAME = "firmware.rom"
 SUMS_NAME = "sha256sum.txt"  # as `sha256sum firmware.rom` prints it; Heads' zips carry one
@@ -36,6 +43,7 @@ _DMI_CAP = 256
 _BOARD = re.compile(r"[a-z0-9][a-z0-9_+-]{0,63}")
 _HEADS_VERSION = re.compile(r"Heads-v([0-9A-Za-z.+~_-]{1,64})")
 _TAG = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+_NUMERIC = re.compile(r"v?([0-9]{1,9}(?:\.[0-9]{1,9}){0,7})")
 # a version names a dir under /boot/updates: no separators, no dot files
 _DIR_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}")
 _STAGING_PREFIX = ".staging-"
@@ -88,35 +96,82 @@ def read_machine(dmi_dir: Path, board: str | None = None) -> Machine:
     return Machine(board, bios, running)
 
 
-def _for_board(component_id: str, board: str) -> bool:
-    parts = component_id.lower().split(".")
-    return any(a == "heads" and b == board for a, b in itertools.pairwise(parts))
+def numeric_version(version: str) -> tuple[int, ...] | None:
+    """``0.2.3`` or ``v0.2.3`` as (0, 2, 3), trailing zeros dropped (``0.2.3.0`` is 0.2.3);
+    None for anything else. Heads ROMs are compared as numbers, never as fwupd compares
+    strings, where ``v0.1.0`` would sort after ``0.2.2`` and be staged as an update."""
+    found = _NUMERIC.fullmatch(version)
+    if found is None:
+        return None
+    parts = [int(x) for x in found.group(1).split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
 
 
-def choose(catalogs: list[Catalog], machine: Machine) -> Release:
-    """The newest release for this board in dom0's verified catalogs, if it is newer than the
-    running build's release tag; NothingToDo (exit 2) otherwise, naming both."""
-    releases = [r for c in catalogs for r in c.releases
-                if _for_board(r.component_id, machine.board)]  # fmt: skip
+def _for_board(component_id: str, board: str, prefixes: tuple[str, ...]) -> bool:
+    cid = component_id.lower()
+    return any(cid == f"{p}.{board}" or cid.startswith(f"{p}.{board}.") for p in prefixes)
+
+
+def choose(
+    catalogs: list[Catalog], machine: Machine, prefixes: dict[str, tuple[str, ...]]
+) -> Release:
+    """The newest release for this board among the components each remote is trusted to
+    carry Heads under (``prefixes``: remote id -> its heads_components), if it is newer
+    than the running build's release tag; NothingToDo (exit 2) otherwise, naming both."""
+    if not any(prefixes.values()):
+        raise ConfigError(
+            "no remote carries Heads ROMs: name the components in the section of the remote "
+            "that does (heads_components = org.example.heads), ideally with its "
+            "payload_signers pinned"
+        )
+    running = numeric_version(machine.running_tag)
+    if running is None:
+        raise FormatError(f"cannot tell which Heads release runs: {machine.running!r}")
+    releases = [(v, r) for c in catalogs for r in c.releases
+                if _for_board(r.component_id, machine.board, prefixes.get(c.remote_id, ()))
+                and (v := numeric_version(r.version)) is not None]  # fmt: skip
     if not releases:
         raise NothingToDo(
             f"no Heads release for board {machine.board} in dom0's verified metadata"
         )
-    newest = releases[0]
-    for r in releases[1:]:
-        if compare(r.version, newest.version) > 0:
-            newest = r
-    if compare(newest.version, machine.running_tag) <= 0:
-        relation = "is what runs" if compare(newest.version, machine.running_tag) == 0 \
-            else "is older than what runs"  # fmt: skip
+    top = max(v for v, _ in releases)
+    newest = [r for v, r in releases if v == top]
+    if len({r.sha256 for r in newest}) > 1:
+        raise VerificationError(
+            f"Heads {printable(newest[0].version, 64)} for {machine.board} is offered as "
+            f"different cabs (remotes {', '.join(sorted({r.remote_id for r in newest}))}): "
+            "refusing to choose"
+        )
+    if top <= running:
+        relation = "is what runs" if top == running else "is older than what runs"
         raise NothingToDo(
             f"Heads is up to date: the newest release for {machine.board}, "
-            f"{printable(newest.version, 64)}, {relation} ({machine.running}); update-heads "
-            "never stages an older one"
+            f"{printable(newest[0].version, 64)}, {relation} ({machine.running}); "
+            "update-heads never stages an older one"
         )
-    if not _DIR_VERSION.fullmatch(newest.version):
-        raise FormatError(f"release version {printable(newest.version, 64)!r} cannot name a dir")
-    return newest
+    return newest[0]
+
+
+def prune_older(updates: Path, version: str) -> list[str]:
+    """Version dirs older than ``version`` that a past run staged (a ROM and its sums, and
+    nothing else): superseded, and no longer to be picked from Heads' menu by mistake."""
+    staged = numeric_version(version)
+    removed: list[str] = []
+    if staged is None:
+        return removed
+    for entry in sorted(updates.iterdir()):
+        older = numeric_version(entry.name)
+        if older is None or older >= staged or entry.is_symlink() or not entry.is_dir():
+            continue
+        if {p.name for p in entry.iterdir()} != {ROM_NAME, SUMS_NAME}:
+            continue  # not only what update-heads writes: the admin's to judge
+        shutil.rmtree(entry)
+        removed.append(entry.name)
+    if removed:
+        _fsync_dir(updates)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -173,6 +228,9 @@ def stage(updates: Path, version: str, payload_fd: int, sha256: str) -> Staged:
     updates = _updates_dir(updates)
     final = updates / version
     if final.exists() or final.is_symlink():
+        st = os.lstat(final)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise FormatError(f"{final} is not a dir of this user's: refusing to stage there")
         if _sha256_of(final / ROM_NAME) == sha256:
             return Staged(final / ROM_NAME, sha256, (final / ROM_NAME).stat().st_size, True)
         raise FormatError(

@@ -75,17 +75,24 @@ class HeadsMachine:
 
 @pytest.fixture
 def heads(refreshed: Sandbox, tmp_path: Path) -> Iterator[HeadsMachine]:
-    """dom0's DMI says Heads on an x230, dom0 has an empty /boot; undone after, and the
-    mirror back to the releases `up` published (HOSTILE_PREFIX cabs are dropped)."""
+    """dom0's DMI says Heads on an x230, dom0 has an empty /boot, and the lvfs remote is
+    trusted to carry Heads under org.example.heads; undone after, and the mirror back to
+    the releases `up` published (HOSTILE_PREFIX cabs are dropped)."""
     root = refreshed.root("dom0")
     dmi = root / "sys/class/dmi/id"
     dmi.mkdir(parents=True)
     (root / "boot").mkdir()
+    conf = qube_paths(refreshed, "dom0").config_file
+    original = conf.read_bytes()
+    assert original.count(b"[remote lvfs]\n") == 1
+    conf.write_bytes(original.replace(b"[remote lvfs]\n",
+                                      b"[remote lvfs]\nheads_components = org.example.heads\n"))
     machine = HeadsMachine(refreshed, dmi, root / "boot/updates", os.urandom(ROM_SIZE), tmp_path)
     machine.says()
     try:
         yield machine
     finally:
+        conf.write_bytes(original)
         shutil.rmtree(root / "sys")
         shutil.rmtree(root / "boot")
         restore_mirror(refreshed)
@@ -101,7 +108,11 @@ def test_a_signed_rom_is_staged_and_older_or_other_boards_are_not(heads: HeadsMa
     sandbox = heads.sandbox
     cab = heads.cab("0.2.3")
     other_board = heads.cab("0.2.9", "org.example.heads.t430-hotp-maximized.firmware")
-    heads.publish(cab, other_board)
+    # Heads tags its releases v0.1.0: fwupd's string rules would call that newer than 0.2.2
+    old_tag = heads.cab("v0.1.0")
+    # a vendor on the same remote, outside the prefix the remote carries Heads under
+    other_vendor = heads.cab("0.9.9", f"com.acme.heads.{BOARD}.firmware")
+    heads.publish(cab, other_board, old_tag, other_vendor)
 
     r = manager(sandbox, "update-heads", "-y")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -177,5 +188,17 @@ def test_an_unsigned_rom_is_refused_and_nothing_is_staged(heads: HeadsMachine) -
     (line,) = r.stderr.splitlines()
     assert line.startswith("qubes-fwupdmgr: dom0 refused what sys-firewall sent: "), line
     assert "firmware.rom: no signature for it in firmware.jcat" in line, line
+    assert heads.staged() == []
+    _nothing_in_flight(heads.sandbox)
+
+
+def test_no_remote_carries_heads_unless_the_admin_says_so(heads: HeadsMachine) -> None:
+    heads.publish(heads.cab("0.2.3"))
+    conf = qube_paths(heads.sandbox, "dom0").config_file
+    conf.write_bytes(conf.read_bytes().replace(b"heads_components = org.example.heads\n", b""))
+    r = manager(heads.sandbox, "update-heads", "-y")
+    assert r.returncode == 1, r.stdout + r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("qubes-fwupdmgr: no remote carries Heads ROMs: "), line
     assert heads.staged() == []
     _nothing_in_flight(heads.sandbox)

@@ -94,6 +94,11 @@ def test_the_files_written_load_as_the_pillar_says(
             target = tmp_path / args["name"].lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(args["contents"])
+    # the organisation's CAs, which a state of its own puts in fwupd's store
+    for remote in pillar.get("qubes-fwupd", {}).get("remotes", {}).values():
+        for name in remote.get("payload_anchors", []):
+            paths.pki_firmware_dirs[0].mkdir(parents=True, exist_ok=True)
+            (paths.pki_firmware_dirs[0] / name).write_text("a CA\n")
     config = Config.load(paths)
     policy = UnattendedPolicy.load(paths.unattended_file)
     assert not config.warnings and not policy.warnings
@@ -107,6 +112,7 @@ def test_the_files_written_load_as_the_pillar_says(
         assert got.payload_signers == (frozenset(remote["payload_signers"])
                                        if "payload_signers" in remote else None)  # fmt: skip
         assert got.updatevm == remote.get("updatevm")
+        assert got.heads_components == tuple(remote.get("heads_components", ()))
     assert [r.id for r in config.remotes] == ["lvfs", *fw.get("remotes", {})]
     # the LVFS kept beside the pillar's remotes, with its built-in pins
     assert config.remote("lvfs").metadata_signers == LVFS_METADATA_SIGNERS

@@ -479,3 +479,13 @@ def test_a_fwupd_remote_is_checked_as_ours_are(tmp_path: Path) -> None:
         Config.load(Paths(tmp_path))
     (Paths(tmp_path).fwupd_remotes_dir / "lvfs.conf").write_text("[fwupd Remote]\nEnabled=true\n")
     assert Config.load(Paths(tmp_path)) == Config()  # no MetadataURI: nothing taken
+
+
+def test_heads_components_are_component_prefixes(tmp_path: Path) -> None:
+    base = CORP + "payload_anchors = lvfs\n"
+    assert _load(tmp_path, base).remote("corp").heads_components == ()
+    config = _load(tmp_path / "a", base + "heads_components = org.Corp.heads com.3mdeb.heads\n")
+    assert config.remote("corp").heads_components == ("org.corp.heads", "com.3mdeb.heads")
+    for i, bad in enumerate(("heads", "org.corp.", "org..heads", "org.corp/heads", "*.heads")):
+        with pytest.raises(ConfigError, match="is not a component id prefix"):
+            _load(tmp_path / f"bad{i}", base + f"heads_components = {bad}\n")

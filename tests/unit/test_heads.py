@@ -9,8 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import FormatError, NotFound, NothingToDo, TransferError
-from broker.heads import ROM_NAME, SUMS_NAME, Machine, choose, read_machine, stage
+from broker.errors import (
+    ConfigError,
+    FormatError,
+    NotFound,
+    NothingToDo,
+    TransferError,
+    VerificationError,
+)
+from broker.heads import (
+    ROM_NAME,
+    SUMS_NAME,
+    Machine,
+    choose,
+    numeric_version,
+    prune_older,
+    read_machine,
+    stage,
+)
 from broker.metadata import Catalog, Release
 
 
@@ -61,25 +77,37 @@ def test_an_escape_in_smbios_is_not_printed(tmp_path: Path) -> None:
     assert "\x1b" not in str(e.value)
 
 
-def _release(component_id: str, version: str) -> Release:
-    return Release("lvfs", component_id, "Heads", "", version, ("guid",), "https://x/h.cab",
-                   f"{component_id}-{version}.cab", "0" * 64, 1, "high", "")  # fmt: skip
+def _release(component_id: str, version: str, remote: str = "lvfs", sha: str = "0") -> Release:
+    return Release(remote, component_id, "Heads", "", version, ("guid",), "https://x/h.cab",
+                   f"{component_id}-{version}.cab", sha * 64, 1, "high", "")  # fmt: skip
 
 
 MACHINE = Machine("x230", "Heads-v0.2.2-917-g19f0e65", "0.2.2-917-g19f0e65")
+CARRIERS = {"lvfs": ("org.example.heads",)}
 
 
-def test_the_newest_release_for_exactly_this_board_is_chosen() -> None:
+def test_the_newest_release_for_exactly_this_board_from_a_carrier_is_chosen() -> None:
     catalog = Catalog("lvfs", (
         _release("org.example.heads.x230.firmware", "0.2.3"),
-        _release("org.example.heads.x230.firmware", "0.2.10"),
+        _release("org.example.heads.x230", "0.2.10"),
         _release("org.example.heads.x2300.firmware", "9.0.0"),  # another board
         _release("org.example.heads.t430.firmware", "9.0.0"),
         _release("org.example.headsx230.firmware", "9.0.0"),
+        _release("com.acme.heads.x230.firmware", "9.0.0"),  # not a prefix lvfs carries
         _release("org.fwupd.fakedevice.firmware", "9.0.0"),
     ))  # fmt: skip
-    chosen = choose([catalog], MACHINE)
-    assert (chosen.component_id, chosen.version) == ("org.example.heads.x230.firmware", "0.2.10")
+    other = Catalog("corp", (_release("org.example.heads.x230", "9.0.0", "corp"),))
+    chosen = choose([catalog, other], MACHINE, CARRIERS)
+    assert (chosen.component_id, chosen.version) == ("org.example.heads.x230", "0.2.10")
+    # the same release from a remote that carries it
+    chosen = choose([catalog, other], MACHINE, {**CARRIERS, "corp": ("org.example.heads",)})
+    assert (chosen.remote_id, chosen.version) == ("corp", "9.0.0")
+
+
+def test_no_remote_carries_heads_unless_its_config_says_so() -> None:
+    catalog = Catalog("lvfs", (_release("org.example.heads.x230", "0.2.3"),))
+    with pytest.raises(ConfigError, match="no remote carries Heads ROMs"):
+        choose([catalog], MACHINE, {"lvfs": ()})
 
 
 @pytest.mark.parametrize(
@@ -87,19 +115,42 @@ def test_the_newest_release_for_exactly_this_board_is_chosen() -> None:
     [
         ((), "no Heads release for board x230"),
         (("0.2.2",), "0.2.2, is what runs"),
+        (("0.2.2.0",), "0.2.2.0, is what runs"),
         (("0.2.1", "0.1.9"), "0.2.1, is older than what runs"),
+        # fwupd's string rules put v0.1.0 after 0.2.2: as numbers it is older
+        (("v0.1.0",), "v0.1.0, is older than what runs"),
+        (("0.2.2a", "9.0 x", "0.2.3-rc1"), "no Heads release for board x230"),
     ],
 )
 def test_nothing_older_or_equal_is_chosen(versions: tuple[str, ...], cause: str) -> None:
     catalog = Catalog("lvfs", tuple(_release("org.example.heads.x230", v) for v in versions))
     with pytest.raises(NothingToDo, match=cause):
-        choose([catalog], MACHINE)
+        choose([catalog], MACHINE, CARRIERS)
 
 
-def test_a_version_that_cannot_name_a_dir_is_refused() -> None:
-    catalog = Catalog("lvfs", (_release("org.example.heads.x230", "1.0/../../etc"),))
-    with pytest.raises(FormatError, match="cannot name a dir"):
-        choose([catalog], MACHINE)
+def test_a_version_that_is_no_number_never_hides_one_that_is() -> None:
+    catalog = Catalog("lvfs", (_release("org.example.heads.x230", "0.2.3"),
+                               _release("org.example.heads.x230", "9.0 x"),
+                               _release("org.example.heads.x230", "1.0/../../etc")))  # fmt: skip
+    assert choose([catalog], MACHINE, CARRIERS).version == "0.2.3"
+
+
+def test_two_cabs_for_the_newest_version_are_refused() -> None:
+    a = Catalog("lvfs", (_release("org.example.heads.x230", "0.2.3", sha="a"),))
+    b = Catalog("corp", (_release("org.example.heads.x230", "v0.2.3", "corp", sha="b"),))
+    carriers = {"lvfs": ("org.example.heads",), "corp": ("org.example.heads",)}
+    with pytest.raises(VerificationError, match=r"offered as different cabs .*corp, lvfs"):
+        choose([a, b], MACHINE, carriers)
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [("0.2.3", (0, 2, 3)), ("v0.2.3", (0, 2, 3)), ("0.2.3.0", (0, 2, 3)), ("1", (1,)),
+     ("0.0", (0,)), ("0.2.3a", None), ("vv1", None), ("", None), ("1..2", None),
+     ("1.2.3.4.5.6.7.8.9", None)],
+)  # fmt: skip
+def test_numeric_version(text: str, number: tuple[int, ...] | None) -> None:
+    assert numeric_version(text) == number
 
 
 def _payload(data: bytes) -> tuple[int, str]:
@@ -155,3 +206,27 @@ def test_a_symlinked_updates_dir_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="not a dir of this user's"):
         stage(tmp_path / "boot/updates", "0.2.3", fd, sha)
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_older_roms_update_heads_staged_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / "boot").mkdir()
+    updates = tmp_path / "boot/updates"
+    for version in ("0.2.1", "0.2.3", "0.2.4"):
+        fd, sha = _payload(version.encode())
+        stage(updates, version, fd, sha)
+    (updates / "0.1.0").mkdir()
+    (updates / "0.1.0" / "notes.txt").write_text("the admin's")  # not ours alone: kept
+    (updates / "old-heads").mkdir()  # no version: kept
+    assert prune_older(updates, "0.2.3") == ["0.2.1"]
+    assert sorted(p.name for p in updates.iterdir()) == ["0.1.0", "0.2.3", "0.2.4", "old-heads"]
+
+
+def test_a_symlinked_version_dir_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "boot/updates").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    fd, sha = _payload(b"rom")
+    (elsewhere / ROM_NAME).write_bytes(b"rom")
+    (tmp_path / "boot/updates/0.2.3").symlink_to(elsewhere)
+    with pytest.raises(FormatError, match="not a dir of this user's"):
+        stage(tmp_path / "boot/updates", "0.2.3", fd, sha)

@@ -66,6 +66,9 @@ qubes-fwupd-config:
 {%- if remote.get('updatevm') %}
         updatevm = {{ remote['updatevm'] }}
 {%- endif %}
+{%- if remote.get('heads_components') %}
+        heads_components = {{ remote['heads_components'] | join(' ') }}
+{%- endif %}
 {%- endfor %}
 
 qubes-fwupd-unattended:

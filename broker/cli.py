@@ -402,13 +402,7 @@ def cmd_update_heads(app: Manager, args: argparse.Namespace) -> int:
     if not _confirm(args, f"Stage {desc} in {target}?"):
         _say(args, "skipped")
         return _finish(app, NothingToDo.exit_code)
-    _size_check(app, release)
-    if app.cached(release):
-        _say(args, f"Using {_p(release.filename)} from dom0's cache")
-    else:
-        doing = "Importing" if app.source_dir is not None else "Downloading"
-        _say(args, f"{doing} {_p(release.filename)} {app.source(release.remote_id)}…")
-        app.download(release)
+    _fetch(app, args, release)
     with app.verified_payload(release) as (payload_fd, member):
         staged = heads.stage(app.paths.boot_updates_dir, release.version, payload_fd,
                              member.sha256)  # fmt: skip
@@ -579,6 +573,17 @@ def _size_check(app: Manager, release: Release) -> None:
         raise LimitExceeded(f"{release.filename} is {release.size} bytes, more than cab_max_bytes")
 
 
+def _fetch(app: Manager, args: argparse.Namespace, release: Release) -> None:
+    """The release's cab into dom0's cache, unless a checked copy is there already."""
+    _size_check(app, release)
+    if app.cached(release):
+        _say(args, f"Using {_p(release.filename)} from dom0's cache")
+        return
+    doing = "Importing" if app.source_dir is not None else "Downloading"
+    _say(args, f"{doing} {_p(release.filename)} {app.source(release.remote_id)}…")
+    app.download(release)
+
+
 def _apply(
     app: Manager,
     args: argparse.Namespace,
@@ -597,13 +602,7 @@ def _apply(
     if not _confirm(args, f"{verb} {desc}?"):
         _say(args, "skipped")
         return None
-    _size_check(app, release)
-    if app.cached(release):
-        _say(args, f"Using {_p(release.filename)} from dom0's cache")
-    else:
-        doing = "Importing" if app.source_dir is not None else "Downloading"
-        _say(args, f"{doing} {_p(release.filename)} {app.source(release.remote_id)}…")
-        app.download(release)
+    _fetch(app, args, release)
     _say(args, f"Installing on {qd.qube}…")
     try:
         app.install(qd, release, allow_older=allow_older or args.allow_older,

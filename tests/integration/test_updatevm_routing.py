@@ -91,6 +91,25 @@ def accepted_sha256(sandbox: Sandbox) -> str:
     return str(state["lvfs"]["sha256"])
 
 
+def refreshed_through(
+    sandbox: Sandbox, via: str, not_via: str, expected_sha256: str, *flags: str
+) -> None:
+    """`refresh FLAGS` is accepted, and its metadata came through ``via`` alone: its
+    mirror served both files, ``not_via``'s nothing, and qrexec never named ``not_via``."""
+    mirrors = mirror_marks(sandbox)
+    qrexec = LogMark(sandbox.log_dir / "qrexec.log")
+    r = manager(sandbox, "refresh", *flags)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "metadata for lvfs accepted" in r.stdout, r.stdout
+    assert accepted_sha256(sandbox) == expected_sha256
+    assert served(mirrors[via]) == [f"GET /{META} 200", f"GET /{META}.jcat 200"]
+    assert served(mirrors[not_via]) == []
+    calls = qrexec.since()
+    assert f"allow dom0 -> {via} qubes.FwupdDownload+" in calls
+    assert f"allow {via} -> dom0 {RECEIVE}+" in calls
+    assert not_via not in calls, calls
+
+
 def test_untagged_sys_whonix_downloads_but_the_policy_refuses_its_push(
     routed: Sandbox, new_metadata: str
 ) -> None:
@@ -115,19 +134,8 @@ def test_untagged_sys_whonix_downloads_but_the_policy_refuses_its_push(
 def test_tagged_sys_whonix_carries_the_refresh(
     routed: Sandbox, new_metadata: str, tagged: Sandbox
 ) -> None:
-    sandbox = routed
-    mirrors = mirror_marks(sandbox)
-    qrexec = LogMark(sandbox.log_dir / "qrexec.log")
-    r = manager(sandbox, "refresh", "--updatevm", TOR_GATEWAY)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "metadata for lvfs accepted" in r.stdout, r.stdout
-    assert accepted_sha256(sandbox) == new_metadata
-    assert served(mirrors[TOR_GATEWAY]) == [f"GET /{META} 200", f"GET /{META}.jcat 200"]
-    assert served(mirrors[UPDATEVM]) == []  # the configured UpdateVM took no part
-    calls = qrexec.since()
-    assert f"allow dom0 -> {TOR_GATEWAY} qubes.FwupdDownload+" in calls
-    assert f"allow {TOR_GATEWAY} -> dom0 {RECEIVE}+" in calls
-    assert UPDATEVM not in calls, calls
+    # the configured UpdateVM takes no part
+    refreshed_through(routed, TOR_GATEWAY, UPDATEVM, new_metadata, "--updatevm", TOR_GATEWAY)
 
 
 def test_tagged_sys_whonix_carries_the_cabs_of_an_update(tagged: Sandbox) -> None:
@@ -151,32 +159,10 @@ def test_a_remotes_own_updatevm_routes_its_refresh_unless_the_run_names_one(
     sandbox = routed
     with remote_updatevm(sandbox, TOR_GATEWAY):
         # no flag: the remote's own line sends its metadata through sys-whonix
-        mirrors = mirror_marks(sandbox)
-        qrexec = LogMark(sandbox.log_dir / "qrexec.log")
-        r = manager(sandbox, "refresh")
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert "metadata for lvfs accepted" in r.stdout, r.stdout
-        assert accepted_sha256(sandbox) == new_metadata
-        assert served(mirrors[TOR_GATEWAY]) == [f"GET /{META} 200", f"GET /{META}.jcat 200"]
-        assert served(mirrors[UPDATEVM]) == []  # dom0's configured UpdateVM took no part
-        calls = qrexec.since()
-        assert f"allow dom0 -> {TOR_GATEWAY} qubes.FwupdDownload+" in calls
-        assert f"allow {TOR_GATEWAY} -> dom0 {RECEIVE}+" in calls
-        assert UPDATEVM not in calls, calls
+        refreshed_through(sandbox, TOR_GATEWAY, UPDATEVM, new_metadata)
 
         # --updatevm wins over the remote's line: sys-firewall fetches, sys-whonix does not
         publish_variant(sandbox, "again")
         again = hashlib.sha256((sandbox.lvfs_dir / META).read_bytes()).hexdigest()
         assert again != new_metadata
-        mirrors = mirror_marks(sandbox)
-        qrexec = LogMark(sandbox.log_dir / "qrexec.log")
-        r = manager(sandbox, "refresh", "--updatevm", UPDATEVM)
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert "metadata for lvfs accepted" in r.stdout, r.stdout
-        assert accepted_sha256(sandbox) == again
-        assert served(mirrors[UPDATEVM]) == [f"GET /{META} 200", f"GET /{META}.jcat 200"]
-        assert served(mirrors[TOR_GATEWAY]) == []
-        calls = qrexec.since()
-        assert f"allow dom0 -> {UPDATEVM} qubes.FwupdDownload+" in calls
-        assert f"allow {UPDATEVM} -> dom0 {RECEIVE}+" in calls
-        assert TOR_GATEWAY not in calls, calls
+        refreshed_through(sandbox, UPDATEVM, TOR_GATEWAY, again, "--updatevm", UPDATEVM)

@@ -247,12 +247,17 @@ def check_qube_name(name: str, what: str) -> str:
     return name
 
 
+# visible ASCII: one regex match, not a generator per character (it runs for every
+# location of an LVFS-scale catalog)
+_URL_CHARS = re.compile(r"[\x21-\x7e]*")
+
+
 def check_url(url: str, what: str, https_only: bool = False) -> str:
     """A URL we may hand to the UpdateVM: https (or http where allowed), a host, no
     credentials, no fragment."""
     # ASCII printable only: no C0/C1 controls, no spaces, no look-alike characters (IDNs
     # belong in punycode); checked before urlsplit sees it
-    if not url.isascii() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+    if not _URL_CHARS.fullmatch(url):
         raise ConfigError(f"{what}: URL contains spaces, control or non-ASCII characters")
     try:
         parts = urlsplit(url)

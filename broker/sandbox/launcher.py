@@ -308,6 +308,10 @@ def _unshare_flags(userns: bool) -> list[str]:
     return ["--user", "--map-root-user", *flags] if userns else flags
 
 
+class HostNamespaces(ProcessLookupError):
+    """A qube's recorded namespaces are the caller's own: never to be treated as a qube's."""
+
+
 @dataclass(frozen=True)
 class _Held:
     """Open fds on a living holder's namespaces: they name them race-free."""
@@ -497,12 +501,17 @@ class Launcher:
         else still running in a qube's namespaces (a qrexec service in flight, an agent
         some daemon spawned). A namespace goes with its last process."""
         held: dict[str, _Held] = {}
+        refused: list[str] = []
         if self.isolation().on:
             for qube in QUBES:
-                with contextlib.suppress(ProcessLookupError):
+                try:
                     held[qube] = self._open_holder(qube, or_any=True)
+                except HostNamespaces as e:
+                    refused.append(str(e))
+                except ProcessLookupError:
+                    pass
         try:
-            report = self.table.stop_all()
+            report = refused + self.table.stop_all()
             for qube, ns in held.items():
                 report += self._stop_strays(qube, ns)
         finally:
@@ -547,9 +556,19 @@ class Launcher:
                     os.close(fd)
                 continue
             held = _Held(opened[0] if userns else None, opened[-2], opened[-1])
-            if self.table.alive(entry):
-                return held
-            held.close()
+            if not self.table.alive(entry):
+                held.close()
+                continue
+            # a holder read before it made its own namespaces (or a table naming some host
+            # process) would make the host a qube: everything in it a "stray" of down
+            host = _namespaces_of(os.getpid()) | _namespaces_of(1)
+            if {_ns_id(os.fstat(held.net)), _ns_id(os.fstat(held.mnt))} & host:
+                held.close()
+                raise HostNamespaces(
+                    f"qube {qube}: its recorded process {entry.pid} is in this host's own "
+                    "namespaces, not a qube's: refused (nothing is started or stopped there)"
+                )
+            return held
         raise ProcessLookupError(
             f"qube {qube} is not running (its namespace holder is gone): run "
             f"`qubes-fwupd-sandbox down --dir {self.sandbox.dir}`, then up"

@@ -275,21 +275,27 @@ def test_down_cleans_up_after_a_killed_up(tmp_path: Path) -> None:
     needs_isolation()
     netns_before = netns_names()
     with own_directory("qfwk") as directory, (tmp_path / "up.log").open("w+") as log:
-        table = ProcessTable(directory / "pids")
         starting = subprocess.Popen(
             [sys.executable, "-m", "broker.sandbox.cli", "up", "--dir", str(directory)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
-        while sum(e.role == HOLDER_ROLE for e in table.entries()) < len(QUBES):
+        host = set(ns_ids(os.getpid()).values())
+
+        def made() -> dict[str, int]:
+            # a holder is recorded as soon as it exists, before it has made its namespaces:
+            # read too early, they would be the host's own
+            return {q: pid for q, pid in holders(Sandbox(directory)).items()
+                    if not set(ns_ids(pid).values()) & host}  # fmt: skip
+
+        while len(made()) < len(QUBES):
             if starting.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
                 pytest.fail(f"up ended or hung before its qubes existed:\n{log.read()}")
             time.sleep(0.01)
-        namespaces = {
-            i for pid in holders(Sandbox(directory)).values() for i in ns_ids(pid).values()
-        }
+        namespaces = {i for pid in made().values() for i in ns_ids(pid).values()}
+        assert not namespaces & host
         starting.kill()  # mid-way: no chance to clean up after itself
         starting.wait()
         r = sandbox_cli("down", "--dir", str(directory))
@@ -320,3 +326,29 @@ def test_isolation_forced_off_runs_as_before() -> None:
         for qube in ("dom0", TOR_GATEWAY):
             seen = probe(box, qube, CONNECT.format(port=mirror_port(box)))
             assert seen["result"] == "HTTP/1.0 200", (qube, seen)
+
+
+def test_down_never_treats_the_hosts_namespaces_as_a_qubes(tmp_path: Path) -> None:
+    """A table whose dom0 holder is a process in the host's own namespaces (as a holder read
+    before it had made its own would be): down stops what the table records, refuses to
+    look for strays there, says so, and signals nothing else of the host."""
+    needs_isolation()
+    directory = short_tmpdir("qfwh")
+    box = Sandbox(directory)
+    fake_holder = subprocess.Popen(["sleep", "300"])
+    bystander = subprocess.Popen(["sleep", "300"])  # a host process nobody recorded
+    try:
+        box.isolation_file.write_text("on\n")
+        ProcessTable(box.pids_file).record(HOLDER_ROLE, "dom0", fake_holder.pid)
+        r = sandbox_cli("down", "--dir", str(directory))
+        assert r.returncode == 0, r.stderr
+        assert (f"qube dom0: its recorded process {fake_holder.pid} is in this host's own "
+                "namespaces, not a qube's: refused") in r.stdout, r.stdout  # fmt: skip
+        assert fake_holder.wait(timeout=10) is not None  # recorded: stopped
+        assert bystander.poll() is None, "down signalled a host process it never recorded"
+    finally:
+        bystander.kill()
+        bystander.wait()
+        fake_holder.kill()
+        fake_holder.wait()
+        shutil.rmtree(directory, ignore_errors=True)

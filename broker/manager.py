@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -420,14 +421,38 @@ class Manager:
             if opened is None:
                 return []
             data_fd, jcat_fd = opened
-            done = [(DOM0, FwupdClient(qube=DOM0).update_metadata(remote.id, data_fd, jcat_fd))]
             usbvm = self.usbvm()
-            if usbvm:
+            if usbvm is None:
+                return [(DOM0, FwupdClient(qube=DOM0).update_metadata(remote.id, *opened))]
+            # both daemons at once (a refresh's longest step after the download): dom0's
+            # load in a thread, on descriptors of its own (new open file descriptions of
+            # the same verified files, so neither moves the other's offset), while this
+            # thread feeds sys-usb and keeps Ctrl-C and SIGTERM as they were
+            own = [os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC) for fd in opened]
+            dom0: dict[str, bool | BaseException] = {}
+
+            def load_dom0() -> None:
                 try:
-                    done.append((usbvm.qube, usbvm.refresh(remote, data_fd, jcat_fd)))
-                except BrokerError as e:
-                    self.unreachable(usbvm.qube, e)
-            return done
+                    dom0["loaded"] = FwupdClient(qube=DOM0).update_metadata(remote.id, *own)
+                except BaseException as e:  # handed to the caller's thread
+                    dom0["error"] = e
+                finally:
+                    for fd in own:
+                        os.close(fd)
+
+            # a daemon thread: an interrupted run must not wait for dom0's load to end
+            worker = threading.Thread(target=load_dom0, name="dom0-fwupd-load", daemon=True)
+            worker.start()
+            usbvm_done: list[tuple[str, bool]] = []
+            try:
+                usbvm_done.append((usbvm.qube, usbvm.refresh(remote, data_fd, jcat_fd)))
+            except BrokerError as e:
+                self.unreachable(usbvm.qube, e)
+            worker.join()
+            error = dom0.get("error")
+            if isinstance(error, BaseException):
+                raise error
+            return [(DOM0, bool(dom0["loaded"])), *usbvm_done]
 
     def cached(self, release: Release) -> bool:
         """dom0's cache already holds this cab (its name is the sha256 dom0 verified when

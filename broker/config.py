@@ -8,6 +8,7 @@ real qube and at ``$SANDBOX/vm/<qube>`` in the sandbox (the launcher sets
 from __future__ import annotations
 
 import configparser
+import contextlib
 import dataclasses
 import grp
 import os
@@ -73,6 +74,10 @@ class Limits:
 # the group of dom0's login user, which runs dom0's qrexec services in Qubes
 DOM0_GROUP = "qubes"
 DOM0_DIR_MODE = 0o2770
+# the state dir also holds the manager's own dir: sticky, so that the service (which
+# writes its metadata state there) cannot rename or delete what root made in it
+DOM0_STATE_DIR_MODE = 0o3770
+MANAGER_DIR_MODE = 0o700
 
 
 @dataclass(frozen=True)
@@ -107,13 +112,21 @@ class Paths:
         return self.root / "run/qubes-fwupd/manager.lock"
 
     @property
+    def manager_dir(self) -> Path:
+        """The manager's own state (history, remote switches, pending reboots, refresh
+        backoff, what waits): root's alone, 0700. The state dir around it is group qubes
+        for the receive service's metadata state, and sticky, so the service can neither
+        write in here nor move this dir aside."""
+        return self.state_dir / "manager"
+
+    @property
     def refresh_backoff(self) -> Path:
-        return self.state_dir / "refresh-backoff.json"
+        return self.manager_dir / "refresh-backoff.json"
 
     @property
     def updates_waiting(self) -> Path:
         """What get-updates --notify last found waiting for a person (broker.notify)."""
-        return self.state_dir / "updates-waiting.json"
+        return self.manager_dir / "updates-waiting.json"
 
     @property
     def state_dir(self) -> Path:
@@ -191,6 +204,9 @@ class Paths:
         return (self.state_dir, self.sessions_dir, self.cache_dir, self.metadata_dir,
                 self.cabs_dir, self.untrusted_dir, self.log_file.parent)  # fmt: skip
 
+    def dom0_dir_mode(self, path: Path) -> int:
+        return DOM0_STATE_DIR_MODE if path == self.state_dir else DOM0_DIR_MODE
+
     def make_dom0_dirs(self) -> None:
         """What systemd-tmpfiles does with the package's snippet, for a dom0 where it has
         not run yet (first use before a reboot, a checkout): each dir made or put back to
@@ -205,10 +221,27 @@ class Paths:
                     raise ConfigError(f"{path}: not a directory")
                 if gid not in (-1, st.st_gid):
                     os.chown(path, -1, gid, follow_symlinks=False)
-                if stat.S_IMODE(st.st_mode) != DOM0_DIR_MODE:
-                    os.chmod(path, DOM0_DIR_MODE, follow_symlinks=False)
+                if stat.S_IMODE(st.st_mode) != self.dom0_dir_mode(path):
+                    os.chmod(path, self.dom0_dir_mode(path), follow_symlinks=False)
             except PermissionError as e:
                 raise ConfigError(f"{path}: {e.strerror} (qubes-fwupdmgr runs as root)") from e
+        self._make_manager_dir()
+
+    def _make_manager_dir(self) -> None:
+        """The manager's own dir: made 0700, and used only while it is a real dir of this
+        user's (one the service made first, or put in its place, is refused: a qube's
+        words must never become the manager's history or remote switches)."""
+        path = self.manager_dir
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=MANAGER_DIR_MODE)
+        st = path.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise ConfigError(
+                f"{path}: not a dir of this user's (owner uid {st.st_uid}): refusing to keep "
+                "the manager's state there; move it aside and run again"
+            )
+        if stat.S_IMODE(st.st_mode) != MANAGER_DIR_MODE:
+            os.chmod(path, MANAGER_DIR_MODE, follow_symlinks=False)
 
     def _dom0_gid(self) -> int:
         if isinstance(self.dom0_group, int):

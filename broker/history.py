@@ -58,7 +58,7 @@ class Event:
 
 class History:
     def __init__(self, paths: Paths) -> None:
-        self.file = paths.state_dir / "history.jsonl"
+        self.file = paths.manager_dir / "history.jsonl"
         # a line that cannot be read (a write cut by power loss): skipped, and counted
         self.skipped = 0
 

@@ -29,7 +29,8 @@ def _files() -> tuple[tuple[Path, str], ...]:
         (paths.boot_updates_dir, "update-heads: a Heads ROM per version, for Heads to "
          "check and flash at the next boot"),
         (paths.cache_dir, "verified metadata generations, and cabs named by sha256"),
-        (paths.state_dir, "accepted signing times, sessions, pending reboots"),
+        (paths.state_dir, "accepted signing times, sessions"),
+        (paths.manager_dir, "the manager's own: history, remote switches, pending reboots"),
     )  # fmt: skip
 
 

@@ -53,8 +53,8 @@ def what_restarts(qube: str) -> str:
 
 class PendingReboots:
     def __init__(self, paths: Paths) -> None:
-        self.file = paths.state_dir / "pending-reboot.json"
-        self._lock = paths.state_dir / "pending-reboot.lock"
+        self.file = paths.manager_dir / "pending-reboot.json"
+        self._lock = paths.manager_dir / "pending-reboot.lock"
 
     def all(self) -> list[Pending]:
         """The records; none when there is no file, or it does not read (a damaged record

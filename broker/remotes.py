@@ -34,7 +34,7 @@ class RemoteSwitches:
     """The admin's enable-remote/disable-remote choices, in dom0's state dir."""
 
     def __init__(self, paths: Paths) -> None:
-        self.file = paths.state_dir / "remotes.json"
+        self.file = paths.manager_dir / "remotes.json"
         self._read: frozenset[str] | None = None  # once per instance: one run reads it once
 
     def disabled(self) -> frozenset[str]:

@@ -113,10 +113,14 @@ def test_the_receive_service_runs_as_the_login_user_the_manager_as_root(
 def test_up_makes_dom0s_dirs_as_the_tmpfiles_snippet_does(
     sandbox: Sandbox, dropped: ServiceUser
 ) -> None:
-    for d in qube_paths(sandbox, "dom0").dom0_dirs:
+    paths = qube_paths(sandbox, "dom0")
+    for d in paths.dom0_dirs:
         st = d.stat()
+        mode = "0o3770" if d == paths.state_dir else "0o2770"
         assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (0, dropped.qubes_gid,
-                                                                   "0o2770"), d  # fmt: skip
+                                                                   mode), d  # fmt: skip
+    st = paths.manager_dir.stat()
+    assert (st.st_uid, oct(st.st_mode & 0o7777)) == (0, "0o700")
     status = sandbox_cli("status", "--dir", str(sandbox.dir))
     assert f"dom0's qrexec services run as {dropped}" in status.stdout.splitlines()
 
@@ -138,7 +142,7 @@ def _managers_files(sandbox: Sandbox) -> Iterator[Paths]:
     made = []
     for name, empty in (("history.jsonl", b""), ("history.lock", b""),
                         ("pending-reboot.json", b"[]")):  # fmt: skip
-        path = paths.state_dir / name
+        path = paths.manager_dir / name
         if not path.exists():
             write_atomic(path, empty)
             made.append(path)
@@ -155,10 +159,11 @@ def test_the_service_user_writes_nowhere_else_in_dom0(
     with _managers_files(refreshed) as paths:
         pki = [*paths.pki_metadata_dirs, *paths.pki_firmware_dirs]
         dirs = [paths.config_dir, refreshed.rpc_dir("dom0"), *pki, paths.root / "etc",
-                paths.root / "home", paths.root / "var/lib", paths.root / "var/cache"]  # fmt: skip
+                paths.root / "home", paths.root / "var/lib", paths.root / "var/cache",
+                paths.manager_dir]  # fmt: skip
         managers = ("remotes.json", "history.jsonl", "history.lock", "pending-reboot.json")
         files = [paths.config_file, *(sorted(d.iterdir())[0] for d in pki),
-                 *(paths.state_dir / name for name in managers)]  # fmt: skip
+                 *(paths.manager_dir / name for name in managers)]  # fmt: skip
         assert all(f.is_file() for f in files), files
         created = probe(refreshed, "dom0", TRY_CREATE.format(dirs=[str(d) for d in dirs]),
                         as_service=True)  # fmt: skip
@@ -172,38 +177,48 @@ def test_the_service_user_writes_nowhere_else_in_dom0(
     }
 
 
-REPLACE = """
+ATTEMPTS = """
 import errno, json, os
-tmp = {target!r} + ".mine"
-with open(tmp, "w") as f:
+def attempt(fn):
+    try:
+        fn()
+        return "done"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+target, manager_dir, state_dir = {target!r}, {manager_dir!r}, {state_dir!r}
+mine = os.path.join(state_dir, "qfw-mine.json")
+with open(mine, "w") as f:
     f.write('{{"disabled": []}}')
-try:
-    os.replace(tmp, {target!r})
-    print(json.dumps("replaced"))
-except OSError as e:
-    os.unlink(tmp)
-    print(json.dumps(errno.errorcode[e.errno]))
+print(json.dumps({{
+    "replace": attempt(lambda: os.replace(mine, target)),
+    "unlink": attempt(lambda: os.unlink(target)),
+    "create": attempt(lambda: open(os.path.join(manager_dir, "x"), "w")),
+    "move dir aside": attempt(lambda: os.rename(manager_dir, manager_dir + ".old")),
+    "rmdir": attempt(lambda: os.rmdir(manager_dir)),
+}}))
+os.unlink(mine)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the manager's own files (history.jsonl, remotes.json, pending-reboot.json) live "
-    "in the state dir, which tmpfiles makes 2770 for the service's metadata state: the "
-    "service can rename over or delete them; they need a dir it cannot write",
-)
 def test_the_service_user_cannot_replace_the_managers_files(
     sandbox: Sandbox, dropped: ServiceUser
 ) -> None:
+    """The manager's own state is in a root-only dir inside the sticky state dir: the
+    service can neither write in it, nor rename over, delete or move aside what is there."""
     # a stand-in with the owner, mode and dir of remotes.json: the real one stays intact
     paths = Launcher(sandbox).paths("dom0")
-    target = paths.state_dir / "qfw-stand-in-remotes.json"
+    target = paths.manager_dir / "qfw-stand-in-remotes.json"
     write_atomic(target, b'{"disabled": ["lvfs"]}')
     try:
-        seen = probe(sandbox, "dom0", REPLACE.format(target=str(target)), as_service=True)
+        seen = probe(sandbox, "dom0", ATTEMPTS.format(
+            target=str(target), manager_dir=str(paths.manager_dir),
+            state_dir=str(paths.state_dir)), as_service=True)  # fmt: skip
+        assert target.read_bytes() == b'{"disabled": ["lvfs"]}'
     finally:
         target.unlink(missing_ok=True)
-    assert seen == "EACCES"
+    assert seen == {"replace": "EACCES", "unlink": "EACCES", "create": "EACCES",
+                    "move dir aside": "EPERM", "rmdir": "EPERM"}  # fmt: skip
+    assert paths.manager_dir.is_dir()
 
 
 def test_the_root_manager_reads_what_the_service_wrote(

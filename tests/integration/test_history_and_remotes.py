@@ -86,7 +86,7 @@ def test_an_install_the_daemon_refuses_is_a_failure_and_changes_nothing_else(
         _install(sandbox, "install", WEBCAM_ID, "1.2.3")
     dom0 = qube_paths(sandbox, "dom0")
     start = len(_history(sandbox))
-    pending = tree_snapshot(dom0.state_dir / "pending-reboot.json")
+    pending = tree_snapshot(dom0.manager_dir / "pending-reboot.json")
     with plugin_knobs(sandbox, "sys-usb", WriteSupported="false"):
         r = manager(sandbox, "update", "-y", WEBCAM_ID)
     assert r.returncode == 1, r.stdout + r.stderr
@@ -98,7 +98,7 @@ def test_an_install_the_daemon_refuses_is_a_failure_and_changes_nothing_else(
     assert len(entries) == start + 1
     assert (entries[-1]["UpdateState"], entries[-1]["Releases"][0]["Version"]) == (3, "1.2.4")
     assert "fwupd refused" in entries[-1]["UpdateError"]
-    assert tree_snapshot(dom0.state_dir / "pending-reboot.json") == pending
+    assert tree_snapshot(dom0.manager_dir / "pending-reboot.json") == pending
     # the cab dom0 verified stays cached for the next try; no session, nothing untrusted
     assert not list(dom0.sessions_dir.iterdir())
     assert not [p for p in dom0.untrusted_dir.iterdir()] if dom0.untrusted_dir.exists() else True

@@ -22,7 +22,7 @@ def test_notify_tells_the_desktop_what_waits_and_installs_nothing(
     paths = qube_paths(sandbox, "dom0")
     r = manager(sandbox, "install", "-y", f"sys-usb:{WEBCAM_ID}", "1.2.3")
     assert r.returncode == 0, r.stdout + r.stderr
-    history_before = paths.state_dir.joinpath("history.jsonl").read_text()
+    history_before = paths.manager_dir.joinpath("history.jsonl").read_text()
     dom0_before = webcam_version(sandbox, "dom0")
 
     r = manager(sandbox, "get-updates", "--notify")
@@ -33,7 +33,7 @@ def test_notify_tells_the_desktop_what_waits_and_installs_nothing(
     assert (webcam_version(sandbox, "sys-usb"), webcam_version(sandbox, "dom0")) == (
         "1.2.3", dom0_before,
     )  # fmt: skip
-    assert paths.state_dir.joinpath("history.jsonl").read_text() == history_before
+    assert paths.manager_dir.joinpath("history.jsonl").read_text() == history_before
 
     (shown,) = desktop.notifications()
     assert shown == Notification(

@@ -7,20 +7,26 @@ DBUS_SYSTEM_BUS_ADDRESS at that qube's private bus, and nothing here knows it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import BusType
-from dbus_next.errors import DBusError
-from dbus_next.signature import Variant
-
 from broker.errors import DaemonError, NothingToDo
 from broker.fwupd_json import STATUSES
 from broker.sanitize import printable
+
+
+def _dbus() -> Any:
+    """dbus_next (and asyncio under it), imported on first use: ~35 ms that --help and
+    the verbs that ask no daemon need not pay on every start."""
+    import dbus_next.aio.message_bus
+    import dbus_next.constants
+    import dbus_next.errors
+    import dbus_next.signature
+
+    return dbus_next
+
 
 BUS_NAME = IFACE = "org.freedesktop.fwupd"
 T = TypeVar("T")
@@ -98,7 +104,7 @@ def plain(value: Any, depth: int = 0) -> Any:
     device or release key fwupdmgr prints is one), nesting cut at D-Bus's own limit."""
     if depth > 64:
         return None
-    if isinstance(value, Variant):
+    if isinstance(value, _dbus().signature.Variant):
         return plain(value.value, depth + 1)
     if isinstance(value, dict):
         return {str(k): plain(v, depth + 1) for k, v in value.items()}
@@ -198,11 +204,17 @@ class FwupdClient:
         self._proxy: Any = None
 
     async def _with_fwupd(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        dbus = _dbus()
+        DBusError = dbus.errors.DBusError  # the class, as if imported
         try:
             if self.bus_address:
-                bus = MessageBus(bus_address=self.bus_address, negotiate_unix_fd=True)
+                bus = dbus.aio.message_bus.MessageBus(
+                    bus_address=self.bus_address, negotiate_unix_fd=True
+                )
             else:
-                bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+                bus = dbus.aio.message_bus.MessageBus(
+                    bus_type=dbus.constants.BusType.SYSTEM, negotiate_unix_fd=True
+                )
             await bus.connect()
         except (OSError, DBusError) as e:
             raise DaemonError(
@@ -228,9 +240,11 @@ class FwupdClient:
                     raise NothingToDo(text) from e
                 raise DaemonError(f"{self.where}fwupd refused: {text}") from e
         finally:
-            bus.disconnect()  # type: ignore[no-untyped-call]
+            bus.disconnect()
 
     def _run(self, op: Callable[[Any], Awaitable[T]]) -> T:
+        import asyncio  # with dbus_next: on first use
+
         return asyncio.run(self._with_fwupd(op))
 
     def daemon_version(self) -> str:
@@ -250,6 +264,7 @@ class FwupdClient:
         on one bus connection. fwupd's NothingToDo is an empty list; any other refusal is
         kept as that device's one-line error, so one odd device does not hide the rest."""
         method = OFFER_KINDS[kind]
+        DBusError = _dbus().errors.DBusError  # the class, as if imported
 
         async def op(fw: Any) -> dict[str, list[OfferedRelease] | str]:
             out: dict[str, list[OfferedRelease] | str] = {}
@@ -297,9 +312,9 @@ class FwupdClient:
             INSTALL_ALLOW_OLDER if allow_older else 0
         )
         options = {
-            "reason": Variant("s", "user-action"),
-            "filename": Variant("s", filename),
-            "install-flags": Variant("t", flags),
+            "reason": _dbus().signature.Variant("s", "user-action"),
+            "filename": _dbus().signature.Variant("s", filename),
+            "install-flags": _dbus().signature.Variant("t", flags),
         }
 
         async def op(fw: Any) -> None:

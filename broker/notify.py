@@ -14,7 +14,6 @@ gets its text from us, never from the bus, and is killed if it hangs.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import os
@@ -27,11 +26,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import MessageType
-from dbus_next.message import Message
-from dbus_next.signature import Variant
 
 from broker.errors import BrokerError
 from broker.sanitize import printable
@@ -189,6 +183,12 @@ def _primary_gid(uid: int, fallback: int) -> int:
 
 
 async def _notify(address: str, summary: str, body: str, urgency: int) -> int:
+    # imported here, in the child that sends: get-updates without --notify never needs it
+    from dbus_next.aio.message_bus import MessageBus
+    from dbus_next.constants import MessageType
+    from dbus_next.message import Message
+    from dbus_next.signature import Variant
+
     bus = await MessageBus(bus_address=address).connect()
     try:
         reply = await bus.call(Message(
@@ -223,6 +223,8 @@ def send(session: DesktopSession, summary: str, body: str, urgency: int,
             os.setgroups([])
             os.setgid(session.gid)
             os.setuid(session.uid)
+            import asyncio
+
             code = asyncio.run(asyncio.wait_for(
                 _notify(session.address, summary, body, urgency), timeout))  # fmt: skip
         except BaseException:  # noqa: S110  the parent says what failed

@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # keep it short: unix socket paths under it are limited to 107 bytes
 DEMO_DIR ?= /tmp/qfwupd-demo
 
-.PHONY: all deps venv lint unit test demo bench man install packages clean
+.PHONY: all deps venv lint unit test demo bench man install packages clean fuzz
 
 all: test
 
@@ -65,6 +65,13 @@ packages: deps
 # PASS/FAIL per line and exits 0 (BENCH_ONLY=catalog,cab,cli,memory picks parts)
 bench: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/run.py $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
+
+# every parser of hostile input under atheris (libFuzzer) for FUZZ_SECONDS each (default
+# 60), fuzz/regressions replayed first; prints executions, exec/s and findings per target
+# and exits 0 unless FUZZ_STRICT=1 (fuzz/run.py names the other knobs)
+fuzz: venv
+	$(PY) -c 'import atheris' 2>/dev/null || $(VENV)/bin/pip install -q atheris
+	$(PY) fuzz/run.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 venv: deps $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check broker tests qrexec bench packaging
+	$(VENV)/bin/ruff check broker tests qrexec bench packaging fuzz
 	$(VENV)/bin/mypy
 
 unit: venv

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import statistics
 import sys
@@ -34,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import zstandard
-from common import PY, Bench, Line, bench_sandbox, clean_env, medians, run
+from common import PY, Bench, Line, bench_sandbox, clean_env, fwupd_pid, medians, run
 
 from broker.sandbox import daemons, lvfs
 from broker.sandbox.launcher import Launcher, Sandbox
@@ -131,22 +130,6 @@ class _Signer:
         self.last = time.time()
 
 
-def _fwupd_pid(directory: Path, qube: str) -> int:
-    root = f"FWUPD_SYSCONFDIR={directory}/vm/{qube}/etc".encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes() != b"/usr/libexec/fwupd/fwupd\0":
-                continue
-            if root not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                continue
-        except OSError:
-            continue
-        return int(pid)
-    raise RuntimeError(f"no fwupd of {qube} running")
-
-
 def _status_kib(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -160,7 +143,7 @@ def _restart_dom0_fwupd(directory: Path) -> int:
     sandbox = Sandbox(directory)
     daemons.restart_fwupd(sandbox, Launcher(sandbox), ProcessTable(sandbox.pids_file), "dom0")
     time.sleep(0.2)  # let it settle (coldplug of the test device) before it is measured
-    return _fwupd_pid(directory, "dom0")
+    return fwupd_pid(directory, "dom0")
 
 
 def _fwupd_refresh(bench: Bench, qube: str, data: Path, jcat: Path) -> float:

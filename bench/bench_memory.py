@@ -24,6 +24,9 @@ import zstandard
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import fwupd_pid  # noqa: E402
 
 from broker.sandbox import lvfs  # noqa: E402
 from broker.sandbox.pki import create_pki  # noqa: E402
@@ -99,19 +102,7 @@ def refresh_watching_receive(directory: Path) -> tuple[subprocess.CompletedProce
 
 
 def fwupd_rss_kib(directory: Path, qube: str) -> int:
-    root = f"FWUPD_SYSCONFDIR={directory}/vm/{qube}/etc".encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes() != b"/usr/libexec/fwupd/fwupd\0":
-                continue
-            if root not in Path(f"/proc/{pid}/environ").read_bytes():
-                continue
-        except OSError:
-            continue
-        return _status_kib(pid, "VmRSS") or 0
-    raise RuntimeError(f"no fwupd of {qube} running")
+    return _status_kib(str(fwupd_pid(directory, qube)), "VmRSS") or 0
 
 
 def publish_hostile(directory: Path, elements: int) -> int:

@@ -156,3 +156,20 @@ def bench_sandbox() -> Iterator[Bench]:
     finally:
         run([PY, "-m", "broker.sandbox.cli", "down", "--dir", str(directory)], env=clean_env())
         subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
+def fwupd_pid(directory: Path, qube: str) -> int:
+    """The sandbox's fwupd daemon of ``qube``: the one whose FWUPD_SYSCONFDIR is the qube's."""
+    root = f"FWUPD_SYSCONFDIR={directory}/vm/{qube}/etc".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() != b"/usr/libexec/fwupd/fwupd\0":
+                continue
+            if root not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                continue
+        except OSError:
+            continue
+        return int(pid)
+    raise RuntimeError(f"no fwupd of {qube} running")

@@ -781,7 +781,9 @@ def test_big_or_looping_input_stays_cheap() -> None:
     many = [f"guid-{i}" for i in range(200_000)]
     assert device_json({"Guid": many + many})["Guid"] == many
     metadata = {f"k{i}": "v" for i in range(50_000)}
-    assert len(release_json({"Metadata": metadata})) == 50_000
+    # the first 128 keys shown: more only cost dom0 (colliding ones, quadratically: see
+    # tests/unit/test_fuzz_regressions.py)
+    assert list(release_json({"Metadata": metadata})) == _ghash_order(list(metadata)[:128])
     loop = FakeVariant("v", None)
     loop.value = loop
     assert device_json({"Name": loop, "Guid": [loop, "g"]}) == {"Guid": ["g"]}

@@ -34,7 +34,8 @@ from broker.errors import (
 )
 from broker.metadata import Catalog, Release
 from broker.sanitize import printable
-from broker.transfer import CHUNK, read_small, write_all
+from broker.signatures import sha256_fd
+from broker.transfer import CHUNK, fsync_dir, read_small, write_all
 
 ROM_NAME = "firmware.rom"
 SUMS_NAME = "sha256sum.txt"  # as `sha256sum firmware.rom` prints it; Heads' zips carry one
@@ -42,7 +43,6 @@ _DMI_CAP = 256
 # Heads' board names (boards/<name>/ in its tree): x230-hotp-maximized, librem_14, t480-…
 _BOARD = re.compile(r"[a-z0-9][a-z0-9_+-]{0,63}")
 _HEADS_VERSION = re.compile(r"Heads-v([0-9A-Za-z.+~_-]{1,64})")
-_TAG = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _NUMERIC = re.compile(r"v?([0-9]{1,9}(?:\.[0-9]{1,9}){0,7})")
 # a version names a dir under /boot/updates: no separators, no dot files
 _DIR_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}")
@@ -89,7 +89,7 @@ def read_machine(dmi_dir: Path, board: str | None = None) -> Machine:
             "stages ROMs for Heads only"
         )
     running = found.group(1)
-    if not _TAG.fullmatch(running.split("-", 1)[0]):
+    if numeric_version(running.split("-", 1)[0]) is None:
         raise FormatError(f"cannot tell which Heads release runs: BIOS version {bios!r}")
     if board is None:
         board = check_board(_dmi(dmi_dir, "product_name"), "DMI product name")
@@ -170,7 +170,7 @@ def prune_older(updates: Path, version: str) -> list[str]:
         shutil.rmtree(entry)
         removed.append(entry.name)
     if removed:
-        _fsync_dir(updates)
+        fsync_dir(updates)
     return removed
 
 
@@ -182,24 +182,14 @@ class Staged:
     already: bool  # the same ROM was staged before: nothing written
 
 
-def _sha256_of(path: Path) -> str | None:
+def _staged_rom(path: Path) -> tuple[str, int] | None:
+    """sha256 and size of a regular file at ``path`` (no symlink followed), or None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        h = hashlib.sha256()
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-        return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        return sha256_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
     finally:
         os.close(fd)
 
@@ -231,8 +221,9 @@ def stage(updates: Path, version: str, payload_fd: int, sha256: str) -> Staged:
         st = os.lstat(final)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             raise FormatError(f"{final} is not a dir of this user's: refusing to stage there")
-        if _sha256_of(final / ROM_NAME) == sha256:
-            return Staged(final / ROM_NAME, sha256, (final / ROM_NAME).stat().st_size, True)
+        there = _staged_rom(final / ROM_NAME)
+        if there is not None and there[0] == sha256:
+            return Staged(final / ROM_NAME, sha256, there[1], True)
         raise FormatError(
             f"{final} already exists and holds another ROM: look at it, remove it, and run "
             "update-heads again"
@@ -261,10 +252,10 @@ def stage(updates: Path, version: str, payload_fd: int, sha256: str) -> Staged:
             os.fsync(sums)
         finally:
             os.close(sums)
-        _fsync_dir(work)
+        fsync_dir(work)
         os.rename(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _fsync_dir(updates)
+    fsync_dir(updates)
     return Staged(final / ROM_NAME, sha256, size, False)

@@ -1237,18 +1237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths.make_dom0_dirs()
         config = Config.load(paths)
         _warn(config.warnings)
-        if args.updatevm:
-            config = dataclasses.replace(
-                config, updatevm=check_qube_name(args.updatevm, "--updatevm"),
-                updatevm_set=True, updatevm_run=True,
-            )  # fmt: skip
         source_dir = _import_source(args)
-        if source_dir is not None:
-            # the qube the files come from stands where the UpdateVM stands, no higher
+        # an import's qube stands where the UpdateVM stands, no higher
+        flag, qube = ("--from-qube", args.from_qube) if source_dir is not None \
+            else ("--updatevm", args.updatevm)  # fmt: skip
+        if qube:
             config = dataclasses.replace(
-                config, updatevm=check_qube_name(args.from_qube, "--from-qube"),
-                updatevm_set=True, updatevm_run=True,
-            )  # fmt: skip
+                config, updatevm=check_qube_name(qube, flag), updatevm_chosen_by="run"
+            )
         app = Manager(paths, config, FROM_DOM0, on_step=lambda text: _say(args, text),
                       source_dir=source_dir)  # fmt: skip
         if not args.json and not args.quiet and sys.stderr.isatty():

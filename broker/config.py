@@ -479,11 +479,10 @@ def parse_anchors(value: str, what: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Config:
     updatevm: str = "sys-firewall"
-    # the admin chose updatevm (in the config, or for the run); if not, dom0's own UpdateVM
-    # (qubes-prefs updatevm) is used where one is set (Manager.updatevm)
-    updatevm_set: bool = field(default=False, compare=False)
-    # the run named it (--updatevm, --from-qube): it then wins over a remote's own updatevm
-    updatevm_run: bool = field(default=False, compare=False)
+    # who chose updatevm: "" nobody (dom0's own UpdateVM, qubes-prefs updatevm, is used
+    # where one is set: Manager.updatevm), "config", or "run" (--updatevm, --from-qube,
+    # which also wins over a remote's own updatevm)
+    updatevm_chosen_by: str = field(default="", compare=False)
     usbvm: str | None = "sys-usb"
     remotes: tuple[Remote, ...] = (
         # fwupd's own lvfs.conf: FirmwareBaseURI=https://fwupd.org/downloads
@@ -579,13 +578,11 @@ class Config:
             if theirs is None:
                 url = check_url(sec.get("metadata_url", ""), f"remote {rid} metadata_url",
                                 https_only)  # fmt: skip
-                base = sec.get("firmware_base_uri", "").strip() or None
+                base = None
             else:
-                url = check_url(theirs.metadata_uri, f"remote {rid}: MetadataURI in "
-                                f"{theirs.path}", https_only)  # fmt: skip
-                base = sec.get("firmware_base_uri", "").strip() or theirs.firmware_base_uri
-            if base:
-                check_url(base, f"remote {rid} firmware_base_uri", https_only)
+                url, base = _fwupd_urls(theirs, rid, https_only)
+            if ours := sec.get("firmware_base_uri", "").strip():
+                base = check_url(ours, f"remote {rid} firmware_base_uri", https_only)
             signature = sec.get("signature", "jcat").strip()
             if signature not in ("jcat", "asc"):
                 raise ConfigError(f"remote {rid} signature must be jcat or asc")
@@ -648,7 +645,7 @@ class Config:
             )
         return cls(
             updatevm=updatevm,
-            updatevm_set="updatevm" in main,
+            updatevm_chosen_by="config" if "updatevm" in main else "",
             usbvm=usbvm,
             remotes=tuple(remotes) or _builtin_remotes(paths),
             warnings=tuple(warnings),
@@ -672,6 +669,16 @@ def _inhibit_files(value: str | None, default: tuple[str, ...]) -> tuple[str, ..
     return files
 
 
+def _fwupd_urls(theirs: FwupdRemote, rid: str, https_only: bool) -> tuple[str, str | None]:
+    """A fwupd remote's MetadataURI and FirmwareBaseURI, checked as ours are."""
+    url = check_url(theirs.metadata_uri, f"remote {rid}: MetadataURI in {theirs.path}",
+                    https_only)  # fmt: skip
+    base = theirs.firmware_base_uri
+    if base:
+        check_url(base, f"remote {rid}: FirmwareBaseURI in {theirs.path}", https_only)
+    return url, base
+
+
 def _builtin_remotes(paths: Paths) -> tuple[Remote, ...]:
     """The built-in lvfs, at the URLs dom0's fwupd has for it (an admin who pointed
     fwupd's lvfs.conf at a mirror gets that mirror here too), its trust unchanged."""
@@ -679,11 +686,7 @@ def _builtin_remotes(paths: Paths) -> tuple[Remote, ...]:
     for remote in Config.remotes:
         theirs = fwupd_remote(paths.fwupd_remotes_dir, remote.id)
         if theirs is not None:
-            url = check_url(theirs.metadata_uri, f"remote {remote.id}: MetadataURI in "
-                            f"{theirs.path}", True)  # fmt: skip
-            base = theirs.firmware_base_uri
-            if base:
-                check_url(base, f"remote {remote.id}: FirmwareBaseURI in {theirs.path}", True)
+            url, base = _fwupd_urls(theirs, remote.id, https_only=True)
             remote = dataclasses.replace(remote, metadata_url=url, firmware_base_uri=base)
         out.append(remote)
     return tuple(out)

@@ -108,7 +108,7 @@ class Manager:
         """The qube downloads go through: the admin's choice (the config, --updatevm,
         --from-qube), else dom0's own UpdateVM (qubes-prefs updatevm) where one is set, as
         dom0's package updates use it, else the default."""
-        if self.config.updatevm_set:
+        if self.config.updatevm_chosen_by:
             return self.config.updatevm
         chosen = self.power.qubes_pref("updatevm")
         if not chosen:
@@ -121,7 +121,7 @@ class Manager:
     def updatevm_for(self, remote_id: str) -> str:
         """The qube a remote's files come through: the run's choice, else the remote's own
         (an organisation's remote through its VPN qube), else :attr:`updatevm`."""
-        if not self.config.updatevm_run:
+        if self.config.updatevm_chosen_by != "run":
             own = self.config.remote(remote_id).updatevm
             if own is not None:
                 return own

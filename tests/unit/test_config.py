@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from broker.config import (
+    _URL_CHARS,
     LVFS_METADATA_SIGNERS,
     LVFS_PAYLOAD_ANCHORS,
     Config,
@@ -489,3 +490,16 @@ def test_heads_components_are_component_prefixes(tmp_path: Path) -> None:
     for i, bad in enumerate(("heads", "org.corp.", "org..heads", "org.corp/heads", "*.heads")):
         with pytest.raises(ConfigError, match="is not a component id prefix"):
             _load(tmp_path / f"bad{i}", base + f"heads_components = {bad}\n")
+
+
+def test_check_urls_character_rule_is_the_one_it_replaced() -> None:
+    """check_url's one-regex character test (_URL_CHARS) passes exactly what the
+    per-character rule it replaced passed (ASCII, none below 0x21, no 0x7F), for every
+    code point; the LVFS-scale catalog (tests/integration/test_lvfs_scale.py) runs
+    check_url over real-shaped locations."""
+    for cp in range(0x110000):
+        c = f"a{chr(cp)}b"
+        old = c.isascii() and not any(ord(x) < 0x21 or ord(x) == 0x7F for x in c)
+        assert (_URL_CHARS.fullmatch(c) is not None) == old, hex(cp)
+    with pytest.raises(ConfigError, match="spaces, control or non-ASCII"):
+        check_url("https://fwupd.org/downloads/a\u00e9.cab", "x")

@@ -20,12 +20,10 @@ that tile their folder exactly. LVFS cabs (written by cabarchive or libgcab) are
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
 import re
-import secrets
 import stat
 import struct
 import unicodedata
@@ -42,7 +40,7 @@ from broker.errors import FormatError, LimitExceeded, VerificationError
 from broker.jcat import Jcat, JcatItem, parse_jcat
 from broker.metadata import safe_iterparse
 from broker.signatures import TrustPolicy, TrustStore, verify_file
-from broker.transfer import write_all
+from broker.transfer import anonymous_file, write_all
 
 
 @dataclass(frozen=True)
@@ -818,18 +816,12 @@ def _inspect_cab(
     keep: bool,
 ) -> tuple[CabInfo, int | None]:
     fds: dict[str, int] = {}
-    paths: list[Path] = []
 
     def sink(name: str, size: int) -> int:
-        # named by a counter, never by the member: its name is only checked, not trusted
-        path = scratch_dir / f"qfw-cab-{len(paths)}-{secrets.token_hex(6)}"
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        member_fd = os.open(path, flags, 0o600)
-        paths.append(path)
+        # nameless: the member's name is only checked, never used, and a kill between
+        # this open and the end leaves nothing behind
+        member_fd = anonymous_file(scratch_dir)
         fds[name] = member_fd
-        # the descriptor is all that is used from here on: unlinked at once, a crash
-        # leaves nothing behind
-        os.unlink(path)
         return member_fd
 
     kept: int | None = None
@@ -845,6 +837,3 @@ def _inspect_cab(
     finally:
         for member_fd in fds.values():
             os.close(member_fd)
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()

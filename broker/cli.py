@@ -770,6 +770,18 @@ def _release_line(r: Release) -> str:
     return f"{_p(r.version)} ({_p(r.urgency) or 'unknown urgency'}) {_p(r.summary)}"
 
 
+def _tidy(app: Manager) -> None:
+    """What a killed run left goes before this one starts; a tidy that fails is a warning,
+    never the reason a refresh or update does not happen."""
+    try:
+        removed = app.tidy()
+    except OSError as e:
+        logging.warning("could not remove what an earlier run left: %s", printable(str(e)))
+        return
+    for line in removed:
+        logging.info("removed what an earlier run left: %s", printable(line))
+
+
 def cmd_clean(app: Manager, args: argparse.Namespace) -> int:
     """Empty dom0's cab cache, leftovers in its untrusted dir and sessions no run holds.
     Verified metadata stays: it is what the daemons hold, and rollback needs its state."""
@@ -1256,6 +1268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 if args.func in _REFRESHES_OR_INSTALLS:
                     check_inhibit(paths.root, config.inhibit_files)
+                    _tidy(app)
                 code: int = args.func(app, args)
             finally:
                 app.close()  # however the run ends: a qube it started goes down again

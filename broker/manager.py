@@ -48,11 +48,22 @@ from broker.routing import DOM0, QubeDevice, route
 from broker.sanitize import printable
 from broker.session import DownloadRequest, ExpectedFile, Outcome, Sessions, Wanted
 from broker.signatures import sha256_fd
-from broker.transfer import CHUNK, UntrustedFiles, install_file, prune_cabs, write_all
+from broker.transfer import (
+    CHUNK,
+    UntrustedFiles,
+    install_file,
+    private_copy,
+    prune_cabs,
+    sweep_temps,
+    sweep_untrusted,
+    write_all,
+)
 from broker.usbvm import UsbvmClient
 
 DOWNLOAD_SERVICE = "qubes.FwupdDownload"
 _PROGRESS_INTERVAL = 0.1  # seconds between progress reports taken from a qube
+# a temp file this much older than its write was killed: any live write takes milliseconds
+_TEMP_AGE = 60.0
 
 
 @dataclass(frozen=True)
@@ -547,13 +558,20 @@ class Manager:
         allow_older: bool = False,
         allow_reinstall: bool = False,
     ) -> None:
-        """The cached cab, by the fd that is hashed, to the daemon that owns the device."""
+        """The cached cab, as a private copy whose bytes were hashed as they were written,
+        to the daemon that owns the device."""
         self._ended.clear()
         cab = self.paths.cabs_dir / f"{release.sha256}.cab"
-        fd = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW)
+        cached = os.open(cab, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            # the fd we hash is the fd we hand over: nothing can be swapped in between
-            if sha256_fd(fd)[0] != release.sha256:
+            # a rename over the name cannot reach an open fd, but a write to the same inode
+            # through another path (the cache file is the receive service's) could, after
+            # any check: the daemon reads a nameless copy of root's that nothing else can
+            fd, sha256 = private_copy(cached, self.paths.manager_dir, self.limits.cab_max_bytes)
+        finally:
+            os.close(cached)
+        try:
+            if sha256 != release.sha256:
                 raise VerificationError(f"{cab.name}: cached cab no longer matches its sha256")
             if qd.qube == DOM0:
                 FwupdClient(qube=DOM0).install(
@@ -586,25 +604,22 @@ class Manager:
             self.on_progress(Progress(DOM0, status, percent, 100, "%"))
 
     def clean(self) -> list[str]:
-        """Every cached cab, whatever a killed run left in the untrusted dir, and sessions
-        older than any run can hold: what was removed, one line each."""
-        removed = [f"cab {name}" for name in prune_cabs(self.paths.cabs_dir, 0)]
-        untrusted = self.paths.untrusted_dir
-        # only what no transfer can still be writing: a younger file may be a running push
-        cutoff = time.time() - self.limits.transfer_seconds - 60
-        if untrusted.is_dir():
-            for path in sorted(untrusted.iterdir()):
-                st = path.lstat()
-                if (
-                    stat.S_ISREG(st.st_mode)
-                    and path.name.endswith(".UNTRUSTED")
-                    and st.st_mtime < cutoff
-                ):
-                    path.unlink(missing_ok=True)
-                    removed.append(f"untrusted {path.name}")
-        if self.paths.sessions_dir.is_dir():
-            # only sessions past their lifetime: a younger one may be a running download
-            sessions = Sessions(self.paths.sessions_dir)
+        """Every cached cab, and what killed runs left (:meth:`tidy`): what was removed,
+        one line each."""
+        return [f"cab {name}" for name in prune_cabs(self.paths.cabs_dir, 0)] + self.tidy()
+
+    def tidy(self) -> list[str]:
+        """What a killed run (kill -9, power loss) left, and only what no live run can
+        still be using: unlinked metadata generations and temp files (under the metadata
+        lock), the manager's own temp files, received files older than a transfer may
+        take, and sessions past their lifetime. Every refresh and update starts with it."""
+        paths = self.paths
+        removed = [f"metadata {name}" for name in MetadataStore(paths).tidy()]
+        removed += [f"temp {name}" for name in sweep_temps(paths.manager_dir, _TEMP_AGE)]
+        untrusted_age = self.limits.transfer_seconds + 60
+        removed += [f"untrusted {n}" for n in sweep_untrusted(paths.untrusted_dir, untrusted_age)]
+        if paths.sessions_dir.is_dir():
+            sessions = Sessions(paths.sessions_dir)
             removed += [f"session {n}" for n in sessions.sweep(self.limits.session_seconds)]
         return removed
 

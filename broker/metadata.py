@@ -50,7 +50,14 @@ from broker.errors import (
 )
 from broker.jcat import BlobKind, JcatBlob, JcatItem, build_jcat, parse_jcat
 from broker.signatures import TrustPolicy, TrustStore, Verified, sha256_fd, verify_file
-from broker.transfer import fsync_dir, install_file, is_file_name, write_atomic
+from broker.transfer import (
+    fsync_dir,
+    install_file,
+    is_file_name,
+    sweep_temps,
+    temp_name,
+    write_atomic,
+)
 
 _GENERATION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\.[0-9a-f]{12}")
 
@@ -565,7 +572,26 @@ class MetadataStore:
         return doc if isinstance(doc, dict) else {}
 
     def accepted(self, remote_id: str) -> dict[str, str] | None:
-        return self._state().get(remote_id)
+        """What was accepted last for this remote: its signing time, sha256 and when.
+
+        Two records say it: the one inside the current generation (published with it by
+        the same symlink swap, so it always describes the file beside it) and the state
+        file (written just after the swap, and kept when the cache is wiped, as the
+        rollback floor). A kill between the two leaves the state file one behind: the
+        newer signing time of the two is the answer."""
+        records = [self._state().get(remote_id), self._generation_record(remote_id)]
+        found = [r for r in records if isinstance(r, dict) and "signed_at" in r]
+        if not found:
+            return None
+        return max(found, key=lambda r: _signed_at_of(r))
+
+    def _generation_record(self, remote_id: str) -> dict[str, str] | None:
+        try:
+            raw = (self.paths.metadata_dir / remote_id / ACCEPTED_NAME).read_bytes()
+            doc = json.loads(raw)
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
 
     def current(self, remote: Remote) -> tuple[Path, Path] | None:
         link = self.paths.metadata_dir / remote.id
@@ -646,28 +672,59 @@ class MetadataStore:
             write_atomic(gen / remote.jcat_name, jcat, mode=0o644)
             if catalog is not None:
                 write_atomic(gen / INDEX_NAME, catalog_index(catalog, verified.sha256), 0o644)
+            assert verified.signed_at is not None  # noqa: S101  check_rollback refused None
+            record = {
+                "signed_at": verified.signed_at.isoformat(),
+                "sha256": verified.sha256,
+                "accepted_at": datetime.now(UTC).isoformat(),
+                # what refresh --force falls back on if this signing time proves poisoned
+                **({"previous_signed_at": baseline.isoformat()} if baseline else {}),
+            }
+            write_atomic(gen / ACCEPTED_NAME, json.dumps(record).encode(), 0o644)
         except BaseException:
             shutil.rmtree(gen, ignore_errors=True)
             raise
-        link, tmp_link = base / remote.id, base / f".{remote.id}.{secrets.token_hex(4)}"
+        link, tmp_link = base / remote.id, temp_name(base / remote.id)
         old = os.readlink(link) if link.is_symlink() else None
         os.symlink(gen.name, tmp_link)
-        os.replace(tmp_link, link)
-        state = self._state()
-        assert verified.signed_at is not None  # noqa: S101  check_rollback refused None
-        state[remote.id] = {
-            "signed_at": verified.signed_at.isoformat(),
-            "sha256": verified.sha256,
-            "accepted_at": datetime.now(UTC).isoformat(),
-            # what refresh --force falls back on if this signing time proves poisoned
-            **({"previous_signed_at": baseline.isoformat()} if baseline else {}),
-        }
+        try:
+            os.replace(tmp_link, link)
+        except BaseException:
+            tmp_link.unlink(missing_ok=True)
+            raise
         fsync_dir(base)
+        state = self._state()
+        state[remote.id] = record
         write_atomic(self.paths.metadata_state_file, json.dumps(state, indent=1).encode())
         # only ever a generation of ours: a direct child named <remote>.<12 hex>
         if old and old != gen.name and _GENERATION.fullmatch(old) and old.startswith(remote.id):
             shutil.rmtree(base / old, ignore_errors=True)
         return link
+
+    def tidy(self) -> list[str]:
+        """Remove what a store killed midway left (kill -9, power loss): generations no
+        remote's link names, and temp files in the cache and state dirs. Holds the lock
+        exclusively, so no store is under way and no reader is handing a generation over.
+        Returns what was removed, one name each."""
+        with self.locked():
+            return self.tidy_locked()
+
+    def tidy_locked(self) -> list[str]:
+        """:meth:`tidy` for a caller that holds the lock already (the receive service,
+        before its rollback check: a push that turns out to be nothing new tidies too)."""
+        base = self.paths.metadata_dir
+        removed = sweep_temps(base) + sweep_temps(self.paths.state_dir)
+        if not base.is_dir():
+            return removed
+        entries = list(base.iterdir())
+        current = {os.readlink(p) for p in entries if p.is_symlink()}
+        for path in entries:
+            if (_GENERATION.fullmatch(path.name) and path.name not in current
+                    and not path.is_symlink() and path.is_dir()):  # fmt: skip
+                shutil.rmtree(path, ignore_errors=True)
+                if not path.exists():
+                    removed.append(path.name)
+        return removed
 
     def catalog(self, remote: Remote, limits: Limits) -> Catalog | None:
         """The current catalog: from the index the receive service wrote when it accepted
@@ -699,6 +756,17 @@ class MetadataStore:
         except (ValueError, KeyError, TypeError):
             return None  # ours, but unreadable (an older format): parse the file again
 
+
+def _signed_at_of(record: dict[str, str]) -> datetime:
+    try:
+        when = datetime.fromisoformat(str(record["signed_at"]))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+# what a generation says of itself: the record the state file also keeps (accepted())
+ACCEPTED_NAME = "accepted.json"
 
 # --------------------------------------------------------------------------- the index
 INDEX_NAME = "catalog.json"

@@ -12,10 +12,13 @@ The verdict is written to the session for the manager, and is the exit status.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from broker.cabinet import inspect_cab
 from broker.errors import LimitExceeded, NothingToDo, TransferError, VerificationError
@@ -59,6 +62,24 @@ def _check_files(session: Session, files: tuple[FrameFile, ...]) -> None:
             )
 
 
+# besides the pushed files: our jcat, the catalog's index and records beside the metadata
+_ROOM_MARGIN = 4 << 20
+
+
+def _check_room(directory: Path, files: tuple[FrameFile, ...]) -> None:
+    """A push that cannot fit is refused before its first byte is written: the sizes are
+    in the header, and a full disk mid-write would only be found out later."""
+    need = sum(f.size for f in files) + _ROOM_MARGIN
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise LimitExceeded(
+            f"dom0's cache filesystem has {free // 1024} KiB free; this push needs "
+            f"{need // 1024} KiB: nothing was stored"
+        )
+
+
 def receive(ctx: ServiceContext) -> int:
     config, paths, limits = ctx.config, ctx.paths, ctx.config.limits
     sessions = Sessions(paths.sessions_dir)
@@ -75,7 +96,14 @@ def receive(ctx: ServiceContext) -> int:
     # a session counts only for the qube it was opened for
     session = sessions.take(nonce, ctx.caller, config.updatevm)
     try:
-        outcome = _receive_for(ctx, session, reader, files)
+        try:
+            outcome = _receive_for(ctx, session, reader, files)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise LimitExceeded(
+                f"dom0's cache filesystem is full ({paths.cache_dir}): nothing was stored"
+            ) from e
     except NothingToDo as e:
         sessions.finish(nonce, Outcome(True, str(e), nothing_new=True))
         log(paths, f"receive {session.kind}: {e}")
@@ -93,6 +121,7 @@ def _receive_for(
 ) -> Outcome:
     paths, limits = ctx.paths, ctx.config.limits
     _check_files(session, files)
+    _check_room(paths.untrusted_dir, files)
     with UntrustedFiles(paths.untrusted_dir, session.nonce) as untrusted:
         digests = {}
         for f in files:
@@ -112,6 +141,9 @@ def _receive_for(
                 catalog = parse_catalog(stream, remote, limits)
             store = MetadataStore(paths)
             with store.locked():
+                # what a store killed midway left (an unlinked generation, a temp file)
+                for name in store.tidy_locked():
+                    log(paths, f"metadata: removed {name}, left by an interrupted store")
                 baseline = check_rollback(
                     verified,
                     store.accepted(remote.id),

@@ -21,7 +21,7 @@ from broker.cabinet import ExpectedRelease
 from broker.config import check_url
 from broker.errors import FormatError, TransferError
 from broker.sanitize import printable
-from broker.transfer import FRAME_VERSION, is_file_name, write_atomic
+from broker.transfer import FRAME_VERSION, is_file_name, sweep_temps, write_atomic
 
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -172,7 +172,8 @@ class Sessions:
                 if path.stat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
                     removed.append(path.name)
-        return removed
+        # a session write killed before its rename: no live one is a minute old
+        return removed + sweep_temps(self.dir, older_than=60)
 
     def asked(self) -> set[str]:
         """The qubes unexpired pending sessions asked for a push (a run's --updatevm)."""

@@ -12,7 +12,9 @@ untrusted dir, and only verified files are renamed into the trusted cache.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -214,16 +216,108 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
     Group-readable by default: in dom0 the receive service runs as the login user (group
     qubes) and the manager as root; packaging makes the dirs root:qubes 2770."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        os.fchmod(fd, mode)  # a umask of 077 would leave the other side unable to read it
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)  # a umask of 077 would leave the other side unable to read it
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # a full disk (ENOSPC) must not leave half a file behind, even under a temp name
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def anonymous_file(directory: Path) -> int:
+    """A read-write file with no name at all (O_TMPFILE), private to this process: no other
+    path reaches its inode, and a kill leaves nothing behind. Where the filesystem lacks
+    O_TMPFILE, a random name unlinked at once."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    path = directory / f"qfw-anon-{secrets.token_hex(8)}"
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    os.unlink(path)
+    return fd
+
+
+def private_copy(src_fd: int, directory: Path, cap: int) -> tuple[int, str]:
+    """A copy of what ``src_fd`` holds (from its start) in an :func:`anonymous_file`, and
+    the sha256 of exactly the bytes written there. The source may still be written through
+    another path (the same inode) after any check of it; the copy cannot, so a check of
+    the copy's digest binds what its reader gets. At most ``cap`` bytes."""
+    fd = anonymous_file(directory)
+    try:
+        h, total = hashlib.sha256(), 0
+        os.lseek(src_fd, 0, os.SEEK_SET)
+        while chunk := os.read(src_fd, CHUNK):
+            total += len(chunk)
+            if total > cap:
+                raise LimitExceeded(f"more than {cap} bytes")
+            h.update(chunk)
+            write_all(fd, chunk)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd, h.hexdigest()
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_TEMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def temp_name(path: Path) -> Path:
+    """Where a new version of ``path`` is written before its rename: a hidden name of ours
+    beside it, which :func:`sweep_temps` knows."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def sweep_temps(directory: Path, older_than: float = 0.0) -> list[str]:
+    """Remove what a write killed before its rename left (kill -9, power loss): only our own
+    temp names (:func:`temp_name`), only files and symlinks, only those whose mtime is more
+    than ``older_than`` seconds ago (0 where a lock the caller holds already excludes any
+    write in progress). Returns the names removed."""
+    removed: list[str] = []
+    if not directory.is_dir():
+        return removed
+    cutoff = time.time() - older_than
+    for path in directory.iterdir():
+        if not _TEMP.fullmatch(path.name):
+            continue
+        # gone already (a concurrent sweep), or another user's in a sticky dir: not ours
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            st = path.lstat()
+            if stat.S_ISDIR(st.st_mode) or (older_than and st.st_mtime > cutoff):
+                continue
+            path.unlink()
+            removed.append(path.name)
+    return sorted(removed)
+
+
+def sweep_untrusted(directory: Path, older_than: float) -> list[str]:
+    """Remove received files (``*.UNTRUSTED``) a killed transfer left, once older than any
+    transfer still running could be. Returns the names removed."""
+    removed: list[str] = []
+    if not directory.is_dir():
+        return removed
+    cutoff = time.time() - older_than
+    for path in directory.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode) and path.name.endswith(".UNTRUSTED") \
+                    and st.st_mtime < cutoff:  # fmt: skip
+                path.unlink()
+                removed.append(path.name)
+    return sorted(removed)
 
 
 class ProgressLines:

@@ -38,6 +38,7 @@ from broker.transfer import (
     StreamReader,
     UntrustedFiles,
     parse_header,
+    sweep_untrusted,
     write_all,
     write_frame,
 )
@@ -355,6 +356,8 @@ def agent(ctx: ServiceContext) -> int:
             },
         )
         return 0
+    # what an agent killed mid-transfer left here (no live transfer is this old)
+    sweep_untrusted(ctx.paths.untrusted_dir, limits.transfer_seconds + 60)
     with UntrustedFiles(ctx.paths.untrusted_dir, f"usbvm{os.getpid()}") as untrusted:
         if ctx.argument == "Refresh":
             remote_id = _match(header.get("remote"), _REMOTE_ID, "remote id")

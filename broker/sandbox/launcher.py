@@ -175,6 +175,13 @@ class Sandbox:
         a qube that cannot start (the emulation cannot stop a qube's daemons for real)."""
         return self.dir / "halted" / qube
 
+    def faults_site(self, qube: str) -> Path:
+        """Tests' fault injection (tests/faults.py): while this dir exists, every Python
+        process started in the qube imports its sitecustomize first, which may kill -9
+        that process at a chosen point. In the qube's own tree, the only part of the
+        sandbox it sees. Nothing like it exists in a real qube."""
+        return self.root(qube) / "faults" / "site"
+
     def stopped_file(self, qube: str) -> Path:
         """While it exists, the qube is shut down but startable: qvm-shutdown makes it,
         and qvm-start, or a qrexec call to the qube, removes it (the qube's processes run
@@ -379,6 +386,8 @@ class Launcher:
             QUBE_ENV: qube,
             SANDBOX_SOCKET_ENV: str(self.sandbox.qrexec_socket(qube)),
         }
+        if self.sandbox.faults_site(qube).is_dir():
+            env["PYTHONPATH"] = str(self.sandbox.faults_site(qube))
         if qube in FWUPD_QUBES:
             env["DBUS_SYSTEM_BUS_ADDRESS"] = self.sandbox.bus_address(qube)
         user = self.service_user()

@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # keep it short: unix socket paths under it are limited to 107 bytes
 DEMO_DIR ?= /tmp/qfwupd-demo
 
-.PHONY: all deps venv lint unit test demo bench man install packages clean fuzz
+.PHONY: all deps venv lint unit test demo bench load man install packages clean fuzz
 
 all: test
 
@@ -65,6 +65,13 @@ packages: deps
 # PASS/FAIL per line and exits 0 (BENCH_ONLY=catalog,cab,cli,memory picks parts)
 bench: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/run.py $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
+
+# issue 21: 20 devices (LOAD_DEVICES) and 50 refresh/update -y cycles (LOAD_CYCLES; each
+# daemon restarted between them) on the sandbox; from cycle 5 on, per cycle: processes,
+# fds, RSS, dom0's sessions/state/cache/tmp files, the manager's peak RSS. Prints metric,
+# first, last, max, verdict; exits 1 on a leak, 2 if a cycle failed (bench/load.py)
+load: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/load.py
 
 # every parser of hostile input under atheris (libFuzzer) for FUZZ_SECONDS each (default
 # 60), fuzz/regressions replayed first; prints executions, exec/s and findings per target

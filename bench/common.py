@@ -24,6 +24,9 @@ if str(REPO) not in sys.path:
 PY = sys.executable
 FWUPDMGR = "/usr/bin/fwupdmgr"
 
+from broker.sandbox import daemons  # noqa: E402  the checkout's, made importable above
+from broker.sandbox.launcher import Sandbox  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Line:
@@ -159,17 +162,5 @@ def bench_sandbox() -> Iterator[Bench]:
 
 
 def fwupd_pid(directory: Path, qube: str) -> int:
-    """The sandbox's fwupd daemon of ``qube``: the one whose FWUPD_SYSCONFDIR is the qube's."""
-    root = f"FWUPD_SYSCONFDIR={directory}/vm/{qube}/etc".encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes() != b"/usr/libexec/fwupd/fwupd\0":
-                continue
-            if root not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                continue
-        except OSError:
-            continue
-        return int(pid)
-    raise RuntimeError(f"no fwupd of {qube} running")
+    """The sandbox's fwupd daemon of ``qube``."""
+    return daemons.fwupd_pid(Sandbox(directory), qube)

@@ -193,6 +193,15 @@ def _unwrap(d: dict[str, Any]) -> dict[str, Any]:
     return {str(k): plain(v) for k, v in d.items()}
 
 
+# what the bus answers in fwupd's place when fwupd is gone before its reply
+_DAEMON_GONE = frozenset({
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.Disconnected",
+})  # fmt: skip
+
+
 class FwupdClient:
     """Synchronous facade: each call opens the bus, does one thing, closes it."""
 
@@ -238,6 +247,13 @@ class FwupdClient:
                 text = printable(e.text or e.type, 300)
                 if e.type.endswith(".NothingToDo"):
                     raise NothingToDo(text) from e
+                if e.type in _DAEMON_GONE:
+                    # the daemon died (crash, OOM, kill) mid-call: not a refusal, and an
+                    # install it was doing may have stopped half-way
+                    raise DaemonError(
+                        f"{self.where}fwupd stopped before it answered ({text}): start it "
+                        "again (systemctl restart fwupd) and run the same command again"
+                    ) from e
                 raise DaemonError(f"{self.where}fwupd refused: {text}") from e
         finally:
             bus.disconnect()

@@ -26,6 +26,7 @@ from broker.config import Config, Limits, Paths, Remote, check_qube_name
 from broker.errors import (
     BrokerError,
     ConfigError,
+    DaemonError,
     FormatError,
     LimitExceeded,
     NoMetadata,
@@ -262,8 +263,15 @@ class Manager:
         )
 
     def devices(self) -> list[QubeDevice]:
-        dom0 = FwupdClient(qube=DOM0).get_devices()
         usbvm = self.usbvm()
+        try:
+            dom0 = FwupdClient(qube=DOM0).get_devices()
+        except DaemonError as e:
+            if usbvm is None:
+                raise
+            # nor may dom0's stopped fwupd hide sys-usb's devices: one line, and the rest
+            self.unreachable(DOM0, e)
+            dom0 = []
         usb: list[Device] = []
         if usbvm:
             # sys-usb must not be able to veto dom0's own updates (ARCHITECTURE.md)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -302,6 +303,24 @@ def _start_fwupd_on_bus(
     fwupd = _start(launcher, qube, [FWUPD_BIN], env, log)
     table.record("fwupd", qube, fwupd.pid)
     _wait_for_name(address, FWUPD_NAME, fwupd, log, f"fwupd of {qube}")
+
+
+def fwupd_pid(sandbox: Sandbox, qube: str) -> int:
+    """The qube's running fwupd: the one whose FWUPD_SYSCONFDIR is the qube's (to crash it
+    on purpose, or measure it)."""
+    root = f"FWUPD_SYSCONFDIR={sandbox.root(qube)}/etc".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() != FWUPD_BIN.encode() + b"\0":
+                continue
+            if root not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                continue
+        except OSError:
+            continue
+        return int(pid)
+    raise RuntimeError(f"no fwupd of {qube} running")
 
 
 def restart_fwupd(sandbox: Sandbox, launcher: Launcher, table: ProcessTable, qube: str) -> None:

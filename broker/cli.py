@@ -378,7 +378,11 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
     try:
         for qd, releases in found:
             # newest first, by fwupd's version rules: take the first
-            applied = _apply(app, args, qd, releases[0], "Update")
+            release = releases[0]
+            if done and (taken := _taken_along(app, args, qd, release)) is not None:
+                done.append(taken)
+                continue
+            applied = _apply(app, args, qd, release, "Update")
             if applied is not None:
                 done.append(applied)
     finally:
@@ -387,6 +391,21 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
         _print_applied(app, args, done)
     # every update declined: nothing done, as fwupdmgr says it
     return _finish(app, EXIT_OK if done else NothingToDo.exit_code)
+
+
+def _taken_along(
+    app: Manager, args: argparse.Namespace, qd: QubeDevice, release: Release
+) -> Applied | None:
+    """The device, if an earlier install of this run already brought it to the release:
+    fwupd installs a cab on every device of a composite it matches (a dock's hub and its
+    ports), and asked again it would refuse, as already installed."""
+    now = app.now(qd)
+    if now is None or now.version != release.version or now.version == qd.device.version:
+        return None
+    desc = f"{_p(qd.device.name)} [{qd.qube}] {_p(qd.device.version)} -> {_p(release.version)}"
+    _say(args, f"Updated {desc}: now {_p(now.version)}, with an earlier device of this run")
+    app.record(qd, release, history.SUCCESS)
+    return Applied(qd, release, now, None)
 
 
 def cmd_update_heads(app: Manager, args: argparse.Namespace) -> int:

@@ -666,6 +666,10 @@ class Manager:
         assert usbvm is not None  # noqa: S101  routing names the usbvm only when set
         return [QubeDevice(qube, d) for d in usbvm.get_devices()]
 
+    def now(self, qd: QubeDevice) -> Device | None:
+        """The device as its owner reports it now (None if it is gone)."""
+        return next((d.device for d in self._owner_devices(qd.qube) if d.key == qd.key), None)
+
     def after_install(
         self, qd: QubeDevice, release: Release
     ) -> tuple[Device | None, Pending | None]:

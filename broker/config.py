@@ -14,6 +14,7 @@ import grp
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -63,6 +64,8 @@ class Limits:
     reply_max_bytes: int = 4 * MiB  # sys-usb JSON replies
     transfer_seconds: float = 900.0  # whole download or transfer, not per read
     min_rate_bytes_per_s: int = 1024  # slow-retrieval floor, after the first seconds
+    min_rate_grace_seconds: float = 10.0  # before the floor applies (TLS set-up, slow start)
+    stall_seconds: float = 30.0  # a download's read that gets nothing this long: timed out
     session_seconds: float = 1800.0  # a dom0 session (nonce) expires after this
     usbvm_seconds: float = 120.0  # sys-usb GetDevices / Refresh (Install gets transfer_seconds)
     max_devices: int = 1024
@@ -360,9 +363,15 @@ _MAIN_KEYS = frozenset(
     {
         "updatevm", "usbvm", "metadata_max_age_days", "metadata_future_margin_hours",
         "cab_cache_max_mib", "update_max_devices", "signature_kinds", "lock_wait_seconds",
-        "inhibit_files",
+        "inhibit_files", "transfer_seconds", "min_rate_bytes_per_s", "stall_seconds",
     }
 )  # fmt: skip
+# the [qubes-fwupd] keys that set a Limits field: (smallest, largest) allowed
+_LIMIT_KEYS = {
+    "transfer_seconds": (1.0, 86400.0),
+    "min_rate_bytes_per_s": (1, 1 << 30),
+    "stall_seconds": (1.0, 3600.0),
+}
 _REMOTE_KEYS = frozenset(
     {
         "metadata_url", "firmware_base_uri", "signature", "allow_plain_http", "metadata_signers",
@@ -644,6 +653,7 @@ class Config:
                 f"signature_kinds must name one or more of {', '.join(sorted(_SIGNATURE_KINDS))}"
             )
         return cls(
+            limits=_limits(main),
             updatevm=updatevm,
             updatevm_chosen_by="config" if "updatevm" in main else "",
             usbvm=usbvm,
@@ -657,6 +667,25 @@ class Config:
             inhibit_files=_inhibit_files(main.get("inhibit_files"), cls.inhibit_files),
             trust=TrustPolicy(accepted=kinds),
         )
+
+
+def _limits(main: Mapping[str, str]) -> Limits:
+    """The download limits an admin may set (a slow link, Tor: higher; a test: lower);
+    the UpdateVM applies them to its downloads, dom0 to how long it waits for them."""
+    values: dict[str, float | int] = {}
+    for key, (low, high) in _LIMIT_KEYS.items():
+        if key not in main:
+            continue
+        whole = isinstance(low, int)
+        try:
+            value = int(main[key]) if whole else float(main[key])
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:  # nan and inf fail too
+            kind = "a whole number" if whole else "a number"
+            raise ConfigError(f"{key} must be {kind} from {low:g} to {high:g}")
+        values[key] = value
+    return dataclasses.replace(Limits(), **values)  # type: ignore[arg-type]
 
 
 def _inhibit_files(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:

@@ -503,3 +503,29 @@ def test_check_urls_character_rule_is_the_one_it_replaced() -> None:
         assert (_URL_CHARS.fullmatch(c) is not None) == old, hex(cp)
     with pytest.raises(ConfigError, match="spaces, control or non-ASCII"):
         check_url("https://fwupd.org/downloads/a\u00e9.cab", "x")
+
+
+def test_download_limits_are_read_from_the_main_section(tmp_path: Path) -> None:
+    limits = _load(tmp_path / "set", "[qubes-fwupd]\ntransfer_seconds = 1800\n"
+                   "min_rate_bytes_per_s = 256\nstall_seconds = 2.5\n").limits  # fmt: skip
+    assert (limits.transfer_seconds, limits.min_rate_bytes_per_s, limits.stall_seconds) == (
+        1800.0, 256, 2.5,
+    )  # fmt: skip
+    assert _load(tmp_path / "unset", "[qubes-fwupd]\n").limits == Limits()
+
+
+@pytest.mark.parametrize(
+    ("line", "cause"),
+    [
+        ("transfer_seconds = 0", "transfer_seconds must be a number from 1 to 86400"),
+        ("transfer_seconds = nan", "transfer_seconds must be a number from 1 to 86400"),
+        ("transfer_seconds = inf", "transfer_seconds must be a number from 1 to 86400"),
+        ("transfer_seconds = soon", "transfer_seconds must be a number from 1 to 86400"),
+        ("min_rate_bytes_per_s = 1.5", "min_rate_bytes_per_s must be a whole number from 1 to"),
+        ("min_rate_bytes_per_s = -1", "min_rate_bytes_per_s must be a whole number from 1 to"),
+        ("stall_seconds = 7200", "stall_seconds must be a number from 1 to 3600"),
+    ],
+)
+def test_bad_download_limits_are_refused(tmp_path: Path, line: str, cause: str) -> None:
+    with pytest.raises(ConfigError, match=cause):
+        _load(tmp_path, f"[qubes-fwupd]\n{line}\n")

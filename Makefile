@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # keep it short: unix socket paths under it are limited to 107 bytes
 DEMO_DIR ?= /tmp/qfwupd-demo
 
-.PHONY: all deps venv lint unit test demo bench load man install packages clean fuzz
+.PHONY: all deps venv lint unit test demo bench load man install packages clean fuzz crash
 
 all: test
 
@@ -72,6 +72,13 @@ bench: venv
 # first, last, max, verdict; exits 1 on a leak, 2 if a cycle failed (bench/load.py)
 load: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/load.py
+
+# kill -9 at CRASH_POINTS (default 300) seeded side effects of refresh, cab transfer and
+# install, then dom0's state checked and the next run made (make test runs 100 of them);
+# prints each point and a count per scenario. CRASH_SEED=N replays another run's points.
+crash: venv
+	CRASH_POINTS=$(or $(CRASH_POINTS),300) $(VENV)/bin/pytest -q -s -p no:cacheprovider \
+	  tests/integration/test_crash_consistency.py
 
 # every parser of hostile input under atheris (libFuzzer) for FUZZ_SECONDS each (default
 # 60), fuzz/regressions replayed first; prints executions, exec/s and findings per target

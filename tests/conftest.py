@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import pytest
 
 from broker.sandbox.launcher import Sandbox
+from tests.adversarial.hostile import restore_mirror
 from tests.faults import Faults
 from tests.sandbox_helpers import (
     manager,
@@ -43,6 +44,16 @@ def sandbox() -> Iterator[Sandbox]:
     """One sandbox for the integration tests: up once, down at the end, nothing left."""
     with own_sandbox("qfwi") as box:
         yield box
+
+
+@pytest.fixture(scope="module")
+def mirror(sandbox: Sandbox) -> Iterator[Sandbox]:
+    """For a module whose tests publish their own catalogs: the real one comes back (and
+    dom0 and both daemons hold it) at the end."""
+    try:
+        yield sandbox
+    finally:
+        restore_mirror(sandbox)
 
 
 @pytest.fixture(scope="session")

@@ -258,3 +258,16 @@ def mirror_marks(sandbox: Sandbox) -> dict[str, LogMark]:
 def served(mark: LogMark) -> list[str]:
     """The requests that mirror answered since the mark, as ``GET /path 200``."""
     return [" ".join(m.groups()) for m in _REQUEST.finditer(mark.since())]
+
+
+@contextmanager
+def halted(sandbox: Sandbox, qube: str) -> Iterator[None]:
+    """The qube down for the block, as qvm-run sees one that cannot start (qrexec calls to
+    it fail with one line); up again after it."""
+    path = sandbox.halted_file(qube)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ left. At the end the mirror serves its real catalog again (hostile.restore_mirro
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,6 @@ from tests.adversarial.hostile import (
     metainfo,
     one_line,
     publish_catalog,
-    restore_mirror,
     signed_cab,
     trusted_signer,
     write_cab,
@@ -41,15 +40,6 @@ pytestmark = pytest.mark.sandbox
 
 MiB = 1024 * 1024
 REAL_CAB = "fakedevice124.cab"
-
-
-@pytest.fixture(scope="module")
-def mirror(sandbox: Sandbox) -> Iterator[Sandbox]:
-    """Tests here publish their own catalogs; the real one comes back at the end."""
-    try:
-        yield sandbox
-    finally:
-        restore_mirror(sandbox)
 
 
 def refresh(sandbox: Sandbox) -> None:

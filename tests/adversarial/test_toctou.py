@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -23,20 +21,9 @@ from broker.sandbox.launcher import Launcher, Sandbox
 from broker.sandbox.processes import ProcessTable
 from tests.adversarial.hostile import publish_real
 from tests.faults import Faults, dom0_problems, handover_point, ran
-from tests.sandbox_helpers import manager, qube_paths, webcam_version
+from tests.sandbox_helpers import halted, manager, qube_paths, webcam_version
 
 pytestmark = pytest.mark.sandbox
-
-
-@contextmanager
-def halted(sandbox: Sandbox, qube: str) -> Iterator[None]:
-    path = sandbox.halted_file(qube)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def test_a_cab_rewritten_after_its_check_is_never_what_fwupd_installs(

@@ -113,7 +113,6 @@ class Crashes:
         run: Callable[[], object],
         recover: Callable[[], str | None],
     ) -> None:
-        t0 = time.monotonic()
         before = frozenset(sandbox_processes(self.sandbox))
         t1 = time.monotonic()
         with self.faults.armed(point.role, point.at):
@@ -133,12 +132,13 @@ class Crashes:
         settle(self.sandbox, before, timeout=10)
         problems += [f"after the next run: {p}" for p in dom0_problems(self.sandbox, True)]
         t6 = time.monotonic()
-        print(f"TIMING {point}: snap {t1-t0:.2f} run {t2-t1:.2f} settle {t3-t2:.2f} "
-              f"check {t4-t3:.2f} recover {t5-t4:.2f} check {t6-t5:.2f}")
+        print(f"point {point}: killed run {t2 - t1:.1f} s, checks {t4 - t3 + t6 - t5:.1f} s, "
+              f"next run {t5 - t4:.1f} s{' FAILED' if problems else ''}")
         if problems:
             self.failures.append(f"{point}\n    " + "\n    ".join(problems))
 
     def assert_ok(self, wanted: int) -> None:
+        print(f"{wanted} points, {self.struck} struck, {len(self.failures)} failed")
         assert not self.failures, "\n".join(self.failures)
         # a point may miss (a side effect only some runs have); most must strike
         assert self.struck >= 0.8 * wanted, f"only {self.struck} of {wanted} points struck"
@@ -173,18 +173,20 @@ def lvfs_pki(sandbox: Sandbox) -> SandboxPki:
     return create_pki(sandbox.pki_dir)
 
 
-def push_metadata(sandbox: Sandbox, data: bytes, jcat: bytes) -> str | None:
-    """What a refresh's UpdateVM does once dom0 has opened the session; dom0's verdict."""
-    paths = qube_paths(sandbox, "dom0")
-    limits = Config.load(paths).limits
-    sessions = Sessions(paths.sessions_dir)
-    session = sessions.open("metadata", "lvfs", (
-        ExpectedFile("firmware.xml.zst", limits.metadata_max_bytes),
-        ExpectedFile("firmware.xml.zst.jcat", limits.jcat_max_bytes),
-    ), limits.session_seconds, updatevm="sys-firewall")  # fmt: skip
+def push(
+    sandbox: Sandbox,
+    kind: str,
+    files: list[tuple[ExpectedFile, bytes]],
+    release: ExpectedRelease | None = None,
+) -> str | None:
+    """What the UpdateVM does once dom0 has opened a session for these files: push them to
+    dom0's real receive service. None if dom0 took them, else what it said."""
+    sessions = Sessions(qube_paths(sandbox, "dom0").sessions_dir)
+    expected = tuple(f for f, _ in files)
+    session = sessions.open(kind, "lvfs", expected, 600, release, updatevm="sys-firewall")
     try:
-        body = frame([("firmware.xml.zst", len(data)), ("firmware.xml.zst.jcat", len(jcat))],
-                     nonce=session.nonce) + data + jcat  # fmt: skip
+        body = frame([(f.name, len(b)) for f, b in files], nonce=session.nonce)
+        body += b"".join(b for _, b in files)
         r = call_from(sandbox, "sys-firewall", "dom0", RECEIVE, body)
         outcome = sessions.outcome(session.nonce)
         if outcome is None or not outcome.ok:
@@ -192,23 +194,20 @@ def push_metadata(sandbox: Sandbox, data: bytes, jcat: bytes) -> str | None:
         return None
     finally:
         sessions.close(session.nonce)
+
+
+def push_metadata(sandbox: Sandbox, data: bytes, jcat: bytes) -> str | None:
+    limits = Config.load(qube_paths(sandbox, "dom0")).limits
+    return push(sandbox, "metadata", [
+        (ExpectedFile("firmware.xml.zst", limits.metadata_max_bytes), data),
+        (ExpectedFile("firmware.xml.zst.jcat", limits.jcat_max_bytes), jcat),
+    ])  # fmt: skip
 
 
 def push_cab(sandbox: Sandbox, cab: bytes, release: ExpectedRelease) -> str | None:
-    paths = qube_paths(sandbox, "dom0")
-    sessions = Sessions(paths.sessions_dir)
     sha256 = hashlib.sha256(cab).hexdigest()
-    session = sessions.open("cab", "lvfs", (ExpectedFile("fakedevice124.cab", len(cab), sha256,
-                            len(cab)),), 600, release, updatevm="sys-firewall")  # fmt: skip
-    try:
-        body = frame([("fakedevice124.cab", len(cab))], nonce=session.nonce) + cab
-        r = call_from(sandbox, "sys-firewall", "dom0", RECEIVE, body)
-        outcome = sessions.outcome(session.nonce)
-        if outcome is None or not outcome.ok:
-            return f"exit {r.returncode}: {r.stderr.decode(errors='replace').strip()}"
-        return None
-    finally:
-        sessions.close(session.nonce)
+    expected = ExpectedFile("fakedevice124.cab", len(cab), sha256, len(cab))
+    return push(sandbox, "cab", [(expected, cab)], release)
 
 
 def test_kill_receive_during_metadata_push(faultbox: tuple[Sandbox, Faults]) -> None:

@@ -25,6 +25,7 @@ from tests.adversarial.test_hostile_updatevm import one_line
 from tests.faults import Faults, dom0_problems, handover_point, ran, settle
 from tests.sandbox_helpers import (
     fwupd_call,
+    halted,
     manager,
     plugin_knobs,
     start_manager,
@@ -32,17 +33,6 @@ from tests.sandbox_helpers import (
 )
 
 pytestmark = pytest.mark.sandbox
-
-
-@contextmanager
-def halted(sandbox: Sandbox, qube: str) -> Iterator[None]:
-    path = sandbox.halted_file(qube)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def restart(sandbox: Sandbox, qube: str) -> None:

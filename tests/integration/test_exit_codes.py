@@ -21,7 +21,7 @@ import subprocess
 import termios
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
@@ -33,6 +33,7 @@ from tests.sandbox_helpers import (
     _manager_command,
     fwupd_call,
     fwupd_log,
+    halted,
     manager,
     plugin_knobs,
     qube_paths,
@@ -138,17 +139,6 @@ def _webcam_at(sandbox: Sandbox, version: str) -> None:
     assert r.returncode == 0, r.stdout + r.stderr + fwupd_log(sandbox, "sys-usb")
 
 
-@contextmanager
-def _halted(sandbox: Sandbox, qube: str) -> Iterator[None]:
-    path = sandbox.halted_file(qube)
-    path.parent.mkdir(exist_ok=True)
-    path.touch()
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def _at_the_prompt(sandbox: Sandbox, argv: tuple[str, ...], answer: str) -> tuple[int, str, str]:
     """qubes-fwupdmgr with stdin and stdout on its controlling terminal (so a typed Ctrl-C
     is SIGINT to it) and stderr piped; ``answer`` typed at the [y/N] prompt. The exit
@@ -212,7 +202,7 @@ def test_exit_code_and_the_line_that_says_why(kept: Sandbox, case: Case) -> None
     before = webcam_version(sandbox, "sys-usb")
     with ExitStack() as stack:
         if case.halted:
-            stack.enter_context(_halted(sandbox, case.halted))
+            stack.enter_context(halted(sandbox, case.halted))
         if case.refuses_writes:
             stack.enter_context(plugin_knobs(sandbox, "sys-usb", WriteSupported="false"))
         if case.answer is None:
@@ -248,7 +238,7 @@ def test_with_sys_usb_down_its_webcam_is_updated_through_dom0s_fwupd(kept: Sandb
         r"^qubes-fwupdmgr: sys-usb: unreachable: .*sys-usb is not running.*; "
         r"only the other qube's devices were handled$"
     )
-    with _halted(sandbox, "sys-usb"):
+    with halted(sandbox, "sys-usb"):
         try:
             if dom0_before != "1.2.3":
                 # dom0's copy behind, whatever earlier tests did to it; 1 for sys-usb alone

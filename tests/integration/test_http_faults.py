@@ -25,7 +25,6 @@ from tests.adversarial.hostile import (
     baseline,
     one_line,
     publish_variant,
-    restore_mirror,
 )
 from tests.sandbox_helpers import manager, qube_paths
 
@@ -145,15 +144,6 @@ def remote_at(sandbox: Sandbox, base: str) -> Iterator[None]:
     """dom0's lvfs remote (metadata and firmware) at ``base`` instead of the mirror."""
     with qube_config(sandbox, "dom0", base_url(sandbox), base):
         yield
-
-
-@pytest.fixture(scope="module")
-def mirror(sandbox: Sandbox) -> Iterator[Sandbox]:
-    """One case publishes a new catalog; the real one comes back at the end."""
-    try:
-        yield sandbox
-    finally:
-        restore_mirror(sandbox)
 
 
 @contextmanager

@@ -379,7 +379,9 @@ def cmd_update(app: Manager, args: argparse.Namespace) -> int:
         for qd, releases in found:
             # newest first, by fwupd's version rules: take the first
             release = releases[0]
-            if done and (taken := _taken_along(app, args, qd, release)) is not None:
+            # only after an install on the same qube: its fwupd is the one that says so
+            earlier = any(a.qd.qube == qd.qube for a in done)
+            if earlier and (taken := _taken_along(app, args, qd, release)) is not None:
                 done.append(taken)
                 continue
             applied = _apply(app, args, qd, release, "Update")

@@ -77,8 +77,9 @@ class Limits:
 # the group of dom0's login user, which runs dom0's qrexec services in Qubes
 DOM0_GROUP = "qubes"
 DOM0_DIR_MODE = 0o2770
-# the state dir also holds the manager's own dir: sticky, so that the service (which
-# writes its metadata state there) cannot rename or delete what root made in it
+# the state dir also holds the manager's own dir, the cache dir the trusted dirs: sticky,
+# so that the service (which writes in both) cannot rename or delete what root made there
+# (a metadata or untrusted dir swapped for a symlink would point root's sweeps elsewhere)
 DOM0_STATE_DIR_MODE = 0o3770
 MANAGER_DIR_MODE = 0o700
 
@@ -208,7 +209,8 @@ class Paths:
                 self.cabs_dir, self.untrusted_dir, self.log_file.parent)  # fmt: skip
 
     def dom0_dir_mode(self, path: Path) -> int:
-        return DOM0_STATE_DIR_MODE if path == self.state_dir else DOM0_DIR_MODE
+        sticky = (self.state_dir, self.cache_dir)
+        return DOM0_STATE_DIR_MODE if path in sticky else DOM0_DIR_MODE
 
     def make_dom0_dirs(self) -> None:
         """What systemd-tmpfiles does with the package's snippet, for a dom0 where it has

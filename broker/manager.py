@@ -6,6 +6,7 @@ user reads stay in broker.cli, so automation and tests can drive this without ar
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -165,9 +166,10 @@ class Manager:
         expected = tuple(ExpectedFile(w.name, w.max_size, w.sha256, w.size) for w in wanted)
         updatevm = self.updatevm_for(remote_id)
         self._running(updatevm)
-        session = sessions.open(
-            kind, remote_id, expected, self.limits.session_seconds, release, force, updatevm
-        )
+        # a session outlives the longest transfer the UpdateVM may take (transfer_seconds
+        # is the admin's, raised for a slow link)
+        ttl = max(self.limits.session_seconds, self.limits.transfer_seconds + 120)
+        session = sessions.open(kind, remote_id, expected, ttl, release, force, updatevm)
         try:
             request = DownloadRequest(
                 session.nonce, kind, remote_id, tuple(wanted), self.source_dir
@@ -576,6 +578,13 @@ class Manager:
             # through another path (the cache file is the receive service's) could, after
             # any check: the daemon reads a nameless copy of root's that nothing else can
             fd, sha256 = private_copy(cached, self.paths.manager_dir, self.limits.cab_max_bytes)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise LimitExceeded(
+                f"no room in {self.paths.manager_dir} for dom0's copy of {cab.name} "
+                f"({e.strerror}): nothing was installed"
+            ) from e
         finally:
             os.close(cached)
         try:

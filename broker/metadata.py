@@ -41,6 +41,7 @@ from lxml import etree
 
 from broker.config import Config, Limits, Paths, Remote, check_url
 from broker.errors import (
+    BrokerError,
     ConfigError,
     FormatError,
     LimitExceeded,
@@ -54,6 +55,7 @@ from broker.transfer import (
     fsync_dir,
     install_file,
     is_file_name,
+    read_small,
     sweep_temps,
     temp_name,
     write_atomic,
@@ -587,9 +589,10 @@ class MetadataStore:
 
     def _generation_record(self, remote_id: str) -> dict[str, str] | None:
         try:
-            raw = (self.paths.metadata_dir / remote_id / ACCEPTED_NAME).read_bytes()
+            # a regular file of a few KiB, never a FIFO or a link left in its place
+            raw = read_small(self.paths.metadata_dir / remote_id / ACCEPTED_NAME, 16384)
             doc = json.loads(raw)
-        except (OSError, ValueError):
+        except (OSError, ValueError, BrokerError):
             return None
         return doc if isinstance(doc, dict) else None
 

@@ -144,10 +144,16 @@ class _Watchdog:
         """A socket of this attempt (a connection's, before TLS; a response's)."""
         if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             return
+        # a new object on a dup of the fd: TLS detaches the object it wraps (and an
+        # SSLSocket refuses dup()); the dup stays the same connection, to shut down
         try:
-            # a dup: TLS detaches the object it wraps, the dup stays the same socket
-            dup = sock.dup()
+            fd = os.dup(sock.fileno())
         except OSError:
+            return
+        try:
+            dup = socket.socket(fileno=fd)
+        except (OSError, ValueError):
+            os.close(fd)
             return
         with self._lock:
             self._sockets.append(dup)

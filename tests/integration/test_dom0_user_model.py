@@ -116,7 +116,7 @@ def test_up_makes_dom0s_dirs_as_the_tmpfiles_snippet_does(
     paths = qube_paths(sandbox, "dom0")
     for d in paths.dom0_dirs:
         st = d.stat()
-        mode = "0o3770" if d == paths.state_dir else "0o2770"
+        mode = "0o3770" if d in (paths.state_dir, paths.cache_dir) else "0o2770"
         assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (0, dropped.qubes_gid,
                                                                    mode), d  # fmt: skip
     st = paths.manager_dir.stat()
@@ -219,6 +219,34 @@ def test_the_service_user_cannot_replace_the_managers_files(
     assert seen == {"replace": "EACCES", "unlink": "EACCES", "create": "EACCES",
                     "move dir aside": "EPERM", "rmdir": "EPERM"}  # fmt: skip
     assert paths.manager_dir.is_dir()
+
+
+MOVES = """
+import errno, json, os
+def attempt(fn):
+    try:
+        fn()
+        return "done"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+out = {{}}
+for d in {dirs!r}:
+    out[os.path.basename(d)] = attempt(lambda: os.rename(d, d + ".old"))
+print(json.dumps(out))
+"""
+
+
+def test_the_service_user_cannot_swap_the_trusted_dirs(
+    sandbox: Sandbox, dropped: ServiceUser
+) -> None:
+    """The cache dir is sticky: the service writes in its metadata, cabs and untrusted
+    dirs, but cannot move one aside and put a symlink in its place, where the root
+    manager's sweeps (and its reads) would follow it out of dom0's dirs."""
+    paths = Launcher(sandbox).paths("dom0")
+    dirs = [str(d) for d in (paths.metadata_dir, paths.cabs_dir, paths.untrusted_dir)]
+    seen = probe(sandbox, "dom0", MOVES.format(dirs=dirs), as_service=True)
+    assert seen == {"metadata": "EPERM", "cabs": "EPERM", "untrusted": "EPERM"}
+    assert all(Path(d).is_dir() and not Path(d).is_symlink() for d in dirs)
 
 
 def test_the_root_manager_reads_what_the_service_wrote(

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -89,13 +91,15 @@ def steady(conn: socket.socket, stop: threading.Event) -> None:
 class FaultServer:
     """HTTP on 127.0.0.1: request n gets plan[n] (the last one again once the plan ends)."""
 
-    def __init__(self, plan: list[Fault]) -> None:
+    def __init__(self, plan: list[Fault], tls: ssl.SSLContext | None = None) -> None:
         self.plan = plan
+        self.tls = tls
         self.requests = 0
         self.stop = threading.Event()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.05)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/firmware.cab"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.sock.getsockname()[1]}/firmware.cab"
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
 
@@ -114,6 +118,8 @@ class FaultServer:
             conn.settimeout(5)
             request = b""
             try:
+                if self.tls is not None:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
                 while b"\r\n\r\n" not in request:
                     data = conn.recv(4096)
                     if not data:
@@ -136,8 +142,8 @@ class FaultServer:
 def serve() -> Iterator[Callable[..., FaultServer]]:
     servers: list[FaultServer] = []
 
-    def start(*plan: Fault) -> FaultServer:
-        servers.append(FaultServer(list(plan)))
+    def start(*plan: Fault, tls: ssl.SSLContext | None = None) -> FaultServer:
+        servers.append(FaultServer(list(plan), tls))
         return servers[-1]
 
     yield start
@@ -276,3 +282,40 @@ def test_a_slow_server_above_the_floor_is_not_cut_off(
     got = fetch(tmp_path, server.url, limits)
     assert got.result == hashlib.sha256(BODY * 6).hexdigest()
     assert server.requests == 1 and got.seconds > 1
+
+
+@pytest.fixture
+def tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """A server certificate for 127.0.0.1 that requests trusts (REQUESTS_CA_BUNDLE), as
+    the UpdateVM trusts the LVFS's CDN: HTTPS as the real downloads are."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def test_an_https_download_works(
+    serve: Callable[..., FaultServer], tmp_path: Path, tls: ssl.SSLContext
+) -> None:
+    """The watchdog holds the TLS connection's socket too (an SSLSocket cannot be
+    dup()ed: taking it that way failed every HTTPS download)."""
+    server = serve(ok, tls=tls)
+    got = fetch(tmp_path, server.url)
+    assert got.result == SHA256 and got.data == BODY
+    assert server.requests == 1
+
+
+def test_https_silence_ends_at_the_deadline(
+    serve: Callable[..., FaultServer], tmp_path: Path, tls: ssl.SSLContext
+) -> None:
+    server = serve(silence, tls=tls)
+    got = fetch(tmp_path, server.url, Limits(transfer_seconds=1.5))
+    assert got.result == "127.0.0.1: download took longer than 1.5 s", got.result
+    assert got.seconds < 4

@@ -185,3 +185,16 @@ def test_tidy_removes_unlinked_generations_and_temps(stored: Paths) -> None:
     store = MetadataStore(stored)
     with store.locked():
         assert store.tidy_locked() == [orphan.name]
+
+
+def test_a_record_that_is_no_file_is_ignored(stored: Paths) -> None:
+    """The generation's record is the service's file: a FIFO or a link in its place
+    neither hangs the root manager nor is followed; the state file answers."""
+    record = stored.metadata_dir / "lvfs" / ACCEPTED_NAME
+    record.unlink()
+    os.mkfifo(record)
+    accepted = MetadataStore(stored).accepted("lvfs")
+    assert accepted is not None and accepted["signed_at"] == T0.isoformat()
+    record.unlink()
+    record.symlink_to("/dev/zero")
+    assert MetadataStore(stored).accepted("lvfs") == accepted

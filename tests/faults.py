@@ -10,6 +10,7 @@ UpdateVM's qubes.FwupdDownload), ``usbvm`` (sys-usb's qubes.FwupdUsbvm).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -125,12 +126,12 @@ def dom0_problems(sandbox: Sandbox, strict: bool) -> list[str]:
     linked = set()
     base = paths.metadata_dir
     for entry in sorted(base.iterdir()) if base.is_dir() else []:
-        if entry.is_symlink():
-            linked.add(os.readlink(entry))
-            found += _generation_problems(store, config, paths, entry)
-        elif TEMP.fullmatch(entry.name):
+        if TEMP.fullmatch(entry.name):  # a temp file, or the temp link of a swap
             if strict:
                 found.append(f"metadata: temp file {entry.name} left")
+        elif entry.is_symlink():
+            linked.add(os.readlink(entry))
+            found += _generation_problems(store, config, paths, entry)
         elif _GENERATION.fullmatch(entry.name) and entry.is_dir():
             pass  # an orphan unless linked: judged below, once every link is known
         else:
@@ -197,7 +198,9 @@ def _state_files_problems(directory: Path, strict: bool, what: str) -> list[str]
     found = []
     for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
         if TEMP.fullmatch(entry.name):
-            if strict and time.time() - entry.lstat().st_mtime > 60:
+            # swept once a minute old, by the next run's start: one a minute older than
+            # that outlived a run (no point takes a minute)
+            if strict and time.time() - entry.lstat().st_mtime > 120:
                 found.append(f"{what}: temp file {entry.name} left")
             continue
         if entry.suffix == ".lock" or not entry.is_file():
@@ -224,18 +227,21 @@ def _session_lifetimes(directory: Path, ttl: float) -> list[str]:
 
 
 def _lock_holders(path: Path) -> list[str]:
+    """PIDs holding a lock on this file, from the kernel's /proc/locks (whose MAJ:MIN:INODE
+    names the file: the inode alone could be another filesystem's)."""
     try:
-        inode = str(path.stat().st_ino)
+        st = path.stat()
     except FileNotFoundError:
         return []
+    key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
     holders = []
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
-        if "->" in fields:
+        if "->" in fields or len(fields) < 6:
             continue
-        for f in fields:
-            parts = f.split(":")
-            if len(parts) == 3 and parts[2] == inode:
+        parts = fields[5].split(":")
+        with contextlib.suppress(ValueError):
+            if (int(parts[0], 16), int(parts[1], 16), int(parts[2])) == key:
                 holders.append(fields[4])
     return holders
 

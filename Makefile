@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # keep it short: unix socket paths under it are limited to 107 bytes
 DEMO_DIR ?= /tmp/qfwupd-demo
 
-.PHONY: all deps venv lint unit test demo bench load man install packages clean fuzz crash
+.PHONY: all deps venv lint unit test demo bench load man install packages clean fuzz crash mutation
 
 all: test
 
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 venv: deps $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check broker tests qrexec bench packaging fuzz
+	$(VENV)/bin/ruff check broker tests qrexec bench packaging fuzz tools
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -86,6 +86,15 @@ crash: venv
 fuzz: venv
 	$(PY) -c 'import atheris' 2>/dev/null || $(VENV)/bin/pip install -q atheris
 	$(PY) fuzz/run.py
+
+# mutmut over the trust modules (signatures, jcat, metadata, cabinet, transfer, session,
+# receive, usbvm's reply parsing), each against its own unit tests only, in a throwaway copy
+# of the tree; prints mutants, killed, survived and the score per module, and the name of
+# every survivor (docs/mutation.md lists the equivalent ones). MUTATION_ONLY=signatures,jcat
+# picks modules; tools/mutation.py names the other knobs
+mutation: venv
+	$(PY) -c 'import mutmut' 2>/dev/null || $(VENV)/bin/pip install -q 'mutmut>=3.8,<4'
+	$(PY) tools/mutation.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -124,8 +124,10 @@ class Catalog:
 class _CappedReader(io.RawIOBase):
     """Counts decompressed bytes and refuses past the size or ratio cap, while streaming."""
 
-    def __init__(self, inner: IO[bytes], compressed_size: int, limits: Limits) -> None:
-        self.inner = inner
+    def __init__(
+        self, inner: IO[bytes], raw: IO[bytes], compressed_size: int, limits: Limits
+    ) -> None:
+        self.inner, self.raw = inner, raw
         self.total = 0
         self.cap = min(
             limits.metadata_xml_max_bytes, max(compressed_size, 4096) * limits.metadata_max_ratio
@@ -145,6 +147,16 @@ class _CappedReader(io.RawIOBase):
         b[: len(data)] = data
         return len(data)
 
+    def close(self) -> None:
+        # the decompressor, then the dup'd file (GzipFile and LZMAFile leave a file they
+        # were handed open): closing the reader must not leave an fd for the GC to find
+        if not self.closed:
+            try:
+                self.inner.close()
+            finally:
+                self.raw.close()
+        super().close()
+
 
 def open_catalog(fd: int, name: str, limits: Limits) -> IO[bytes]:
     """A capped, decompressing reader over a verified metadata fd (dup'd; caller closes)."""
@@ -163,7 +175,7 @@ def open_catalog(fd: int, name: str, limits: Limits) -> IO[bytes]:
     else:
         raw.close()
         raise ConfigError(f"{name}: unknown metadata compression")
-    return io.BufferedReader(_CappedReader(inner, size, limits), buffer_size=256 * 1024)
+    return io.BufferedReader(_CappedReader(inner, raw, size, limits), buffer_size=256 * 1024)
 
 
 # --------------------------------------------------------------------------- parsing

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -12,8 +14,9 @@ import tracemalloc
 import unicodedata
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import cabarchive
 import pytest
@@ -21,10 +24,17 @@ from cabarchive.utils import _checksum_compute  # type: ignore[attr-defined]  # 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from broker.cabinet import CabInfo, CabMember, ExpectedRelease, inspect_cab, walk_cab
+from broker.cabinet import (
+    CabInfo,
+    CabMember,
+    ExpectedRelease,
+    _verify_member,
+    inspect_cab,
+    walk_cab,
+)
 from broker.config import Limits
 from broker.errors import BrokerError, FormatError, LimitExceeded, VerificationError
-from broker.jcat import BlobKind, build_jcat
+from broker.jcat import BlobKind, build_jcat, parse_jcat
 from broker.sandbox.pki import SandboxPki, sign_pkcs7
 from broker.signatures import TrustPolicy, TrustStore
 from tests.properties import assert_user_message, expect_only_our_errors
@@ -1162,3 +1172,194 @@ def test_cab_that_breaks_while_inflating_leaves_scratch_empty(
     data[-4:] = b"\xff\xff\xff\xff"
     message = inspect_refused(bytes(data), signing, scratch, FormatError)
     assert "data block 2 of folder 0" in message
+
+
+# --------------------------------------------------------------------------- mutation gaps
+# (issue 21: each test below kills mutants of broker.cabinet that the tests above let live)
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("a/" + "b" * 78, "'a/" + "b" * 78 + "'"),  # 80 characters: shown whole
+        ("a/" + "b" * 79, "'a/" + "b" * 78 + "...'"),  # 81: cut to 80 and marked
+        ("a/" + "b" * 200, "'a/" + "b" * 78 + "...'"),
+    ],
+)
+def test_hostile_names_are_shown_cut_to_80_characters(name: str, shown: str) -> None:
+    assert refused(named([name.encode()])) == f"cab member name {shown} holds a path separator"
+
+
+def test_payload_is_looked_up_by_its_basename(signing: Signing, scratch: Path) -> None:
+    meta = metainfo(payload=" some/dir/firmware.bin ")
+    assert inspect(signing.cab(meta), signing, scratch).payloads == ("firmware.bin",)
+
+
+def test_payload_with_an_empty_basename_is_refused(signing: Signing, scratch: Path) -> None:
+    message = inspect_refused(signing.cab(metainfo(payload="dir/")), signing, scratch, FormatError)
+    assert message == "firmware.metainfo.xml names a payload with an empty file name"
+
+
+def _without_type(meta: bytes) -> bytes:
+    return meta.replace(b' type="sha256" filename', b" filename")
+
+
+def test_declared_checksum_kind_wins_over_the_length(signing: Signing, scratch: Path) -> None:
+    # a sha1 value under type="sha256" is a malformed sha256, not a sha1 to check instead
+    meta = metainfo(sha256=hashlib.sha1(FIRMWARE).hexdigest())  # noqa: S324  what is tested
+    message = inspect_refused(signing.cab(meta), signing, scratch, FormatError)
+    assert message == "firmware.metainfo.xml has a malformed sha256 checksum for 'firmware.bin'"
+
+
+def test_undeclared_checksum_kind_comes_from_its_length(signing: Signing, scratch: Path) -> None:
+    wrong = _without_type(metainfo(sha256="0" * 64))
+    message = inspect_refused(signing.cab(wrong), signing, scratch)
+    assert message == "firmware.bin: its sha256 is not the one firmware.metainfo.xml gives"
+    sha512 = hashlib.sha512(FIRMWARE).hexdigest()
+    assert inspect(signing.cab(_without_type(metainfo(sha256=sha512))), signing, scratch)
+    wrong512 = _without_type(metainfo(sha256="0" * 128))
+    message = inspect_refused(signing.cab(wrong512), signing, scratch)
+    assert message == "firmware.bin: its sha512 is not the one firmware.metainfo.xml gives"
+
+
+def test_declared_checksum_kind_is_read_loosely(signing: Signing, scratch: Path) -> None:
+    sha512 = hashlib.sha512(FIRMWARE).hexdigest()
+    meta = metainfo(sha256=sha512).replace(b'type="sha256"', b'type=" SHA512 "')
+    assert inspect(signing.cab(meta), signing, scratch).payloads == ("firmware.bin",)
+    meta = metainfo(sha256="0" * 128).replace(b'type="sha256"', b'type="SHA512"')
+    assert "its sha512 is not the one" in inspect_refused(signing.cab(meta), signing, scratch)
+
+
+def test_a_payload_over_a_mib_is_hashed_whole(signing: Signing, scratch: Path) -> None:
+    firmware = bytes(range(256)) * (6 * 1024 + 100)  # 1.5 MiB and a bit: two reads
+    sha384 = hashlib.sha384(firmware).hexdigest()
+    meta = metainfo(sha256=sha384).replace(b'type="sha256"', b'type="sha384"')
+    assert inspect(signing.cab(meta, firmware=firmware), signing, scratch)
+    meta = metainfo(sha256="0" * 96).replace(b'type="sha256"', b'type="sha384"')
+    message = inspect_refused(signing.cab(meta, firmware=firmware), signing, scratch)
+    assert message == "firmware.bin: its sha384 is not the one firmware.metainfo.xml gives"
+
+
+@pytest.mark.parametrize("version", ["0xZZ", "0x", "0x1.2"])
+def test_a_hex_version_that_does_not_parse_matches_nothing(
+    version: str, signing: Signing, scratch: Path
+) -> None:
+    data = signing.cab(metainfo(version=version))
+    for expected in ("2.0.1", "0"):
+        with pytest.raises(VerificationError, match="release version"):
+            inspect(data, signing, scratch, ExpectedRelease(SANDBOX_ID, expected, (SANDBOX_GUID,)))
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        {"sha256": "0" * 64},  # same size, other bytes: the checksum must count
+        {"size": len(FIRMWARE) + 1},
+    ],
+)
+def test_a_member_copy_that_differs_from_the_walk_is_refused(
+    lie: dict[str, Any], signing: Signing
+) -> None:
+    """The signature verifies the copy on disk; it must also be the copy the walk hashed."""
+    jcat = parse_jcat(signing.jcat({"firmware.bin": (FIRMWARE, signing.trusted)}), MiB, MiB)
+    walked = CabMember("firmware.bin", len(FIRMWARE), hashlib.sha256(FIRMWARE).hexdigest())
+    with memfd(FIRMWARE) as fd:
+        _verify_member(walked, fd, jcat, "firmware.jcat", signing.trust, TrustPolicy())
+        member = CabMember(
+            walked.name, lie.get("size", walked.size), lie.get("sha256", walked.sha256)
+        )
+        with pytest.raises(
+            VerificationError, match=r"^firmware\.bin: its copy changed while it was verified$"
+        ):
+            _verify_member(member, fd, jcat, "firmware.jcat", signing.trust, TrustPolicy())
+
+
+def _sizes(data: bytes) -> dict[str, int]:
+    return {m.name: m.size for m in walk(data)}
+
+
+@pytest.mark.parametrize(
+    ("member", "limit"),
+    [("firmware.jcat", "jcat_max_bytes"), ("firmware.metainfo.xml", "cab_max_metainfo_bytes")],
+)
+def test_jcat_and_metainfo_are_capped_before_they_are_read(
+    member: str, limit: str, signing: Signing, scratch: Path
+) -> None:
+    data = signing.cab()
+    size = _sizes(data)[member]
+    with memfd(data) as fd:
+        at_cap = replace(LIMITS, **{limit: size})
+        assert inspect_cab(fd, SANDBOX_RELEASE, signing.trust, at_cap, scratch).payloads
+        under = replace(LIMITS, **{limit: size - 1})
+        with pytest.raises(LimitExceeded) as e:
+            inspect_cab(fd, SANDBOX_RELEASE, signing.trust, under, scratch)
+    assert str(e.value) == f"{member} is {size} bytes, more than {size - 1}"
+
+
+def test_expected_guids_match_whatever_their_case_and_spaces(
+    signing: Signing, scratch: Path
+) -> None:
+    expected = ExpectedRelease(SANDBOX_ID, "2.0.1", ("00000000-0000-0000-0000-000000000000",
+                                                    f" {SANDBOX_GUID.upper()} "))  # fmt: skip
+    assert inspect(signing.cab(), signing, scratch, expected).guids == (SANDBOX_GUID,)
+
+
+def test_a_guid_mismatch_names_at_most_four_of_the_cabs_guids(
+    signing: Signing, scratch: Path
+) -> None:
+    guids = [f"{n:08x}-0000-0000-0000-000000000000" for n in range(6)]
+    provides = "".join(f'<firmware type="flashed">{g}</firmware>' for g in guids)
+    meta = metainfo().replace(
+        f'<firmware type="flashed">{SANDBOX_GUID}</firmware>'.encode(), provides.encode()
+    )
+    message = inspect_refused(signing.cab(meta), signing, scratch)
+    shown = ", ".join(f"'{g}'" for g in guids[:4])
+    assert message == (
+        f"firmware.metainfo.xml: its GUIDs ({shown}) include none of the expected "
+        f"{SANDBOX_GUID.upper()}"
+    )
+    meta = metainfo().replace(f'<firmware type="flashed">{SANDBOX_GUID}</firmware>'.encode(), b"")
+    two = ExpectedRelease(SANDBOX_ID, "2.0.1", (SANDBOX_GUID, FAKE_GUID))
+    with memfd(signing.cab(meta)) as fd, pytest.raises(VerificationError) as e:
+        inspect_cab(fd, two, signing.trust, LIMITS, scratch)
+    assert str(e.value) == (
+        "firmware.metainfo.xml: its GUIDs (none) include none of the expected "
+        f"{SANDBOX_GUID}, {FAKE_GUID}"
+    )
+
+
+def test_an_unsigned_metainfo_names_the_jcat_it_is_missing_from(
+    signing: Signing, scratch: Path
+) -> None:
+    data = signing.cab(signed={"firmware.bin": (FIRMWARE, signing.trusted)})
+    message = inspect_refused(data, signing, scratch)
+    assert message == "firmware.metainfo.xml: no signature for it in firmware.jcat"
+
+
+def test_a_metainfo_named_in_another_case_is_refused_by_name(
+    signing: Signing, scratch: Path
+) -> None:
+    meta = metainfo()
+    jcat = signing.jcat({"Firmware.METAINFO.xml": (meta, signing.trusted)})
+    data = cabarchive_cab(
+        {"firmware.bin": FIRMWARE, "firmware.jcat": jcat, "Firmware.METAINFO.xml": meta}, True
+    )
+    message = inspect_refused(data, signing, scratch, FormatError)
+    assert message == "cab member 'Firmware.METAINFO.xml' is not named *.metainfo.xml"
+
+
+def test_a_jcat_with_two_items_for_one_member_is_refused(signing: Signing, scratch: Path) -> None:
+    meta = metainfo()
+    jcat = signing.jcat(
+        {
+            "firmware.metainfo.xml": (meta, signing.trusted),
+            "firmware.bin": (FIRMWARE, signing.trusted),
+        }
+    )
+    doc = json.loads(gzip.decompress(jcat))
+    (item,) = [i for i in doc["Items"] if i["Id"] == "firmware.bin"]
+    doc["Items"].append(item)  # the same, valid, item twice: still not one answer
+    twice = gzip.compress(json.dumps(doc).encode())
+    data = cabarchive_cab(
+        {"firmware.bin": FIRMWARE, "firmware.jcat": twice, "firmware.metainfo.xml": meta}, True
+    )
+    message = inspect_refused(data, signing, scratch, FormatError)
+    assert message == "firmware.jcat has 2 items for firmware.bin"

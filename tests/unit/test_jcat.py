@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -271,3 +273,83 @@ def test_a_jcat_is_well_formed_as_a_whole(item: dict[str, Any]) -> None:
     items = [{"Id": "firmware.xml.zst", "Blobs": []}, item]
     with pytest.raises(FormatError, match="jcat item id or alias is not a plain file name"):
         _parse(_gz({"Items": items}))
+
+
+# the refusals word for word: the one line the user reads names what was wrong
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{", "jcat does not hold valid JSON"),
+        (b"[]", "jcat JSON is not an object with an Items list"),
+        (b'{"Items": ["a"]}', "jcat item is not an object"),
+        (b'{"Items": [{"Blobs": []}]}', "jcat item lacks an Id string or a Blobs list"),
+        (b'{"Items": [{"Id": "a", "AliasIds": [1]}]}',
+         "jcat item has an AliasIds that is not a list of strings"),
+        (b'{"Items": [{"Id": "a/b"}]}', "jcat item id or alias is not a plain file name"),
+        (b'{"Items": [{"Id": "a", "Blobs": [1]}]}', "jcat blob is not an object"),
+        (b'{"Items": [{"Id": "a", "Blobs": [{"Kind": "1"}]}]}',
+         "jcat blob has a malformed Kind, Data or Timestamp"),
+    ],
+)  # fmt: skip
+def test_each_refusal_says_exactly_what_is_wrong(raw: bytes, message: str) -> None:
+    with pytest.raises(FormatError) as e:
+        _parse(gzip.compress(raw, mtime=0))
+    assert str(e.value) == message
+
+
+def test_a_jcat_of_no_items_speaks_for_no_file() -> None:
+    with pytest.raises(FormatError) as e:
+        _parse(_gz({"Items": []})).item_for("firmware.xml.zst")
+    assert str(e.value) == "jcat holds no items"
+
+
+def test_a_truncated_stream_says_so() -> None:
+    data = build_jcat({"a": [(BlobKind.SHA256, "0" * 64)]})
+    with pytest.raises(FormatError) as e:
+        _parse(data[:-8])  # the gzip trailer (crc32, size) cut off: deflate data complete
+    assert str(e.value) == "jcat gzip stream is truncated"
+
+
+def test_input_of_exactly_the_byte_cap_is_accepted() -> None:
+    data = build_jcat({"a": [(BlobKind.SHA256, "00")]})
+    assert _parse(data, max_bytes=len(data)).items[0].id == "a"
+
+
+def test_a_zlib_stream_is_not_gzip() -> None:
+    """libjcat writes and reads gzip only; zlib's other wrapping is refused, not sniffed."""
+    raw = json.dumps({"Items": [{"Id": "a", "Blobs": []}]}).encode()
+    with pytest.raises(FormatError, match="not valid gzip"):
+        _parse(zlib.compress(raw))
+
+
+def test_a_blob_without_data_holds_the_empty_string() -> None:
+    jcat = _parse(_gz({"Items": [{"Id": "a", "Blobs": [{"Kind": BlobKind.SHA256}]}]}))
+    assert jcat.items[0].blobs == (JcatBlob(kind=BlobKind.SHA256, data="", timestamp=0),)
+
+
+def test_a_bomb_is_never_inflated_beyond_the_cap() -> None:
+    """The cap holds while inflating (one bounded decompress call), not after: 64 MiB of
+    zeros against a 1 MiB cap never allocates much more than the cap."""
+    bomb = gzip.compress(bytes(64 * 1024 * 1024), compresslevel=1, mtime=0)
+    tracemalloc.start()
+    try:
+        with pytest.raises(LimitExceeded):
+            _parse(bomb, max_json=1024 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024
+
+
+def test_build_jcat_writes_the_document_libjcat_reads() -> None:
+    """dom0 hands fwupd a jcat it built: libjcat's keys and version, blobs flagged UTF-8
+    (JCAT_BLOB_FLAG_IS_UTF8), and a gzip header without a time in it (reproducible)."""
+    data = build_jcat({"a.bin": [(BlobKind.SHA256, "ab")]}, aliases={"a.bin": ["a.zst"]})
+    assert data[:4] == b"\x1f\x8b\x08\x00" and data[4:8] == b"\0\0\0\0"  # MTIME 0
+    doc = json.loads(gzip.decompress(data))
+    assert doc["JcatVersionMajor"] == 0 and doc["JcatVersionMinor"] == 1
+    [item] = doc["Items"]
+    assert item["Id"] == "a.bin" and item["AliasIds"] == ["a.zst"]
+    [blob] = item["Blobs"]
+    assert set(blob) == {"Kind", "Flags", "Timestamp", "Data"}
+    assert (blob["Kind"], blob["Flags"], blob["Data"]) == (BlobKind.SHA256, 1, "ab")

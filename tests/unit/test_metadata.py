@@ -11,6 +11,7 @@ import io
 import json
 import lzma
 import os
+import shutil
 import time
 import tracemalloc
 import zlib
@@ -35,16 +36,22 @@ from broker.errors import (
 )
 from broker.jcat import BlobKind, JcatBlob, parse_jcat
 from broker.metadata import (
+    ACCEPTED_NAME,
     INDEX_NAME,
     Catalog,
     MetadataStore,
     Release,
     Skipped,
+    _NoDoctype,
     catalog_index,
     check_rollback,
+    is_stale,
+    iter_catalogs,
     open_catalog,
     parse_catalog,
     read_catalog_index,
+    safe_iterparse,
+    staleness,
 )
 from broker.sandbox.lvfs_catalog import generate
 from broker.signatures import Signature, Verified
@@ -615,6 +622,9 @@ def _artifact(
     return out + "</artifact></artifacts>"
 
 
+SIZE_4096 = '<size type="download">4096</size>'
+
+
 def _shape_doc(release_body: str, version_format: str = "triplet") -> bytes:
     return (
         '<components origin="lvfs" version="0.9"><component type="firmware">'
@@ -653,6 +663,31 @@ SHAPES = [
     ("artifact without locations: legacy location",
      _legacy() + _artifact().replace(f"<location>{URL}{NAME}</location>", ""), "triplet",
      (NAME, SHA_1, 4096)),
+    # found by mutmut: each reason word for word, and where fwupd looks for an artifact
+    ("no sha256 at all", f"<location>{URL}{NAME}</location>{SIZE_4096}", "triplet",
+     "no container sha256"),
+    ("a sha512 only", f'<location>{URL}{NAME}</location>{SIZE_4096}'
+     f'<checksum type="sha512" target="container">{"f" * 128}</checksum>', "triplet",
+     "no container sha256"),
+    ("no download size", _legacy().replace('<size type="download">4096</size>', ""), "triplet",
+     "no download size"),
+    ("an 18-digit size", _legacy(size="1" * 18), "triplet", (NAME, SHA_1, int("1" * 18))),
+    ("http and ipfs", _artifact(IPFS, "http://fwupd.org/downloads/" + NAME), "triplet",
+     "no https location (only http, ipfs)"),
+    ("an http location with a port", _artifact("http://h.example:8080/" + NAME), "triplet",
+     "no https location (only http)"),
+    ("no scheme", _artifact("fwupd.org/" + NAME), "triplet", "no https location (only no scheme)"),
+    ("no colon", _artifact("firmwarecab"), "triplet", "no https location (only no scheme)"),
+    ("not a scheme", _artifact("x-y:" + NAME), "triplet", "no https location (only no scheme)"),
+    ("credentials", _artifact("https://u:p@fwupd.org/downloads/" + NAME), "triplet",
+     "'https://u:p@fwupd.org/downloads/" + NAME + "' must not carry credentials or a fragment"),
+    ("a source artifact first", _artifact(kind="source", sha256=SHA_2).replace("</artifacts>", "")
+     + _artifact().replace("<artifacts>", ""), "triplet", (NAME, SHA_1, 4096)),
+    ("an artifact outside <artifacts>", _artifact().replace("artifacts>", "other>"), "triplet",
+     "no container sha256"),
+    ("not an artifact in <artifacts>",
+     _artifact().replace("<artifact ", "<thing ").replace("</artifact>", "</thing>"), "triplet",
+     "no container sha256"),
 ]  # fmt: skip
 
 
@@ -1119,3 +1154,266 @@ def test_fwupds_own_test_catalog_parses_and_every_release_is_skipped_with_its_re
 def test_release_notes_become_lines_and_bullets(markup: str, text: str) -> None:
     (release,) = _parse(catalog_xml(Comp(releases=[Rel("1.0", description=markup)]))).releases
     assert release.description == text
+
+
+# --------------------------------------------------------------------------- found by mutmut
+def test_rollback_refusals_say_exactly_what_is_wrong() -> None:
+    with pytest.raises(RollbackError) as e:
+        _rollback(_verified(None), None)
+    assert str(e.value) == "metadata signature carries no signing time"
+    with pytest.raises(NothingToDo) as e2:
+        _rollback(_verified(T0, SHA_1), _state(T0, SHA_1))
+    assert str(e2.value) == "metadata is already current"
+
+
+def test_without_force_a_poisoned_state_is_not_set_aside() -> None:
+    """force is the admin's refresh --force, never the default."""
+    with pytest.raises(RollbackError, match="see refresh --force"):
+        check_rollback(_verified(NOW), _poisoned(T0), NOW, DAY)
+
+
+def test_force_sets_aside_only_a_baseline_beyond_the_margin() -> None:
+    """A baseline at most the margin ahead of dom0's clock (or behind it) is a sane one:
+    refresh --force keeps it, and the refusal then names no way out."""
+    for baseline in (NOW + DAY, NOW - timedelta(hours=1)):
+        state = {**_state(baseline), "previous_signed_at": T0.isoformat()}
+        older = _verified(baseline - timedelta(hours=1))
+        with pytest.raises(RollbackError, match=r"\(rollback refused\)$"):
+            _rollback(older, state, force=True)
+        with pytest.raises(RollbackError, match=r"\(rollback refused\)$"):
+            _rollback(older, state)
+
+
+@pytest.mark.parametrize(("margin", "words"), [(1, "1 hour ahead"), (2, "2 hours ahead")])
+def test_the_future_margin_is_named_in_hours(margin: int, words: str) -> None:
+    with pytest.raises(VerificationError, match=f"more than {words} of dom0's clock"):
+        check_rollback(_verified(NOW + DAY), None, NOW, timedelta(hours=margin))
+
+
+def test_staleness_counts_whole_days_beyond_the_maximum() -> None:
+    accepted = _state(NOW - timedelta(days=7))
+    assert staleness(accepted, 7, NOW) is None  # exactly the maximum: not yet stale
+    assert not is_stale(NOW - timedelta(days=7), 7, NOW)
+    assert is_stale(NOW - timedelta(days=7, seconds=1), 7, NOW)
+    assert staleness(_state(NOW - timedelta(days=10, hours=5)), 7, NOW) == (
+        "metadata was signed 10 days ago, more than metadata_max_age_days=7"
+    )
+    assert staleness(None, 7, NOW) is None
+
+
+def _store_sample(paths: Paths, catalog: Catalog | None = None) -> str:
+    """Stores SAMPLE (with the index of ``catalog``, if given); returns its sha256."""
+    data = _compress(REMOTE.metadata_name, SAMPLE)
+    verified = _verified(T0, hashlib.sha256(data).hexdigest(), len(data))
+    store = MetadataStore(paths)
+    with UntrustedFiles(paths.untrusted_dir, "n9") as u, store.locked():
+        fd = u.create(REMOTE.metadata_name)
+        os.write(fd, data)
+        store.store(REMOTE, (fd, u.paths[REMOTE.metadata_name]), verified, catalog=catalog)
+    return verified.sha256
+
+
+def test_iter_catalogs_yields_the_remotes_that_have_metadata(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    _store_sample(paths)
+    other = Remote("other", "https://example.org/firmware.xml.zst")
+    catalogs = list(iter_catalogs(MetadataStore(paths), (other, REMOTE), Limits()))
+    assert [(c.remote_id, len(c.releases)) for c in catalogs] == [("lvfs", 3)]
+
+
+def test_a_catalog_carries_the_signing_time_of_its_own_file_only(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    sha = _store_sample(paths)
+    store = MetadataStore(paths)
+    state = json.loads(paths.metadata_state_file.read_text())
+    # a generation stored before generations kept their own record: the state file alone
+    # speaks (tests/unit/test_tidy.py has the record's own cases)
+    (paths.metadata_dir / REMOTE.id / ACCEPTED_NAME).unlink()
+    for accepted, signed_at in (
+        ({**state["lvfs"], "sha256": "0" * 64}, ""),  # the state speaks of another file
+        ({"sha256": sha}, ""),  # and this one has no time
+        (state["lvfs"], T0.isoformat()),
+    ):
+        paths.metadata_state_file.write_text(json.dumps({"lvfs": accepted}))
+        catalog = store.catalog(REMOTE, Limits())
+        assert catalog is not None and catalog.signed_at == signed_at
+
+
+def test_the_index_is_read_under_the_xml_cap_and_garbage_is_parsed_again(tmp_path: Path) -> None:
+    """An index (a catalog without releases here, to tell it from the parsed file) is read
+    up to the cap and one byte; cut there, or bytes that are not text, and the verified
+    file is parsed again."""
+    paths = Paths(tmp_path)
+    sha = _store_sample(paths)
+    store = MetadataStore(paths)
+    index_path = paths.metadata_dir / REMOTE.id / INDEX_NAME
+    index = catalog_index(Catalog(REMOTE.id, ()), sha)
+    cap = 64 * 1024
+    limits = Limits(metadata_xml_max_bytes=cap)
+    for size, releases in ((cap + 1, 0), (cap + 2, 3)):
+        index_path.write_bytes(b" " * (size - len(index)) + index)  # leading blanks: JSON
+        catalog = store.catalog(REMOTE, limits)
+        assert catalog is not None and len(catalog.releases) == releases, size
+    index_path.write_bytes(b"\xff\xfe" + index)
+    catalog = store.catalog(REMOTE, limits)
+    assert catalog is not None and len(catalog.releases) == 3
+
+
+def test_an_index_of_another_remote_is_not_one() -> None:
+    index = catalog_index(Catalog("other", ()), SHA_1)
+    with pytest.raises(ValueError, match="not an index of this format and remote"):
+        read_catalog_index(index, REMOTE)
+
+
+def test_a_release_without_a_plain_version_says_so() -> None:
+    reason = _skip_reason(catalog_xml(Comp(releases=[Rel("1.0 beta")])))
+    assert reason == "version is missing or not a plain version string"
+
+
+def test_the_firmware_base_uri_loses_only_its_trailing_slashes() -> None:
+    remote = Remote("m", "https://m.example/firmware.xml.zst", "https://m.example/BOX//")
+    (release,) = _parse(_shape_doc(_legacy()), remote).releases
+    assert release.url == f"https://m.example/BOX/{NAME}"
+
+
+@pytest.mark.parametrize(
+    ("description", "text"),
+    [
+        ("<description><p>Fixes <em>this</em> bug.</p></description>", "Fixes this bug."),
+        ("", ""),
+    ],
+)
+def test_release_notes_keep_inline_markup_text(description: str, text: str) -> None:
+    doc = _shape_doc(_legacy()).replace(b"<description><p>Fixes.</p></description>",
+                                        description.encode())  # fmt: skip
+    (release,) = _parse(doc).releases
+    assert release.description == text
+
+
+def test_what_a_component_or_release_leaves_out_is_empty_not_made_up() -> None:
+    doc = (
+        b'<components><component type="firmware">'
+        + f'<provides><firmware type="flashed">{GUID_A}</firmware></provides>'.encode()
+        + f'<releases><release version="1.2.3">{_legacy()}</release></releases>'.encode()
+        + b'<custom><value key="LVFS::VersionFormat"/></custom></component></components>'
+    )
+    (release,) = _parse(doc).releases
+    assert (release.component_id, release.name, release.summary) == ("", "", "")
+    assert (release.urgency, release.version_format, release.description) == ("", "", "")
+
+
+def test_comments_and_pis_inside_text_are_dropped_not_cut_at() -> None:
+    doc = _shape_doc(_legacy()).replace(
+        b"<id>com.example.Shape</id>", b"<id>com.<!-- a -->example<?pi x?>.Shape</id>"
+    )
+    (release,) = _parse(doc).releases
+    assert release.component_id == "com.example.Shape"
+
+
+def test_libxml2s_depth_limit_stays_on() -> None:
+    """No huge_tree: a component nested 300 deep is refused by libxml2 itself."""
+    doc = b'<components><component type="firmware">' + b"<x>" * 300 + b"</x>" * 300
+    with pytest.raises(FormatError, match="not well-formed XML"):
+        _parse(doc + b"</component></components>")
+
+
+NOT_COMPONENTS = "metadata has a DOCTYPE or is not a components document"
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"<!DOCTYPE components [ <!BROKEN ]><components/>",  # refused before libxml2 reads it
+        b"<other/>",
+        '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE components><components/>'.encode(
+            "utf-16"
+        ),  # a prolog the byte scan cannot read: libxml2's docinfo tells
+    ],
+)
+def test_not_a_components_document_is_refused_in_one_line(doc: bytes) -> None:
+    with pytest.raises(FormatError) as e:
+        _parse(doc)
+    assert str(e.value) == NOT_COMPONENTS
+
+
+def test_doctype_words_after_the_root_are_text() -> None:
+    doc = SAMPLE.replace(b"<component ", b"<!-- <!DOCTYPE x> <!ENTITY y> --><component ", 1)
+    assert len(_parse(doc).releases) == 3
+
+
+def test_the_prolog_may_be_64_kib_and_no_more() -> None:
+    limit = 64 * 1024
+    assert len(_NoDoctype(io.BytesIO(b" " * limit)).read(limit)) == limit
+    with pytest.raises(FormatError, match=f"more than {limit} bytes before its root element"):
+        _NoDoctype(io.BytesIO(b" " * (limit + 1))).read(limit + 1)
+
+
+def test_the_element_caps_are_exact() -> None:
+    """SAMPLE has this many elements, its largest component that many (the component
+    element itself counted): each cap at exactly that passes, one less refuses."""
+    from lxml import etree
+
+    root = etree.fromstring(SAMPLE)
+    total = sum(1 for _ in root.iter())
+    largest = max(sum(1 for _ in c.iter()) for c in root.iter("component"))
+    parse = functools.partial(parse_catalog, remote=REMOTE)
+    assert parse(io.BytesIO(SAMPLE), limits=Limits(metadata_max_elements=total)).releases
+    with pytest.raises(LimitExceeded, match=f"more than {total - 1} elements"):
+        parse(io.BytesIO(SAMPLE), limits=Limits(metadata_max_elements=total - 1))
+    capped = Limits(metadata_max_component_elements=largest)
+    assert parse(io.BytesIO(SAMPLE), limits=capped).releases
+    with pytest.raises(LimitExceeded, match=f"component has more than {largest - 1} elements"):
+        parse(io.BytesIO(SAMPLE), limits=Limits(metadata_max_component_elements=largest - 1))
+
+
+def test_a_first_store_makes_its_dirs_and_publishes_readable_files(tmp_path: Path) -> None:
+    """Into a cache that does not exist yet: the generation 0755, its jcat and index 0644
+    (fwupd reads them as another user), the state saying when, in UTC."""
+    paths = Paths(tmp_path / "fresh")
+    incoming = tmp_path / "incoming"
+    data = _compress(REMOTE.metadata_name, SAMPLE)
+    incoming.write_bytes(data)
+    verified = _verified(T0, hashlib.sha256(data).hexdigest(), len(data))
+    store = MetadataStore(paths)
+    old_umask = os.umask(0o022)
+    try:
+        fd = os.open(incoming, os.O_RDONLY)
+        try:
+            link = store.store(REMOTE, (fd, incoming), verified, catalog=_parse(SAMPLE))
+        finally:
+            os.close(fd)
+    finally:
+        os.umask(old_umask)
+    mode = lambda p: os.stat(p).st_mode & 0o7777  # noqa: E731
+    assert mode(link) == 0o755
+    assert mode(link / REMOTE.jcat_name) == mode(link / INDEX_NAME) == 0o644
+    accepted = store.accepted(REMOTE.id)
+    assert accepted is not None
+    accepted_at = datetime.fromisoformat(accepted["accepted_at"])
+    assert accepted_at.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - accepted_at) < timedelta(minutes=5)
+
+
+def test_an_old_generation_that_cannot_be_removed_does_not_fail_the_store(
+    tmp_path: Path,
+) -> None:
+    paths = Paths(tmp_path)
+    link = _push(paths, "n1", b"one", _verified(T0))
+    old = link.parent / os.readlink(link)
+    shutil.rmtree(old)
+    old.write_bytes(b"not a directory any more")  # rmtree refuses it
+    link = _push(paths, "n2", b"two", _verified(T0 + DAY, SHA_2))
+    assert (link / REMOTE.metadata_name).read_bytes() == b"two"
+
+
+def test_a_state_file_that_is_not_an_object_accepts_nothing(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    paths.metadata_state_file.parent.mkdir(parents=True)
+    paths.metadata_state_file.write_text('["lvfs"]')
+    assert MetadataStore(paths).accepted("lvfs") is None
+
+
+def test_safe_iterparse_passes_the_callers_options_on() -> None:
+    """The cab's metainfo is parsed with a forced encoding (broker.cabinet)."""
+    events = safe_iterparse(io.BytesIO(b"<a>\xc3\xa9</a>"), ("end",), encoding="iso-8859-1")
+    assert [el.text for _, el in events] == ["\u00c3\u00a9"]

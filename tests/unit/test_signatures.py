@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1026,3 +1027,250 @@ def _with_unsigned_attribute(der: bytes, oid: bytes, text: bytes) -> bytes:
     signer_infos[0] = (0x30, _enc_all(first))
     sd[-1] = (0x31, _enc_all(signer_infos))
     return _enc(0x30, _enc(*content_type) + _enc(0xA0, _enc(0x30, _enc_all(sd))))
+
+
+# --- what the mutation run (make mutation) found untested --------------------------------
+
+
+def _cms(pki: SandboxPki, content: bytes, signers: list[tuple[str, datetime | None]]) -> str:
+    """A detached PKCS#7 by the sandbox signer with one SignerInfo per (digest, signing
+    time): no signed attributes at all when the time is None; a GeneralizedTime from 2050
+    on (RFC 5652 11.3). Laid out with asn1crypto, signed for real (openssl verifies it)."""
+    from asn1crypto import algos, cms  # type: ignore[import-untyped]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from broker.sandbox.pq import signed_attrs_to_sign
+
+    DER = Encoding.DER
+
+    key = serialization.load_pem_private_key(pki.signer_key.read_bytes(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    cert = x509.load_pem_x509_certificate(pki.signer_pem.read_bytes())
+    sid = cms.SignerIdentifier({"issuer_and_serial_number": cms.IssuerAndSerialNumber(
+        {"issuer": cms.Name.load(cert.issuer.public_bytes()), "serial_number": cert.serial_number}
+    )})  # fmt: skip
+    infos, digests = [], {}
+    for digest, when in signers:
+        algorithm = algos.DigestAlgorithm({"algorithm": digest})
+        digests[digest] = algorithm
+        hash_algorithm = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}[digest]  # noqa: S303
+        rsa_pkcs1 = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"})
+        info = {"version": "v1", "sid": sid, "digest_algorithm": algorithm,
+                "signature_algorithm": rsa_pkcs1}  # fmt: skip
+        to_sign = content
+        if when is not None:
+            time = {"generalized_time": when} if when.year >= 2050 else {"utc_time": when}
+            attrs = cms.CMSAttributes([
+                cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
+                cms.CMSAttribute({"type": "signing_time", "values": [cms.Time(time)]}),
+                cms.CMSAttribute({"type": "message_digest",
+                                  "values": [hashlib.new(digest, content).digest()]}),
+            ])  # fmt: skip
+            info["signed_attrs"] = attrs
+            to_sign = signed_attrs_to_sign(attrs.dump())
+        info["signature"] = key.sign(to_sign, padding.PKCS1v15(), hash_algorithm)
+        infos.append(cms.SignerInfo(info))
+    signed_data = cms.SignedData({
+        "version": "v1", "digest_algorithms": list(digests.values()),
+        "encap_content_info": {"content_type": "data"},
+        "certificates": [cms.CertificateChoices.load(cert.public_bytes(DER))],
+        "signer_infos": infos,
+    })  # fmt: skip
+    content_info = cms.ContentInfo({"content_type": "signed_data", "content": signed_data})
+    return _pkcs7_pem(content_info.dump())
+
+
+WHEN = datetime(2031, 2, 3, 4, 5, 6, tzinfo=UTC)
+
+
+def test_every_signer_is_read_not_only_the_first(
+    sandbox_pki: SandboxPki, trust: TrustStore, open_fd: OpenFd
+) -> None:
+    """A first SignerInfo without signed attributes does not end the walk: the second's
+    signing time is read, and its SHA-1 refused."""
+    both = _cms(sandbox_pki, CONTENT, [("sha256", None), ("sha256", WHEN)])
+    assert verify_pkcs7(open_fd(CONTENT), both, trust).signed_at == WHEN
+    weak_second = _cms(sandbox_pki, CONTENT, [("sha256", None), ("sha1", WHEN)])
+    with pytest.raises(VerificationError, match="weak digest"):
+        verify_pkcs7(open_fd(CONTENT), weak_second, trust)
+
+
+def test_a_signing_time_from_2050_on_is_a_generalized_time(
+    sandbox_pki: SandboxPki, trust: TrustStore, open_fd: OpenFd
+) -> None:
+    when = datetime(2051, 12, 31, 23, 59, 58, tzinfo=UTC)
+    pem = _cms(sandbox_pki, CONTENT, [("sha256", when)])
+    assert b"\x18\x0f20511231235958Z" in _pem_body(pem)  # GeneralizedTime, 15 bytes
+    assert verify_pkcs7(open_fd(CONTENT), pem, trust).signed_at == when
+
+
+@pytest.mark.parametrize(
+    ("tag", "raw", "when"),
+    [
+        (0x17, b"491231235959Z", datetime(2049, 12, 31, 23, 59, 59, tzinfo=UTC)),
+        (0x17, b"500101000000Z", datetime(1950, 1, 1, tzinfo=UTC)),
+        (0x18, b"20510102030405Z", datetime(2051, 1, 2, 3, 4, 5, tzinfo=UTC)),
+    ],
+)
+def test_signing_times_are_read_as_rfc_5280_has_them(tag: int, raw: bytes, when: datetime) -> None:
+    assert signatures._parse_time(tag, raw) == when
+
+
+NOT_A_TIME = "signingTime is neither UTCTime nor GeneralizedTime in UTC"
+
+
+@pytest.mark.parametrize(
+    ("tag", "raw", "message"),
+    [
+        (0x17, b"20510102030405Z", NOT_A_TIME),  # a GeneralizedTime's text in a UTCTime
+        (0x18, b"510102030405Z", NOT_A_TIME),  # and the other way round
+        (0x18, b"20510102030405+0100", NOT_A_TIME),  # not UTC
+        (0x17, b"\xff" * 12 + b"Z", NOT_A_TIME),  # not ASCII: refused, not a crash
+        (0x04, b"491231235959Z", NOT_A_TIME),  # not a time
+        (0x17, b"491231235960Z", "signingTime is not a date"),  # no 60th second
+    ],
+)
+def test_other_signing_times_are_refused(tag: int, raw: bytes, message: str) -> None:
+    with pytest.raises(signatures._DerError) as e:
+        signatures._parse_time(tag, raw)
+    assert str(e.value) == message
+
+
+def test_gpg_iso_signature_times_are_utc() -> None:
+    """gpg writes a signature time as seconds or, in some versions, ISO 8601."""
+    assert signatures._gpg_time("20240102T030405") == datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert signatures._gpg_time("1705829736") == datetime(2024, 1, 21, 9, 35, 36, tzinfo=UTC)
+
+
+def test_pq_algorithm_identifiers_are_der_encoded() -> None:
+    """The OIDs a SignerInfo is matched against, as X.690 8.19 encodes them."""
+    assert signatures._der_oid("2.16.840.1.101.3.4.3.19") == bytes.fromhex("608648016503040313")
+    assert signatures._der_oid("1.2.840.113549.1.7.2") == signatures._OID_SIGNED_DATA
+    assert signatures._der_oid("1.2.16384") == bytes([0x2A, 0x81, 0x80, 0x00])
+    assert signatures._der_oid("1.2.127.128") == bytes([0x2A, 0x7F, 0x81, 0x00])
+    assert signatures._PQ_BY_DER[bytes.fromhex("608648016503040313")] == "ML-DSA-87"
+
+
+def test_the_signer_is_described_from_openssls_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subject and fingerprint as openssl prints them; a line it may not print is left
+    empty, a byte that is not ASCII is replaced, and no fingerprint is a refusal."""
+    out = [b"sha256 Fingerprint=AB:cd:01\n"]
+    monkeypatch.setattr(signatures, "_run", lambda argv: signatures._Ran(0, out[0], b""))
+    assert signatures._signer_identity(Path("x")) == ("", "ABCD01")
+    out[0] = b"subject=CN=caf\xc3\xa9\nSHA256 Fingerprint=00:FF\n"
+    assert signatures._signer_identity(Path("x")) == ("CN=caf\ufffd\ufffd", "00FF")
+    out[0] = b"subject=CN=x\n"
+    with pytest.raises(VerificationError) as e:
+        signatures._signer_identity(Path("x"))
+    assert str(e.value) == "openssl could not describe the signer certificate"
+
+
+def test_trust_store_from_dirs_only_the_named_files(tmp_path: Path) -> None:
+    for name in ("a.pem", "b.pem", "GPG-KEY-a", "GPG-KEY-b"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "GPG-KEY-dir").mkdir()
+    store = TrustStore.from_dirs([tmp_path], only=["b.pem", "GPG-KEY-a", "GPG-KEY-dir"])
+    assert store == TrustStore((tmp_path / "b.pem",), (tmp_path / "GPG-KEY-a",))
+    assert TrustStore.from_dirs([tmp_path], only=[]) == TrustStore((), ())
+    assert TrustStore.from_dirs([tmp_path]).gpg_key_files == (
+        tmp_path / "GPG-KEY-a", tmp_path / "GPG-KEY-b",
+    )  # fmt: skip
+
+
+def _fake_tool(directory: Path, name: str, script: str) -> None:
+    directory.mkdir(exist_ok=True)
+    (directory / name).write_text("#!/bin/sh\n" + script)
+    (directory / name).chmod(0o755)
+
+
+def test_the_callers_environment_does_not_pick_the_tools(
+    trust: TrustStore, signed: Signed, open_fd: OpenFd, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """openssl and gpg run with dom0's own PATH, not the caller's (nor its GNUPGHOME)."""
+    fake, marker = tmp_path / "bin", tmp_path / "ran"
+    for tool in ("openssl", "gpg"):
+        _fake_tool(fake, tool, f"touch {marker}\nexit 0\n")
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("GNUPGHOME", str(tmp_path / "caller-gnupg"))
+    item = _item(_sha256(CONTENT), (BlobKind.PKCS7, signed.pkcs7), (BlobKind.GPG, signed.gpg))
+    verified = verify_file(open_fd(CONTENT), item, trust)
+    assert [s.kind for s in verified.signatures] == ["pkcs7", "gpg"]
+    assert not marker.exists() and not (tmp_path / "caller-gnupg").exists()
+
+
+def test_a_gpg_that_hangs_is_killed_at_the_deadline(
+    trust: TrustStore, signed: Signed, open_fd: OpenFd, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    fake = tmp_path / "bin"
+    hang = 'case "$*" in *--verify*) exec sleep 30;; esac\nexec /usr/bin/gpg "$@"\n'
+    _fake_tool(fake, "gpg", hang)
+    monkeypatch.setitem(signatures._ENV, "PATH", f"{fake}:/usr/bin:/bin")
+    monkeypatch.setattr(signatures, "_TIMEOUT_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(VerificationError) as e:
+        verify_gpg(open_fd(CONTENT), signed.gpg, trust)
+    assert str(e.value) == "gpg did not finish within 1 s"
+    assert time.monotonic() - start < 10
+
+
+def test_a_refusal_names_the_file_and_leaves_the_offset_at_0(
+    trust: TrustStore, signed: Signed, open_fd: OpenFd
+) -> None:
+    fd = open_fd(CONTENT)
+    with pytest.raises(VerificationError) as e:
+        verify_file(fd, _item((BlobKind.PKCS7, signed.pkcs7)), trust)
+    assert str(e.value) == "file: no sha256 checksum"
+    assert os.lseek(fd, 0, os.SEEK_CUR) == 0
+
+
+def test_eight_signatures_are_each_checked_and_no_kind_accepted_says_none(
+    trust: TrustStore, open_fd: OpenFd
+) -> None:
+    eight = _item(_sha256(CONTENT), *[(BlobKind.PKCS7, f"not a signature {i}") for i in range(8)])
+    message = _refused(open_fd(CONTENT), eight, trust)
+    assert message.startswith("firmware.bin: no trusted signature (pkcs7: not exactly one PEM")
+    nothing = TrustPolicy(accepted=frozenset())
+    assert _refused(open_fd(CONTENT), eight, trust, nothing) == (
+        "firmware.bin: no signature of an accepted kind (none)"
+    )
+
+
+def test_gpg_keeps_to_its_private_home_whatever_gnupghome_says(
+    trust: TrustStore, signed: Signed, open_fd: OpenFd, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The keyring is a fresh one per check (--homedir), never one the environment names."""
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setitem(signatures._ENV, "GNUPGHOME", str(elsewhere))
+    assert verify_gpg(open_fd(CONTENT), signed.gpg, trust).kind == "gpg"
+    assert not elsewhere.exists()
+
+
+def test_a_refusal_lists_each_cause_and_cuts_a_long_signer(
+    trust: TrustStore, signed: Signed, open_fd: OpenFd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    both_bad = _item(_sha256(CONTENT), (BlobKind.PKCS7, "x"), (BlobKind.GPG, "y"))
+    assert _refused(open_fd(CONTENT), both_bad, trust) == (
+        "firmware.bin: no trusted signature (pkcs7: not exactly one PEM block labelled PKCS7 "
+        "(or CMS); gpg: not one armored PGP signature)"
+    )
+    long_signer = Signature("pkcs7", "S" * 200, None, "pem", frozenset({"someone"}))
+    monkeypatch.setattr(signatures, "verify_pkcs7", lambda fd, pem, trust: long_signer)
+    named = TrustPolicy(signers=frozenset({"someone else"}))
+    message = _refused(open_fd(CONTENT), _item(_sha256(CONTENT), (BlobKind.PKCS7, "x")), trust,
+                       named)  # fmt: skip
+    assert f"pkcs7: signed by {'S' * 119}…, not a signer named for this purpose" in message
+
+
+def test_a_verified_blob_keeps_its_timestamp(
+    trust: TrustStore, signed: Signed, open_fd: OpenFd
+) -> None:
+    item = JcatItem("firmware.bin", (JcatBlob(BlobKind.SHA256, hashlib.sha256(CONTENT).hexdigest()),
+                                     JcatBlob(BlobKind.GPG, signed.gpg, 1705829736)))  # fmt: skip
+    (blob,) = verify_file(open_fd(CONTENT), item, trust).verified_blobs
+    assert (blob.kind, blob.timestamp) == (BlobKind.GPG, 1705829736)

@@ -7,7 +7,10 @@ never leaves dom0 with a file its record does not describe. The sandbox's kill -
 from __future__ import annotations
 
 import errno
+import gc
+import gzip
 import json
+import lzma
 import os
 import resource
 import signal
@@ -17,9 +20,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import zstandard
 
-from broker.config import Paths, Remote
-from broker.metadata import ACCEPTED_NAME, MetadataStore
+from broker.config import Limits, Paths, Remote
+from broker.metadata import ACCEPTED_NAME, MetadataStore, open_catalog
 from broker.session import ExpectedFile, Sessions
 from broker.signatures import Signature, Verified
 from broker.transfer import (
@@ -198,3 +202,25 @@ def test_a_record_that_is_no_file_is_ignored(stored: Paths) -> None:
     record.unlink()
     record.symlink_to("/dev/zero")
     assert MetadataStore(stored).accepted("lvfs") == accepted
+
+
+@pytest.mark.parametrize("name", ["firmware.xml.zst", "firmware.xml.gz", "firmware.xml.xz",
+                                  "firmware.xml"])  # fmt: skip
+def test_a_closed_catalog_reader_leaves_no_fd(tmp_path: Path, name: str) -> None:
+    """The reader's dup of the verified fd goes when the reader is closed, not when the
+    garbage collector gets to it (a long-lived process would gather them)."""
+    xml = b"<components/>"
+    packed = {"firmware.xml.zst": zstandard.ZstdCompressor().compress(xml),
+              "firmware.xml.gz": gzip.compress(xml), "firmware.xml.xz": lzma.compress(xml),
+              "firmware.xml": xml}[name]  # fmt: skip
+    (tmp_path / name).write_bytes(packed)
+    fd = os.open(tmp_path / name, os.O_RDONLY)
+    gc.disable()  # what is closed must be closed by close(), not collected
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        with open_catalog(fd, name, Limits()) as stream:
+            assert stream.read() == xml
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        gc.enable()
+        os.close(fd)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import stat
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,12 +26,16 @@ from broker.transfer import (
     CHUNK,
     FRAME_VERSION,
     FrameFile,
+    ProgressLines,
     StreamReader,
     UntrustedFiles,
+    fsync_dir,
     install_file,
     is_file_name,
     parse_header,
     prune_cabs,
+    read_small,
+    write_atomic,
     write_frame,
 )
 from tests.properties import assert_user_message, expect_only_our_errors
@@ -670,3 +677,430 @@ def test_prune_cabs_removes_the_oldest_until_under_the_cap_and_never_the_new_one
     assert prune_cabs(tmp_path, 100, keep=new) == [middle.name]
     assert new.exists() and other.exists()
     assert prune_cabs(tmp_path / "missing", 0) == []
+
+
+# --------------------------------------------------------------------------- mutation gaps
+# (issue 21: each test below kills mutants of broker.transfer that the tests above let live)
+class Reads:
+    """os.read on one fd, the first reads cut to the sizes given (a sender whose bytes
+    arrive in pieces), every size asked for recorded; deterministic, unlike a timed writer."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fd: int, cuts: list[int]) -> None:
+        self.fd, self.cuts, self.asked = fd, list(cuts), []
+        real = os.read
+
+        def read(f: int, n: int) -> bytes:
+            if f != self.fd:
+                return real(f, n)
+            self.asked.append(n)
+            return real(f, min(n, self.cuts.pop(0)) if self.cuts else n)
+
+        monkeypatch.setattr(os, "read", read)
+
+
+def _rest(pipe: Pipe) -> bytes:
+    """What the reader left in the pipe (the writer has closed)."""
+    pipe.close(pipe.w)
+    out = b""
+    while chunk := os.read(pipe.r, 65536):
+        out += chunk
+    return out
+
+
+def test_header_split_across_reads_is_joined(pipe: Pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    line = _header([{"name": "a.cab", "size": 3}], nonce="ab" * 16)
+    os.write(pipe.w, line + b"\nabc")
+    Reads(monkeypatch, pipe.r, [5, 7, 1])  # the line arrives in four pieces
+    reader = _reader(pipe.r)
+    assert reader.readline(HEADER_MAX) == line
+    assert reader.read_exact(3) == b"abc"
+    pipe.close(pipe.w)
+    reader.expect_eof()
+
+
+def test_header_at_the_cap_split_before_its_newline_is_accepted(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.write(pipe.w, b"a" * 64 + b"\nX")
+    Reads(monkeypatch, pipe.r, [64])  # all of the line, then its newline alone
+    reader = _reader(pipe.r)
+    assert reader.readline(64) == b"a" * 64
+    assert reader.read_exact(1) == b"X"
+
+
+def test_newline_at_the_start_of_a_read_ends_the_line(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.write(pipe.w, b"abc\nX")
+    Reads(monkeypatch, pipe.r, [3])
+    reader = _reader(pipe.r)
+    assert reader.readline(10) == b"abc"
+    assert reader.read_exact(1) == b"X"
+
+
+def test_empty_header_line_is_an_empty_line(pipe: Pipe) -> None:
+    pipe.feed(b"\nX")
+    reader = _reader(pipe.r)
+    assert reader.readline(10) == b""
+    assert reader.read_exact(1) == b"X"
+
+
+def test_readline_stops_at_the_first_newline(pipe: Pipe) -> None:
+    pipe.feed(b"h1\nh2\n")
+    reader = _reader(pipe.r)
+    assert reader.readline(10) == b"h1"
+    assert reader.readline(10) == b"h2"
+
+
+@pytest.mark.parametrize("cuts", [[], [2]])
+def test_header_over_the_cap_reads_no_more_than_the_cap_and_one_byte(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch, cuts: list[int]
+) -> None:
+    data = b"abcdefghij\nrest"
+    os.write(pipe.w, data)
+    Reads(monkeypatch, pipe.r, cuts)
+    with pytest.raises(LimitExceeded, match=r"^header line longer than 5 bytes$"):
+        _reader(pipe.r).readline(5)
+    monkeypatch.undo()
+    assert _rest(pipe) == data[6:]  # the sender's surplus stays unread
+
+
+def test_read_exact_joins_pieces(pipe: Pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    os.write(pipe.w, b"12345678")
+    Reads(monkeypatch, pipe.r, [3, 2])
+    assert _reader(pipe.r).read_exact(8) == b"12345678"
+
+
+def test_deadline_reached_exactly_refuses_ready_bytes(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.write(pipe.w, b"ready\n")
+    monkeypatch.setattr(time, "monotonic", lambda: 1000.0)
+    with pytest.raises(TransferError, match=r"^transfer took too long \(deadline reached\)$"):
+        StreamReader(pipe.r, 1000.0).readline(100)
+
+
+def test_deadline_messages_are_exact(pipe: Pipe) -> None:
+    reader = StreamReader(pipe.r, time.monotonic() + 0.05)  # nothing ever written
+    with pytest.raises(TransferError, match=r"^transfer took too long \(deadline reached\)$"):
+        reader.readline(100)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", r"^stream ended before the header line was complete$"),
+        (b"h\nX", r"^unexpected bytes after the last file$"),
+    ],
+)
+def test_stream_end_messages_are_exact(pipe: Pipe, data: bytes, message: str) -> None:
+    pipe.feed(data)
+    reader = _reader(pipe.r)
+    with pytest.raises(TransferError, match=message):
+        reader.readline(10)
+        reader.expect_eof()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b"{", r"^header is not valid JSON$"),
+        (_header([5]), r"^header file entry is not an object$"),
+        (
+            _header([{"name": "../a", "size": 1}]),
+            r"^header names a file with a path, control or invalid characters$",
+        ),
+    ],
+)
+def test_parse_header_messages_are_exact(line: bytes, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        parse_header(line)
+
+
+def test_fsync_dir_refuses_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        fsync_dir(tmp_path / "f")
+    fsync_dir(tmp_path)
+
+
+def test_untrusted_files_make_their_parents(tmp_path: Path) -> None:
+    d = tmp_path / "a" / "b" / "untrusted"
+    with UntrustedFiles(d, "n8") as u:
+        u.create("a.cab")
+        with pytest.raises(FileExistsError, match=r"^a\.cab was already received$"):
+            u.create("a.cab")
+    assert d.is_dir()
+
+
+def _swap_under(u: UntrustedFiles, tmp_path: Path, symlink: bool) -> Path:
+    """Replace the untrusted path after verification: by another file, or by a link to
+    the verified file itself (moved away, where its writer can still reach it)."""
+    src = u.paths["a.cab"]
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    if symlink:
+        src.symlink_to(moved)
+    else:
+        src.write_bytes(b"swapped in")
+    return moved
+
+
+@pytest.mark.parametrize("symlink", [False, True])
+def test_install_file_refuses_what_was_swapped_after_verification(
+    tmp_path: Path, symlink: bool
+) -> None:
+    dest = tmp_path / "cabs" / "abc.cab"
+    with UntrustedFiles(tmp_path / "untrusted", "n9") as u:
+        fd = u.create("a.cab")
+        os.write(fd, b"verified")
+        moved = _swap_under(u, tmp_path, symlink)
+        with pytest.raises(
+            TransferError, match=r"^abc\.cab: replaced between verification and storing$"
+        ):
+            install_file(fd, u.paths["a.cab"], dest)
+    assert not dest.exists() and not dest.is_symlink()
+    assert moved.read_bytes() == b"verified"
+
+
+def _order(monkeypatch: pytest.MonkeyPatch, first: list[str]) -> None:
+    """iterdir in a fixed order: the names in ``first``, then the rest sorted."""
+    real = Path.iterdir
+
+    def iterdir(self: Path) -> Iterator[Path]:
+        paths = sorted(real(self), key=lambda p: (p.name not in first, p.name))
+        return iter(paths)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+
+
+def test_prune_cabs_looks_past_other_files_and_the_kept_cab(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep = _cab(tmp_path, 9, 10, 9)
+    old = _cab(tmp_path, 1, 100, 1)
+    (tmp_path / "notes.txt").write_bytes(b"x")
+    _order(monkeypatch, ["notes.txt", keep.name])
+    assert prune_cabs(tmp_path, 50, keep=keep) == [old.name]
+
+
+def test_prune_cabs_without_keep_stops_at_the_cap_exactly(tmp_path: Path) -> None:
+    a, b = _cab(tmp_path, 1, 100, 1), _cab(tmp_path, 2, 100, 2)
+    assert prune_cabs(tmp_path, 200) == []
+    assert prune_cabs(tmp_path, 199) == [a.name]
+    assert b.exists() and not a.exists()
+
+
+def test_prune_cabs_removes_as_many_as_it_takes(tmp_path: Path) -> None:
+    cabs = [_cab(tmp_path, n, 100, n) for n in range(1, 5)]
+    assert prune_cabs(tmp_path, 150) == [c.name for c in cabs[:3]]
+    assert [p.name for p in tmp_path.iterdir()] == [cabs[3].name]
+
+
+def test_prune_cabs_counts_a_link_as_a_link_and_leaves_its_target(tmp_path: Path) -> None:
+    cabs = tmp_path / "cabs"
+    cabs.mkdir()
+    target = tmp_path / "big"
+    target.write_bytes(b"t" * 10_000)
+    link = cabs / f"{7:064x}.cab"
+    link.symlink_to(target)
+    assert prune_cabs(cabs, 1000) == []  # the link's own size is far under the cap
+    assert prune_cabs(cabs, 0) == [link.name]
+    assert target.read_bytes() == b"t" * 10_000
+
+
+def test_prune_cabs_survives_a_concurrent_prune(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone, vanishing = _cab(tmp_path, 1, 100, 1), _cab(tmp_path, 2, 100, 2)
+    newest = _cab(tmp_path, 3, 100, 3)
+    real_stat = Path.stat
+
+    def stat_(self: Path, *, follow_symlinks: bool = True) -> os.stat_result:
+        if self.name == gone.name:  # removed by another run after the listing
+            self.unlink()
+            raise FileNotFoundError(self)
+        st = real_stat(self, follow_symlinks=follow_symlinks)
+        if self.name == vanishing.name:  # removed by another run between stat and unlink
+            self.unlink()
+        return st
+
+    _order(monkeypatch, [gone.name])
+    monkeypatch.setattr(Path, "stat", stat_)
+    assert prune_cabs(tmp_path, 100) == [vanishing.name]
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [newest.name]
+
+
+# --------------------------------------------------------------------------- read_small
+def test_read_small_reads_up_to_the_cap_exactly(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"12345")
+    assert read_small(f, 5) == b"12345"
+    with pytest.raises(LimitExceeded, match=rf"^{f} is more than 4 bytes$"):
+        read_small(f, 4)
+
+
+def test_read_small_refuses_a_big_file_without_reading_it(tmp_path: Path) -> None:
+    f = tmp_path / "sparse"
+    with f.open("wb") as out:
+        out.truncate(64 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(LimitExceeded):
+            read_small(f, 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+
+
+def test_read_small_follows_a_symlink_only_when_asked(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_bytes(b"data")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(OSError):
+        read_small(link, 100)
+    assert read_small(link, 100, follow=True) == b"data"
+
+
+def test_read_small_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            read_small(fifo, 100)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(2)
+    if t.is_alive():  # release the blocked open(2), then fail
+        os.close(os.open(fifo, os.O_WRONLY))
+        t.join(2)
+        pytest.fail("read_small blocked on a FIFO")
+    assert len(errors) == 1 and isinstance(errors[0], FormatError)
+    assert str(errors[0]) == f"{fifo}: not a regular file"
+
+
+# --------------------------------------------------------------------------- write_atomic
+@pytest.fixture
+def umask0() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_write_atomic_makes_parents_and_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "state.json"
+    write_atomic(path, b"one")
+    write_atomic(path, b"two")
+    assert path.read_bytes() == b"two"
+    assert os.listdir(path.parent) == ["state.json"]  # no temp file left
+
+
+@pytest.mark.parametrize("mode", [None, 0o600, 0o644])
+def test_write_atomic_mode_is_never_wider_than_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask0: None, mode: int | None
+) -> None:
+    """The mode holds from creation on (a umask of 0 cannot widen it meanwhile) and after
+    (a umask of 077 cannot narrow it)."""
+    want = 0o640 if mode is None else mode
+    seen: list[int] = []
+    real_fchmod = os.fchmod
+
+    def fchmod(fd: int, m: int) -> None:
+        seen.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        real_fchmod(fd, m)
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    path = tmp_path / "f"
+    os.umask(0o077)
+    write_atomic(path, b"x") if mode is None else write_atomic(path, b"x", mode)
+    assert stat.S_IMODE(path.stat().st_mode) == want
+    os.umask(0)
+    write_atomic(path, b"y") if mode is None else write_atomic(path, b"y", mode)
+    assert seen[1] == want
+    assert stat.S_IMODE(path.stat().st_mode) == want
+
+
+def test_write_atomic_never_writes_through_a_planted_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "ab" * n)
+    path = tmp_path / "state.json"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / f".state.json.{'ab' * 4}.tmp").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        write_atomic(path, b"data")
+    assert victim.read_bytes() == b"precious"
+    assert not path.exists()
+
+
+def test_write_atomic_temp_file_is_hidden_beside_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renamed: list[tuple[str, str]] = []
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        renamed.append((str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / ("n" * 241)  # NAME_MAX with the temp name's 14 characters
+    write_atomic(path, b"data")
+    ((src, dst),) = renamed
+    assert dst == str(path)
+    assert Path(src).parent == tmp_path
+    assert re.fullmatch(rf"\.{'n' * 241}\.[0-9a-f]{{8}}\.tmp", Path(src).name)
+    assert path.read_bytes() == b"data"
+
+
+# --------------------------------------------------------------------------- ProgressLines
+def test_progress_lines_are_json_lines_at_most_every_interval(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1.1]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    report = ProgressLines(pipe.w)
+    for t, done, final in [(1.1, 1, False), (1.2, 2, False), (1.35, 3, False),
+                           (1.4, 4, False), (1.41, 5, True)]:  # fmt: skip
+        now[0] = t
+        if final:
+            report("a.cab", done, 10, final=True)
+        else:
+            report("a.cab", done, 10)  # not final unless said
+    ProgressLines(pipe.w, unit="%")("dev", 50, None)
+    monkeypatch.undo()
+    lines = _rest(pipe).split(b"\n")
+    assert lines[-1] == b""
+    assert [json.loads(line) for line in lines[:-1]] == [
+        {"progress": {"name": "a.cab", "done": d, "total": 10, "unit": "bytes"}} for d in (1, 3, 5)
+    ] + [{"progress": {"name": "dev", "done": 50, "total": None, "unit": "%"}}]
+
+
+def test_progress_line_written_after_exactly_the_interval(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    report = ProgressLines(pipe.w)
+    report("a", 1, None)
+    now[0] = 100.25
+    report("a", 2, None)
+    monkeypatch.undo()
+    assert len(_rest(pipe).splitlines()) == 2
+
+
+def test_progress_to_a_reader_gone_is_cancelled(pipe: Pipe) -> None:
+    pipe.close(pipe.r)
+    with pytest.raises(TransferError, match=r"^dom0 went away: cancelled$"):
+        ProgressLines(pipe.w)("a", 1, 2, final=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from typing import Any
 
@@ -12,8 +13,8 @@ from hypothesis import strategies as st
 
 from broker.config import Limits
 from broker.errors import BrokerError, FormatError, LimitExceeded
-from broker.fwupd import Device
-from broker.usbvm import parse_devices_reply
+from broker.fwupd import Device, OfferedRelease
+from broker.usbvm import parse_devices_reply, parse_offers_reply, parse_results_reply
 from tests.properties import assert_user_message, expect_only_our_errors
 
 LIMITS = Limits()
@@ -346,3 +347,258 @@ def test_a_device_id_listed_twice_is_refused() -> None:
     other = {**one, "Version": "0.0.1"}
     with pytest.raises(FormatError, match=f"lists DeviceId {'a' * 40} twice"):
         parse_devices_reply(json.dumps({"devices": [one, other]}).encode(), Limits())
+
+
+# --------------------------------------------------------------------------- exact refusals
+def _refused(reply: bytes, message: str, error: type[BrokerError] = FormatError) -> None:
+    """The whole message, not a part of it: what dom0 logs and shows about sys-usb."""
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        parse_devices_reply(reply, LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"[]", "sys-usb reply is not an object with a devices list"),
+        (_reply(None), "sys-usb reply: a device is not an object"),
+        (_with(Guid="x"), "sys-usb reply: Guid is not a short list"),
+        (_with(Flags=-1), "sys-usb reply: Flags is not a 64-bit unsigned integer"),
+        (_with(Raw=[1]), "sys-usb reply: Raw is not an object"),
+        (b"{", "sys-usb reply is not valid JSON"),
+    ],
+)
+def test_device_reply_refusals_say_exactly_what(reply: bytes, message: str) -> None:
+    _refused(reply, message)
+
+
+def test_reply_over_the_cap_says_exactly_what() -> None:
+    with pytest.raises(LimitExceeded, match=r"^sys-usb reply is too large$"):
+        parse_devices_reply(b"{}" + b" " * 10, Limits(reply_max_bytes=11))
+
+
+def test_several_vendor_ids_and_protocols_round_trip() -> None:
+    (d,) = parse_devices_reply(
+        _with(VendorId="USB:0x046D,PCI:0x8086", Protocol="a.b,c.d,e"), LIMITS
+    )
+    assert d.vendor_ids == ("USB:0x046D", "PCI:0x8086")
+    assert d.protocols == ("a.b", "c.d", "e")
+
+
+@pytest.mark.parametrize("field", ["VendorId", "Protocol"])
+def test_vendor_id_and_protocol_are_capped_at_512_chars(field: str) -> None:
+    at_cap = ",".join(["a" * 128] * 3 + ["b" * 125])  # tokens within their own cap
+    assert len(at_cap) == 512
+    parse_devices_reply(_with(**{field: at_cap}), LIMITS)
+    _refused(
+        _with(**{field: at_cap + "c"}),
+        f"sys-usb reply: {field} is not a string of at most 512 chars",
+    )
+
+
+def test_raw_is_kept_beside_the_checked_fields_only_for_rendering() -> None:
+    raw = {"Created": 1700000000, "Summary": "anything", "Name": "not what was checked"}
+    (d,) = parse_devices_reply(_with(Raw=raw), LIMITS)
+    assert d.raw == raw
+    assert d.name == GOOD.name  # decisions read the checked fields, never Raw
+    (d,) = parse_devices_reply(_reply(MINIMAL.to_json()), LIMITS)
+    assert d.raw == {}
+
+
+# --------------------------------------------------------------------------- offers
+DEV_A, DEV_B, DEV_C = "a" * 40, "b" * 40, "c" * 40
+SHA256 = "ab" * 32
+SHA1 = "cd" * 20
+SHA512 = "ef" * 64
+
+
+def _release(**fields: Any) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "AppstreamId": "com.example.Device.firmware",
+        "Version": "1.2.3",
+        "Checksum": [SHA1, SHA256],
+        "RemoteId": "lvfs",
+    }
+    for k, v in fields.items():
+        if v is _DROP:
+            r.pop(k)
+        else:
+            r[k] = v
+    return r
+
+
+def _offers(offers: object, asked: list[str] | None = None, limits: Limits = LIMITS) -> Any:
+    reply = json.dumps({"offers": offers}).encode()
+    return parse_offers_reply(reply, [DEV_A] if asked is None else asked, limits)
+
+
+def _offers_refused(
+    offers: object, message: str, error: type[BrokerError] = FormatError, **kw: Any
+) -> None:
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        _offers(offers, **kw)
+
+
+def test_offers_per_device_asked() -> None:
+    raw = {"Description": "<p>x</p>", "Urgency": 3}
+    got = _offers(
+        {
+            DEV_A: {"releases": [_release(Raw=raw), _release(Version="1.2.4", Checksum=[])]},
+            DEV_B: {"error": "No upgrades for \x1b[2Jdevice"},
+        },
+        asked=[DEV_A, DEV_B, DEV_C],
+    )
+    assert got == {
+        DEV_A: [
+            OfferedRelease("com.example.Device.firmware", "1.2.3", (SHA1, SHA256), "lvfs"),
+            OfferedRelease("com.example.Device.firmware", "1.2.4", (), "lvfs"),
+        ],
+        DEV_B: "No upgrades for ?[2Jdevice",
+        DEV_C: "sys-usb did not answer for this device",
+    }
+    releases = got[DEV_A]
+    assert releases[0].raw == raw and releases[1].raw == {}
+    assert list(got) == [DEV_A, DEV_B, DEV_C]
+
+
+def test_offers_accept_every_checksum_kind_up_to_eight() -> None:
+    sums = [SHA1, SHA256, SHA512] + [f"{n:064x}" for n in range(5)]
+    (release,) = _offers({DEV_A: {"releases": [_release(Checksum=sums)]}})[DEV_A]
+    assert release.checksums == tuple(sums)
+    _offers_refused(
+        {DEV_A: {"releases": [_release(Checksum=[*sums, SHA1])]}},
+        "sys-usb reply: Checksum is not a short list",
+    )
+
+
+def test_offers_at_the_release_cap_are_accepted_and_over_it_refused() -> None:
+    limits = Limits(max_offered_releases=2)
+    assert len(_offers({DEV_A: {"releases": [_release()] * 2}}, limits=limits)[DEV_A]) == 2
+    _offers_refused(
+        {DEV_A: {"releases": [_release()] * 3}},
+        "sys-usb offers more than 2 releases for a device",
+        LimitExceeded,
+        limits=limits,
+    )
+
+
+def test_offer_error_is_capped_at_300_chars() -> None:
+    assert _offers({DEV_A: {"error": "e" * 300}})[DEV_A] == "e" * 300
+    _offers_refused(
+        {DEV_A: {"error": "e" * 301}}, "sys-usb reply: error is not a string of at most 300 chars"
+    )
+    _offers_refused(
+        {DEV_A: {"error": 1}}, "sys-usb reply: error is not a string of at most 300 chars"
+    )
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([], "sys-usb reply is not an object with an offers object"),
+        ({}, "sys-usb reply is not an object with an offers object"),
+        ({"offers": [DEV_A]}, "sys-usb reply is not an object with an offers object"),
+        ({"offers": {DEV_B: {"error": "x"}}},
+         "sys-usb reply names a device dom0 did not ask about"),
+        ({"offers": {DEV_A: []}}, "sys-usb reply: an offer entry is not {releases} or {error}"),
+        ({"offers": {DEV_A: {}}}, "sys-usb reply: an offer entry is not {releases} or {error}"),
+        (
+            {"offers": {DEV_A: {"error": "x", "releases": []}}},
+            "sys-usb reply: an offer entry is not {releases} or {error}",
+        ),
+        ({"offers": {DEV_A: {"other": []}}}, "sys-usb reply: releases is not a list"),
+        ({"offers": {DEV_A: {"releases": {}}}}, "sys-usb reply: releases is not a list"),
+        ({"offers": {DEV_A: {"releases": [None]}}}, "sys-usb reply: a release is not an object"),
+        ({"offers": {DEV_A: {"releases": [_release(Checksum=_DROP)]}}},
+         "sys-usb reply: Checksum is not a short list"),
+        ({"offers": {DEV_A: {"releases": [_release(Checksum=SHA256)]}}},
+         "sys-usb reply: Checksum is not a short list"),
+        ({"offers": {DEV_A: {"releases": [_release(Raw="x")]}}},
+         "sys-usb reply: Raw is not an object"),
+    ],
+)  # fmt: skip
+def test_offers_refusals_say_exactly_what(doc: object, message: str) -> None:
+    with pytest.raises(FormatError, match=f"^{re.escape(message)}$"):
+        parse_offers_reply(json.dumps(doc).encode(), [DEV_A], LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("AppstreamId", ".com.example"),
+        ("AppstreamId", "a" * 256),
+        ("AppstreamId", "com example"),
+        ("AppstreamId", None),
+        ("Version", "1.2\n"),
+        ("Version", "1" * 65),
+        ("Version", ""),
+        ("Version", 1),
+        ("Checksum", [SHA256.upper()]),
+        ("Checksum", [SHA256[:-1]]),
+        ("Checksum", ["0" * 96]),
+        ("Checksum", [1]),
+        ("RemoteId", "LVFS"),
+        ("RemoteId", "-lvfs"),
+        ("RemoteId", "l" * 65),
+        ("RemoteId", _DROP),
+    ],
+)
+def test_offered_release_fields_are_checked(field: str, value: object) -> None:
+    with pytest.raises(FormatError, match=rf"^sys-usb reply: malformed {field}$"):
+        _offers({DEV_A: {"releases": [_release(**{field: value})]}})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("AppstreamId", "a" * 255), ("Version", "1" * 64), ("RemoteId", "l" * 64),
+     ("RemoteId", "0.x_y-z"), ("Version", "1.2+3~rc-A_b")],
+)  # fmt: skip
+def test_offered_release_fields_at_their_limits_are_accepted(field: str, value: str) -> None:
+    (release,) = _offers({DEV_A: {"releases": [_release(**{field: value})]}})[DEV_A]
+    assert value in (release.appstream_id, release.version, release.remote_id)
+
+
+def test_offers_reply_over_the_cap_is_refused() -> None:
+    with pytest.raises(LimitExceeded, match=r"^sys-usb reply is too large$"):
+        parse_offers_reply(b'{"offers": {}}', [], Limits(reply_max_bytes=13))
+    assert parse_offers_reply(b'{"offers": {}}', [], Limits(reply_max_bytes=14)) == {}
+
+
+# --------------------------------------------------------------------------- results
+def _results(doc: object, device_id: str = DEV_A) -> Any:
+    return parse_results_reply(json.dumps(doc).encode(), device_id, LIMITS)
+
+
+def test_results_about_the_device_asked() -> None:
+    result = {"DeviceId": DEV_A, "UpdateState": 3, "UpdateError": "\x1b[2J"}
+    assert _results({"result": result}) == result
+    assert _results({"result": None}) is None
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([], "sys-usb reply is not an object with a result"),
+        ({}, "sys-usb reply is not an object with a result"),
+        ({"result": None, "more": 1}, "sys-usb reply is not an object with a result"),
+        ({"result": [DEV_A]}, "sys-usb reply: result is not an object"),
+        ({"result": "x"}, "sys-usb reply: result is not an object"),
+        ({"result": {"DeviceId": DEV_B}}, "sys-usb reply: the result is about another device"),
+        ({"result": {}}, "sys-usb reply: the result is about another device"),
+    ],
+)
+def test_results_refusals_say_exactly_what(doc: object, message: str) -> None:
+    with pytest.raises(FormatError, match=f"^{re.escape(message)}$"):
+        _results(doc)
+
+
+def test_results_reply_over_the_cap_is_refused() -> None:
+    reply = b'{"result": null}'
+    with pytest.raises(LimitExceeded, match=r"^sys-usb reply is too large$"):
+        parse_results_reply(reply, DEV_A, Limits(reply_max_bytes=len(reply) - 1))
+    with pytest.raises(FormatError, match=r"^sys-usb reply is not valid JSON$"):
+        parse_results_reply(b"\xff", DEV_A, LIMITS)
+
+
+def test_a_device_without_an_answer_does_not_hide_the_next() -> None:
+    got = _offers({DEV_B: {"releases": []}}, asked=[DEV_A, DEV_B])
+    assert got == {DEV_A: "sys-usb did not answer for this device", DEV_B: []}

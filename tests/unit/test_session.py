@@ -24,7 +24,7 @@ from broker.session import (
     check_nonce,
     check_source_dir,
 )
-from broker.transfer import FRAME_VERSION
+from broker.transfer import FRAME_VERSION, temp_name
 
 FILES = (
     ExpectedFile("firmware.xml.zst", 64 * 1024 * 1024),
@@ -476,3 +476,16 @@ def test_an_import_dir_is_absolute_printable_and_at_most_path_max(value: object,
     doc = {"nonce": "a" * 32, "kind": "cab", "remote": "lvfs", "files": [], "dir": value}
     with pytest.raises(FormatError):
         DownloadRequest.from_json(json.dumps(doc).encode())
+
+
+def test_sweep_takes_a_session_temp_once_a_minute_old(tmp_path: Path) -> None:
+    """A session write killed before its rename leaves a temp file: the next sweep takes
+    it once it is a minute old (no live write takes that long), and not before."""
+    sessions = Sessions(tmp_path)
+    young, old = temp_name(tmp_path / "a.outcome"), temp_name(tmp_path / "b.outcome")
+    for p in (young, old):
+        p.write_bytes(b"{")
+    then = time.time() - 60.5
+    os.utime(old, (then, then))
+    assert sessions.sweep(1800) == [old.name]
+    assert young.exists() and not old.exists()

@@ -177,7 +177,8 @@ def test_the_service_user_writes_nowhere_else_in_dom0(
     }
 
 
-ATTEMPTS = """
+# run as the service user: each attempt's errno name, or "done"
+_ATTEMPT = """
 import errno, json, os
 def attempt(fn):
     try:
@@ -185,6 +186,9 @@ def attempt(fn):
         return "done"
     except OSError as e:
         return errno.errorcode[e.errno]
+"""
+
+ATTEMPTS = _ATTEMPT + """
 target, manager_dir, state_dir = {target!r}, {manager_dir!r}, {state_dir!r}
 mine = os.path.join(state_dir, "qfw-mine.json")
 with open(mine, "w") as f:
@@ -221,14 +225,7 @@ def test_the_service_user_cannot_replace_the_managers_files(
     assert paths.manager_dir.is_dir()
 
 
-MOVES = """
-import errno, json, os
-def attempt(fn):
-    try:
-        fn()
-        return "done"
-    except OSError as e:
-        return errno.errorcode[e.errno]
+MOVES = _ATTEMPT + """
 out = {{}}
 for d in {dirs!r}:
     out[os.path.basename(d)] = attempt(lambda: os.rename(d, d + ".old"))

@@ -74,7 +74,7 @@ load: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/load.py
 
 # kill -9 at CRASH_POINTS (default 300) seeded side effects of refresh, cab transfer and
-# install, then dom0's state checked and the next run made (make test runs 40 of them);
+# install, then dom0's state checked and the next run made (make test runs 24 of them);
 # prints each point and a count per scenario. CRASH_SEED=N replays another run's points.
 crash: venv
 	CRASH_POINTS=$(or $(CRASH_POINTS),300) $(VENV)/bin/pytest -q -s -p no:cacheprovider \

@@ -17,7 +17,7 @@ process killed just before that side effect. After every kill:
 
 At the end, leftovers in the untrusted and sessions dirs are aged past any live transfer and
 one more refresh must sweep them. ``CRASH_SEED`` replays a run's points; ``CRASH_POINTS``
-scales how many (40 in ``make test``, 300 in ``make crash``).
+scales how many (24 in ``make test``, 300 in ``make crash``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from tests.sandbox_helpers import (
 pytestmark = pytest.mark.sandbox
 
 SEED = int(os.environ.get("CRASH_SEED", "2112"))
-POINTS = int(os.environ.get("CRASH_POINTS", "40"))  # make crash: 300
+POINTS = int(os.environ.get("CRASH_POINTS", "24"))  # make crash: 300
 # each scenario's share of the points: the cheap direct pushes take most
 SHARES = {"receive-metadata": 0.35, "receive-cab": 0.25, "refresh": 0.22, "update": 0.18}
 

@@ -215,7 +215,7 @@ def outcome(dom0: Dom0, session: Session) -> Outcome | None:
     return dom0.sessions.outcome(session.nonce)
 
 
-def refused(pushed: Pushed, error: type[BrokerError], message: str) -> None:
+def assert_refused(pushed: Pushed, error: type[BrokerError], message: str) -> None:
     """Refused with exactly this one line."""
     assert pushed.status is None, "accepted"
     assert isinstance(pushed.error, error), repr(pushed.error)
@@ -312,7 +312,7 @@ def test_older_metadata_is_refused_as_a_rollback(
     session = open_metadata(dom0)
     xml, jcat = metadata_push
     pushed = push(dom0, frame([(METADATA, xml), (JCAT, jcat)], {"nonce": session.nonce}))
-    refused(pushed, RollbackError, r"metadata signed .* is not newer than the accepted .*")
+    assert_refused(pushed, RollbackError, r"metadata signed .* is not newer than the accepted .*")
     result = outcome(dom0, session)
     assert result == Outcome(False, str(pushed.error))
     assert not (dom0.paths.metadata_dir / REMOTE_ID).exists()
@@ -361,7 +361,7 @@ def test_a_force_session_sets_a_future_baseline_aside(
     xml, jcat = metadata_push
     plain = open_metadata(dom0)
     stream = frame([(METADATA, xml), (JCAT, jcat)], {"nonce": plain.nonce})
-    refused(push(dom0, stream), RollbackError, r".*see refresh --force\)")
+    assert_refused(push(dom0, stream), RollbackError, r".*see refresh --force\)")
     forced = open_metadata(dom0, force=True)
     stream = frame([(METADATA, xml), (JCAT, jcat)], {"nonce": forced.nonce})
     assert push(dom0, stream).status == 0
@@ -408,7 +408,7 @@ def test_cab_with_another_sha256_is_refused_before_it_is_parsed(
     other = cab[:-1] + bytes([cab[-1] ^ 1])
     session = open_cab(dom0, cab)
     pushed = push(dom0, frame([(CAB_NAME, other)], {"nonce": session.nonce}))
-    refused(
+    assert_refused(
         pushed,
         VerificationError,
         rf"{re.escape(CAB_NAME)}: sha256 does not match dom0's verified metadata",
@@ -420,7 +420,7 @@ def test_cab_with_another_sha256_is_refused_before_it_is_parsed(
 def test_cab_session_without_a_release_is_refused(dom0: Dom0, cab: bytes) -> None:
     session = open_cab(dom0, cab, release=None)
     pushed = push(dom0, frame([(CAB_NAME, cab)], {"nonce": session.nonce}))
-    refused(pushed, TransferError, "cab session without an expected release")
+    assert_refused(pushed, TransferError, "cab session without an expected release")
     assert_nothing_left(dom0)
 
 
@@ -472,7 +472,7 @@ def test_a_qube_that_is_not_the_updatevm_is_refused_before_a_byte_is_read(
     xml, jcat = metadata_push
     stream = frame([(METADATA, xml), (JCAT, jcat)], {"nonce": session.nonce})
     pushed = push(dom0, stream, caller="sys-\x1b[2Jevil")
-    refused(
+    assert_refused(
         pushed,
         TransferError,
         re.escape(f"qube sys-?[2Jevil is not the configured UpdateVM ({UPDATEVM}); refused"),
@@ -491,29 +491,31 @@ def test_the_qube_a_pending_session_asked_may_push(
     # and the configured UpdateVM cannot use the session another qube was asked for
     other = open_metadata(dom0, updatevm="sys-whonix")
     stream = frame([(METADATA, xml), (JCAT, jcat)], {"nonce": other.nonce})
-    refused(push(dom0, stream), TransferError, r"qube sys-firewall pushed for a download .*")
+    assert_refused(push(dom0, stream), TransferError, r"qube sys-firewall pushed for a download .*")
 
 
 def test_a_header_over_the_cap_is_refused(dom0: Dom0) -> None:
     session = open_metadata(dom0)
     config = replace(dom0.config, limits=Limits(header_max_bytes=100))
     stream = frame([(METADATA, b"x")], {"nonce": session.nonce, "pad": "p" * 100})
-    refused(push(dom0, stream, config=config), LimitExceeded, "header line longer than 100 bytes")
+    pushed = push(dom0, stream, config=config)
+    assert_refused(pushed, LimitExceeded, "header line longer than 100 bytes")
 
 
 def test_a_malformed_nonce_is_refused(dom0: Dom0) -> None:
     open_metadata(dom0)
-    refused(push(dom0, frame([], {"nonce": "../x"})), TransferError, "malformed session nonce")
+    pushed = push(dom0, frame([], {"nonce": "../x"}))
+    assert_refused(pushed, TransferError, "malformed session nonce")
 
 
 def test_an_unknown_nonce_is_refused(dom0: Dom0) -> None:
     pushed = push(dom0, frame([], {"nonce": "0" * 32}))
-    refused(pushed, TransferError, "no pending dom0 session for this nonce")
+    assert_refused(pushed, TransferError, "no pending dom0 session for this nonce")
 
 
 def test_the_deadline_comes_from_the_config(dom0: Dom0, monkeypatch: pytest.MonkeyPatch) -> None:
     config = replace(dom0.config, limits=Limits(transfer_seconds=0))
-    refused(push(dom0, b"{}\n", config=config), TransferError, r"transfer took too long .*")
+    assert_refused(push(dom0, b"{}\n", config=config), TransferError, r"transfer took too long .*")
 
 
 # --------------------------------------------------------------------------- what is pushed
@@ -530,7 +532,7 @@ def test_files_other_than_those_asked_for_are_refused(
 ) -> None:
     session = open_metadata(dom0)
     pushed = push(dom0, frame(files, {"nonce": session.nonce}))
-    refused(
+    assert_refused(
         pushed,
         TransferError,
         re.escape(f"pushed files do not match what dom0 asked for (expected {METADATA}, {JCAT})"),
@@ -551,7 +553,7 @@ def test_a_file_over_its_cap_is_refused_and_at_it_accepted(dom0: Dom0, cab: byte
     files = (ExpectedFile(METADATA, 4), ExpectedFile(JCAT, 3))
     session = dom0.sessions.open("metadata", REMOTE_ID, files, 60)
     pushed = push(dom0, frame([(METADATA, b"1234"), (JCAT, b"1234")], {"nonce": session.nonce}))
-    refused(pushed, LimitExceeded, re.escape(f"{JCAT} is 4 bytes, more than the cap 3"))
+    assert_refused(pushed, LimitExceeded, re.escape(f"{JCAT} is 4 bytes, more than the cap 3"))
     session = dom0.sessions.open("metadata", REMOTE_ID, files, 60)
     pushed = push(dom0, frame([(METADATA, b"1234"), (JCAT, b"123")], {"nonce": session.nonce}))
     assert not isinstance(pushed.error, LimitExceeded)  # on to the signature, which fails
@@ -561,7 +563,7 @@ def test_a_cab_of_another_size_is_refused_before_it_is_read(dom0: Dom0, cab: byt
     session = open_cab(dom0, cab)
     stream = frame([(CAB_NAME, cab + b"!")], {"nonce": session.nonce})
     pushed = push(dom0, stream)
-    refused(
+    assert_refused(
         pushed,
         VerificationError,
         re.escape(f"{CAB_NAME} is {len(cab) + 1} bytes, verified metadata says {len(cab)}"),
@@ -572,14 +574,14 @@ def test_a_cab_of_another_size_is_refused_before_it_is_read(dom0: Dom0, cab: byt
 def test_bytes_after_the_last_file_are_refused(dom0: Dom0, cab: bytes) -> None:
     session = open_cab(dom0, cab)
     pushed = push(dom0, frame([(CAB_NAME, cab)], {"nonce": session.nonce}) + b"X")
-    refused(pushed, TransferError, "unexpected bytes after the last file")
+    assert_refused(pushed, TransferError, "unexpected bytes after the last file")
     assert_nothing_left(dom0)
 
 
 def test_a_session_of_an_unknown_kind_is_refused(dom0: Dom0) -> None:
     session = dom0.sessions.open("firmware", REMOTE_ID, (ExpectedFile("a.bin", 10),), 60)
     pushed = push(dom0, frame([("a.bin", b"abc")], {"nonce": session.nonce}))
-    refused(pushed, TransferError, "unknown session kind 'firmware'")
+    assert_refused(pushed, TransferError, "unknown session kind 'firmware'")
     assert outcome(dom0, session) == Outcome(False, "unknown session kind 'firmware'")
     assert_nothing_left(dom0)
 
@@ -597,7 +599,7 @@ def test_a_long_caller_name_is_cut_to_64_characters(dom0: Dom0) -> None:
     caller = "q" * 100
     pushed = push(dom0, frame([], {"nonce": "0" * 32}), caller=caller)
     shown = "q" * 63 + "…"
-    refused(
+    assert_refused(
         pushed,
         TransferError,
         re.escape(f"qube {shown} is not the configured UpdateVM ({UPDATEVM}); refused"),

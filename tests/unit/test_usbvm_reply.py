@@ -350,7 +350,7 @@ def test_a_device_id_listed_twice_is_refused() -> None:
 
 
 # --------------------------------------------------------------------------- exact refusals
-def _refused(reply: bytes, message: str, error: type[BrokerError] = FormatError) -> None:
+def assert_refused(reply: bytes, message: str, error: type[BrokerError] = FormatError) -> None:
     """The whole message, not a part of it: what dom0 logs and shows about sys-usb."""
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         parse_devices_reply(reply, LIMITS)
@@ -368,7 +368,7 @@ def _refused(reply: bytes, message: str, error: type[BrokerError] = FormatError)
     ],
 )
 def test_device_reply_refusals_say_exactly_what(reply: bytes, message: str) -> None:
-    _refused(reply, message)
+    assert_refused(reply, message)
 
 
 def test_reply_over_the_cap_says_exactly_what() -> None:
@@ -389,7 +389,7 @@ def test_vendor_id_and_protocol_are_capped_at_512_chars(field: str) -> None:
     at_cap = ",".join(["a" * 128] * 3 + ["b" * 125])  # tokens within their own cap
     assert len(at_cap) == 512
     parse_devices_reply(_with(**{field: at_cap}), LIMITS)
-    _refused(
+    assert_refused(
         _with(**{field: at_cap + "c"}),
         f"sys-usb reply: {field} is not a string of at most 512 chars",
     )

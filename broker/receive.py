@@ -143,6 +143,7 @@ def _receive_for(
             with store.locked():
                 # what a store killed midway left (an unlinked generation, a temp file)
                 for name in store.tidy_locked():
+                    name = printable(name, 300)  # a name in a dir others can write
                     log(paths, f"metadata: removed {name}, left by an interrupted store")
                 baseline = check_rollback(
                     verified,
